@@ -1,0 +1,2 @@
+//! The `prescient` command line.
+fn main() {}

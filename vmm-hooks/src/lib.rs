@@ -1,0 +1,1 @@
+//! The contract between a VMM and the Prescient companion.

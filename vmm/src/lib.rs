@@ -1,0 +1,1 @@
+//! labvm: the reference VMM.
