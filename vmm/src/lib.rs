@@ -17,6 +17,7 @@
 //! labvm does not decide policy: it applies plans the companion sends.
 
 mod guest;
+mod hooks;
 mod labdev;
 mod layout;
 pub mod linux;
@@ -25,6 +26,7 @@ mod vm;
 mod workload;
 
 pub use guest::stamp_value;
+pub use hooks::{HookReporter, VMM_NAME, lab_identity};
 pub use labdev::exception_name;
 pub use layout::{LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE};
 pub use sys::process_rss_bytes;

@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::Parser;
-use labvm::{LabVm, LabVmConfig, RunObserver, StopReason, Trace, Workload};
+use labvm::{
+    HookReporter, LabVm, LabVmConfig, StopReason, Trace, VMM_NAME, Workload, lab_identity,
+};
+use vmm_hooks::{LifecycleHook, NoCompanion, SocketHook, SocketHookConfig, error_chain};
 
 /// labvm: Prescient's reference VMM.
 #[derive(Debug, Parser)]
@@ -31,6 +36,16 @@ struct Cli {
     /// Write the run report as JSON here.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// The companion's hooks socket (e.g. /run/prescient/hooks.sock). The VM
+    /// runs whether or not a companion answers there.
+    #[arg(long)]
+    hooks_socket: Option<PathBuf>,
+    /// Milliseconds each hook event may wait for the companion.
+    #[arg(long, default_value_t = 500)]
+    hooks_timeout_ms: u64,
+    /// This VM's id on the host (default: labvm-PID).
+    #[arg(long)]
+    vm_id: Option<String>,
 }
 
 fn parse_workload(spec: &str) -> Result<Workload, String> {
@@ -75,8 +90,15 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
     Ok(w)
 }
 
-struct Observer;
-impl RunObserver for Observer {}
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -99,7 +121,36 @@ fn main() -> ExitCode {
     config.vcpus = cli.vcpus;
     config.ready_deadline = Duration::from_secs_f64(cli.deadline);
     config.run_for = cli.run_for.map(Duration::from_secs_f64);
-    let result = LabVm::create(config, started).and_then(|vm| vm.run(&mut Observer));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
+            eprintln!("labvm: cannot install a handler for signal {sig}: {e}");
+        }
+    }
+    let vm = match LabVm::create(config, started) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let mut hook: Box<dyn LifecycleHook> = match &cli.hooks_socket {
+        Some(path) => {
+            let mut c = SocketHookConfig::new(path, VMM_NAME);
+            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
+            Box::new(SocketHook::new(c))
+        }
+        None => Box::new(NoCompanion),
+    };
+    let vm_id = cli
+        .vm_id
+        .clone()
+        .unwrap_or_else(|| format!("labvm-{}", std::process::id()));
+    let identity = lab_identity(&vm_id, &vm);
+    let stop: &dyn Fn() -> bool = &stop_requested;
+    let mut reporter = HookReporter::new(hook.as_mut(), identity).with_stop(stop);
+    reporter.created(&vm);
+    let result = vm.run(&mut reporter);
+    reporter.stopped(&result);
     match result {
         Ok(report) => {
             match report.time_to_ready {
@@ -118,7 +169,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("labvm: {e}");
+            eprintln!("labvm: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
