@@ -22,6 +22,7 @@ mod labdev;
 mod layout;
 pub mod linux;
 mod sys;
+pub mod testing;
 mod vm;
 mod workload;
 

@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             eprintln!("labvm: cannot install a handler for signal {sig}: {e}");
         }
     }
-    let vm = match LabVm::create(config, started) {
+    let mut vm = match LabVm::create(config, started) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));

@@ -256,8 +256,12 @@ impl LabVm {
         self.plan.touched_pages().collect()
     }
 
-    /// Runs the guest until it exits, faults, misses its deadline or is stopped.
-    pub fn run(mut self, observer: &mut dyn RunObserver) -> Result<RunReport, VmmError> {
+    /// Runs the guest until it exits, faults, misses its deadline or is
+    /// stopped. A VM runs once; guest memory stays readable afterwards.
+    pub fn run(&mut self, observer: &mut dyn RunObserver) -> Result<RunReport, VmmError> {
+        if self.vcpus.is_empty() {
+            return Err(VmmError::Config("this VM has already run".into()));
+        }
         sys::install_kick_handler()
             .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
         let n = self.vcpus.len();
@@ -301,7 +305,7 @@ impl LabVm {
         for (i, tid) in tids.iter().enumerate() {
             tracing::info!(vcpu = i, tid, "vCPU thread started");
         }
-        observer.before_boot(&self, &tids);
+        observer.before_boot(self, &tids);
         lock(&shared.state).go = true;
         shared.cv.notify_all();
 
