@@ -46,6 +46,37 @@ struct Cli {
     /// This VM's id on the host (default: labvm-PID).
     #[arg(long)]
     vm_id: Option<String>,
+    /// Boot this Linux bzImage instead of a lab guest (needs hardware
+    /// virtualisation; refused on PVM hosts).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = labvm::linux::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// For --kernel: stop the guest after this many seconds.
+    #[arg(long, requires = "kernel")]
+    timeout: Option<f64>,
+}
+
+fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
+    let config = labvm::linux::LinuxConfig {
+        kernel,
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+        ram_mib: cli.mem,
+        vcpus: cli.vcpus,
+        timeout: cli.timeout.map(Duration::from_secs_f64),
+    };
+    match labvm::linux::boot(&config, Box::new(std::io::stdout()), &stop_requested) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn parse_workload(spec: &str) -> Result<Workload, String> {
@@ -110,6 +141,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
+            eprintln!("labvm: cannot install a handler for signal {sig}: {e}");
+        }
+    }
+    if let Some(kernel) = cli.kernel.clone() {
+        return boot_linux(&cli, kernel);
+    }
     let workload = match parse_workload(&cli.workload) {
         Ok(w) => w,
         Err(e) => {
@@ -121,11 +160,6 @@ fn main() -> ExitCode {
     config.vcpus = cli.vcpus;
     config.ready_deadline = Duration::from_secs_f64(cli.deadline);
     config.run_for = cli.run_for.map(Duration::from_secs_f64);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
-            eprintln!("labvm: cannot install a handler for signal {sig}: {e}");
-        }
-    }
     let mut vm = match LabVm::create(config, started) {
         Ok(vm) => vm,
         Err(e) => {
