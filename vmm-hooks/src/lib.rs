@@ -21,8 +21,8 @@ pub mod proto;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
-    BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook, MigratePhase,
-    NoCompanion, StopStatus, VmIdentity, VmSpec,
+    BalloonStatus, BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook,
+    MigratePhase, NoCompanion, StopStatus, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
 

@@ -1,0 +1,138 @@
+//! Detects a guest that ignores its balloon target: pure, with time
+//! injected (milliseconds on any monotonic clock).
+
+/// What the monitor concluded from one observation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MonitorEvent {
+    /// The guest has not moved its balloon toward the target for `stalled_ms`.
+    Unresponsive {
+        /// Target, in pages.
+        target: u32,
+        /// What the guest reports, in pages.
+        actual: u32,
+        /// How long it has not moved toward the target.
+        stalled_ms: u64,
+    },
+    /// A guest reported unresponsive moved toward its target again (or reached it).
+    Recovered,
+}
+
+/// Watches (target, actual) over time. A guest is unresponsive when its
+/// balloon differs from the target and has not come closer to it for
+/// `grace_ms`; it is reported once per episode.
+#[derive(Clone, Debug)]
+pub struct TargetMonitor {
+    grace_ms: u64,
+    last_target: Option<u32>,
+    since_ms: u64,
+    best_gap: u32,
+    reported: bool,
+}
+
+impl TargetMonitor {
+    /// A monitor with this grace period.
+    pub fn new(grace_ms: u64) -> Self {
+        TargetMonitor {
+            grace_ms,
+            last_target: None,
+            since_ms: 0,
+            best_gap: 0,
+            reported: false,
+        }
+    }
+
+    /// Whether the guest is currently reported unresponsive.
+    pub fn unresponsive(&self) -> bool {
+        self.reported
+    }
+
+    /// Feeds one observation at `now_ms`.
+    pub fn observe(&mut self, now_ms: u64, target: u32, actual: u32) -> Option<MonitorEvent> {
+        let gap = target.abs_diff(actual);
+        let recovered = |m: &mut Self| {
+            if std::mem::take(&mut m.reported) {
+                Some(MonitorEvent::Recovered)
+            } else {
+                None
+            }
+        };
+        if gap == 0 {
+            self.last_target = Some(target);
+            self.best_gap = 0;
+            self.since_ms = now_ms;
+            return recovered(self);
+        }
+        if self.last_target != Some(target) {
+            // A new target starts a new episode.
+            self.last_target = Some(target);
+            self.best_gap = gap;
+            self.since_ms = now_ms;
+            return recovered(self);
+        }
+        if gap < self.best_gap {
+            self.best_gap = gap;
+            self.since_ms = now_ms;
+            return recovered(self);
+        }
+        let stalled_ms = now_ms.saturating_sub(self.since_ms);
+        if stalled_ms >= self.grace_ms && !self.reported {
+            self.reported = true;
+            return Some(MonitorEvent::Unresponsive {
+                target,
+                actual,
+                stalled_ms,
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_that_ignores_target_is_reported_once_after_grace() {
+        let mut m = TargetMonitor::new(1000);
+        assert_eq!(m.observe(0, 100, 0), None);
+        assert_eq!(m.observe(999, 100, 0), None);
+        assert_eq!(
+            m.observe(1000, 100, 0),
+            Some(MonitorEvent::Unresponsive {
+                target: 100,
+                actual: 0,
+                stalled_ms: 1000
+            })
+        );
+        assert!(m.unresponsive());
+        assert_eq!(m.observe(5000, 100, 0), None);
+        assert_eq!(m.observe(5001, 100, 10), Some(MonitorEvent::Recovered));
+        assert!(!m.unresponsive());
+    }
+
+    #[test]
+    fn guest_making_progress_is_never_reported() {
+        let mut m = TargetMonitor::new(1000);
+        for i in 0..100u32 {
+            assert_eq!(m.observe(u64::from(i) * 900, 100, i), None);
+        }
+        assert_eq!(m.observe(1_000_000, 100, 100), None);
+    }
+
+    #[test]
+    fn new_target_restarts_the_clock() {
+        let mut m = TargetMonitor::new(1000);
+        m.observe(0, 100, 0);
+        assert_eq!(m.observe(900, 50, 0), None);
+        assert_eq!(m.observe(1800, 50, 0), None);
+        assert!(matches!(
+            m.observe(1900, 50, 0),
+            Some(MonitorEvent::Unresponsive {
+                stalled_ms: 1000,
+                ..
+            })
+        ));
+        // Reaching the target ends the episode.
+        assert_eq!(m.observe(2000, 50, 50), Some(MonitorEvent::Recovered));
+    }
+}
