@@ -107,6 +107,11 @@ impl BalloonHandle {
         self.lock().transport.write(offset, data, &self.mem);
     }
 
+    /// The guest memory the device works on.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
     /// Guest RAM in MiB.
     pub fn memory_mib(&self) -> u64 {
         self.memory_pages / MIB_PAGES

@@ -16,6 +16,7 @@
 //!
 //! labvm does not decide policy: it applies plans the companion sends.
 
+mod devices;
 mod guest;
 mod hooks;
 mod labdev;
@@ -26,10 +27,13 @@ pub mod testing;
 mod vm;
 mod workload;
 
+pub use devices::BalloonConfig;
 pub use guest::stamp_value;
 pub use hooks::{HookReporter, VMM_NAME, lab_identity};
 pub use labdev::exception_name;
-pub use layout::{LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE};
+pub use layout::{
+    BALLOON_MMIO_BASE, LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE,
+};
 pub use sys::process_rss_bytes;
 pub use vm::{LabVm, LabVmConfig, RunObserver, RunReport, StopReason};
 pub use workload::{TouchRun, Trace, Workload};

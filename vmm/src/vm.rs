@@ -14,6 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::VmmError;
+use crate::devices::{BalloonConfig, Devices};
 use crate::guest::{self, GuestSetup, ProgramHeader};
 use crate::labdev::{self, LabWrite};
 use crate::layout::{self, gdt};
@@ -36,6 +37,8 @@ pub struct LabVmConfig {
     pub run_for: Option<Duration>,
     /// Value mixed into what the guest writes into each touched page.
     pub stamp: u64,
+    /// A virtio-balloon device at [`crate::BALLOON_MMIO_BASE`] (`None`: no balloon).
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl LabVmConfig {
@@ -48,6 +51,7 @@ impl LabVmConfig {
             ready_deadline: Duration::from_secs(30),
             run_for: None,
             stamp: 0x5EED_0000_0000_0000,
+            balloon: None,
         }
     }
 
@@ -72,6 +76,11 @@ impl LabVmConfig {
                 "{} MiB of RAM is not a multiple of 2 MiB",
                 self.ram_mib
             )));
+        }
+        if matches!(self.workload, Workload::Balloon { .. }) && self.balloon.is_none() {
+            return Err(VmmError::Config(
+                "the balloon workload needs a balloon device (--balloon)".into(),
+            ));
         }
         Ok(())
     }
@@ -155,6 +164,7 @@ pub struct LabVm {
     vcpus: Vec<VcpuFd>,
     plan: WorkloadPlan,
     started: Instant,
+    devices: Arc<Devices>,
 }
 
 /// Memory slot of guest RAM.
@@ -220,20 +230,30 @@ impl LabVm {
         for (i, vcpu) in vcpus.iter().enumerate() {
             setup_vcpu(vcpu, i as u64, header)?;
         }
+        let mem = Arc::new(mem);
+        let devices = Arc::new(Devices::new(config.balloon.as_ref(), &mem)?);
         Ok(LabVm {
             config,
             _kvm: kvm,
             vm,
-            mem: Arc::new(mem),
+            mem,
             vcpus,
             plan,
             started,
+            devices,
         })
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The balloon device, when the VM has one. The handle is shared: use
+    /// it from any thread while the VM runs (set the target, read
+    /// statistics and counters, take its state).
+    pub fn balloon(&self) -> Option<balloon::BalloonHandle> {
+        self.devices.balloon().cloned()
     }
 
     /// The KVM VM.
@@ -280,9 +300,10 @@ impl LabVm {
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let thread_shared = Arc::clone(&shared);
             let mem = Arc::clone(&self.mem);
+            let devices = Arc::clone(&self.devices);
             let spawned = std::thread::Builder::new()
                 .name(format!("labvm-vcpu{i}"))
-                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem));
+                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -381,6 +402,7 @@ impl LabVm {
                 .unwrap_or_else(|p| p.into_inner().0);
             let newly_ready = st.ready_at.filter(|_| !told_ready);
             drop(st);
+            self.devices.tick();
             if let Some(at) = newly_ready {
                 told_ready = true;
                 observer.ready(at.saturating_duration_since(self.started));
@@ -454,7 +476,13 @@ enum Exit {
     Failed(kvm_ioctls::Error),
 }
 
-fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemoryMmap) {
+fn vcpu_thread(
+    index: usize,
+    mut vcpu: VcpuFd,
+    shared: &Shared,
+    mem: &GuestMemoryMmap,
+    devices: &Devices,
+) {
     let id = u32::try_from(index).unwrap_or(u32::MAX);
     {
         let mut st = lock(&shared.state);
@@ -472,6 +500,7 @@ fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemor
         let exit = match vcpu.run() {
             Ok(VcpuExit::MmioWrite(addr, data)) => match labdev::decode(addr, data) {
                 Some(w) => Exit::Lab(w),
+                None if devices.mmio_write(addr, data) => Exit::Again,
                 None => {
                     if unknown_logged < 10 {
                         unknown_logged += 1;
@@ -480,8 +509,10 @@ fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemor
                     Exit::Again
                 }
             },
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !devices.mmio_read(addr, data) {
+                    data.fill(0);
+                }
                 Exit::Again
             }
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
