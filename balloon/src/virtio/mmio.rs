@@ -419,8 +419,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let old = self.state.status;
-        // The driver may only add bits (except NEEDS_RESET, which is ours).
-        let v = v & !status::DEVICE_NEEDS_RESET;
+        // The driver may only add bits, and only the ones it owns
+        // (NEEDS_RESET is the device's; reserved bits are dropped).
+        let v = v
+            & (status::ACKNOWLEDGE
+                | status::DRIVER
+                | status::FEATURES_OK
+                | status::DRIVER_OK
+                | status::FAILED);
         if v & old != old & !status::DEVICE_NEEDS_RESET {
             self.refuse("cleared status bits without a reset", reg::STATUS, v.into());
             return;
@@ -439,8 +445,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let f = self.state.driver_features;
             let valid = f & !offered == 0 && f & (1 << VIRTIO_F_VERSION_1) != 0;
             if !valid {
-                // The driver reads Status back and finds FEATURES_OK clear.
-                new &= !status::FEATURES_OK;
+                // The driver reads Status back and finds FEATURES_OK clear
+                // (and no DRIVER_OK that may have come in the same write).
+                new &= !(status::FEATURES_OK | status::DRIVER_OK);
                 self.refuse(
                     "accepted features the device does not offer (or not VERSION_1)",
                     reg::STATUS,
