@@ -30,6 +30,8 @@ pub struct BalloonReport {
     pub stats: Vec<(String, u64)>,
     /// Whether the guest currently ignores its target.
     pub unresponsive: bool,
+    /// How long the balloon has not come closer to its target, in ms.
+    pub stalled_ms: u64,
 }
 
 #[derive(Debug)]
@@ -169,6 +171,7 @@ impl BalloonHandle {
             counters: d.counters(),
             stats: d.stats().iter().map(|&(t, v)| (stat_name(t), v)).collect(),
             unresponsive: inner.monitor.unresponsive(),
+            stalled_ms: inner.monitor.stalled_ms(),
         }
     }
 }

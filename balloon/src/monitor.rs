@@ -27,6 +27,7 @@ pub struct TargetMonitor {
     since_ms: u64,
     best_gap: u32,
     reported: bool,
+    stalled_ms: u64,
 }
 
 impl TargetMonitor {
@@ -38,6 +39,7 @@ impl TargetMonitor {
             since_ms: 0,
             best_gap: 0,
             reported: false,
+            stalled_ms: 0,
         }
     }
 
@@ -46,9 +48,16 @@ impl TargetMonitor {
         self.reported
     }
 
+    /// How long the balloon has not come closer to its target, as of the
+    /// last observation (0 when it is at the target or moving).
+    pub fn stalled_ms(&self) -> u64 {
+        self.stalled_ms
+    }
+
     /// Feeds one observation at `now_ms`.
     pub fn observe(&mut self, now_ms: u64, target: u32, actual: u32) -> Option<MonitorEvent> {
         let gap = target.abs_diff(actual);
+        self.stalled_ms = 0;
         let recovered = |m: &mut Self| {
             if std::mem::take(&mut m.reported) {
                 Some(MonitorEvent::Recovered)
@@ -75,6 +84,7 @@ impl TargetMonitor {
             return recovered(self);
         }
         let stalled_ms = now_ms.saturating_sub(self.since_ms);
+        self.stalled_ms = stalled_ms;
         if stalled_ms >= self.grace_ms && !self.reported {
             self.reported = true;
             return Some(MonitorEvent::Unresponsive {

@@ -123,6 +123,7 @@ impl<'a> HookReporter<'a> {
         }
         poll.last = Some(now);
         let handle = poll.handle.clone();
+        let stalled_ms = handle.report().stalled_ms;
         let status = Self::balloon_status(&handle);
         let unresponsive = status.unresponsive;
         let (target_mib, actual_mib) = (status.target_mib, status.actual_mib);
@@ -135,10 +136,6 @@ impl<'a> HookReporter<'a> {
         }
         let told = self.balloon.as_ref().is_some_and(|p| p.told_unresponsive);
         if unresponsive && !told {
-            let stalled_ms = self
-                .balloon
-                .as_ref()
-                .map_or(0, |p| u64::try_from(p.every.as_millis()).unwrap_or(0));
             self.send(EventKind::BalloonUnresponsive {
                 target_mib,
                 actual_mib,

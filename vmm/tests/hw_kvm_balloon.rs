@@ -297,12 +297,18 @@ fn hw_kvm_balloon_guest_ignoring_target_is_detected_and_reported() {
             EventKind::BalloonUnresponsive {
                 target_mib,
                 actual_mib,
-                ..
-            } => Some((*target_mib, *actual_mib)),
+                stalled_ms,
+            } => Some((*target_mib, *actual_mib, *stalled_ms)),
             _ => None,
         })
         .collect();
-    assert_eq!(unresponsive, vec![(64, 0)]);
+    assert_eq!(unresponsive.len(), 1, "{unresponsive:?}");
+    let (target, actual, stalled) = unresponsive[0];
+    assert_eq!((target, actual), (64, 0));
+    assert!(
+        stalled >= 500,
+        "reported after {stalled} ms, grace is 500 ms"
+    );
     // The periodic status says so too, and the driver did set up the device.
     let last = ev
         .iter()
