@@ -5,6 +5,8 @@
 //! with a boot plan. This crate holds the daemon's parts; the binary
 //! `prescient` wires them to a command line.
 
+mod balloon_control;
 mod server;
 
+pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};

@@ -33,6 +33,12 @@ struct ServeArgs {
     /// Also allow this user id to connect (root and the daemon's own user always may).
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// Drive VM balloons from the demand forecasts in this JSON file
+    /// (`{"default": {"forecast": {"points": [{"at_s": 0, "demand_mib": 512}]},
+    /// "limits": {...}}, "vms": {"<vm id>": {...}}}`): pre-balloon at boot,
+    /// then deflate ahead of forecast growth and inflate after shrinkage.
+    #[arg(long)]
+    balloon_forecasts: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -49,6 +55,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut config = ServerConfig::new(args.socket);
     config.event_log = args.event_log;
     config.allowed_uids = args.allow_uid;
+    if let Some(path) = &args.balloon_forecasts {
+        match prescient::BalloonControl::load(path) {
+            Ok(c) => config.balloon = Some(std::sync::Arc::new(c)),
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

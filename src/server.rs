@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// Most VMM connections served at once.
     pub max_connections: usize,
+    /// Balloon control from demand forecasts (`None`: balloons are left alone).
+    pub balloon: Option<Arc<crate::BalloonControl>>,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             allowed_uids: Vec::new(),
             frame_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            balloon: None,
         }
     }
 }
@@ -272,7 +275,7 @@ async fn handle_connection(
                 peer = p;
                 continue;
             }
-            Message::Event(event) => record(state, &peer, event),
+            Message::Event(event) => record(state, &peer, event, config.balloon.as_deref()),
             other => {
                 let name = other.type_name();
                 tracing::error!(peer, "unexpected {name} message from VMM; disconnecting");
@@ -298,7 +301,12 @@ async fn handle_connection(
 }
 
 /// Logs and records one event; answers it.
-fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
+fn record(
+    state: &Mutex<State>,
+    peer: &str,
+    event: Event,
+    balloon: Option<&crate::BalloonControl>,
+) -> HookReply {
     let mut st = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -334,6 +342,10 @@ fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
             HookReply::Ack
         }
         _ => HookReply::Ack,
+    };
+    let reply = match balloon {
+        Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
     };
     if let Some(log) = st.log.as_mut() {
         let rec = EventRecord {

@@ -153,15 +153,33 @@ pub fn initial_target(
     Ok(wanted(&input))
 }
 
-/// What the forecast alone asks for, within the floor.
+/// What the forecast alone asks for, within the floor: the balloon that
+/// leaves the guest its demand over the next `lead_s` seconds, and that can
+/// still shrink, at the maximum rate, to what every later step of the
+/// forecast needs `lead_s` before that step arrives.
 fn wanted(input: &PolicyInput<'_>) -> u64 {
     let l = input.limits;
-    let demand = input
+    let balloon_for = |demand: u64| {
+        let usable = demand
+            .saturating_add(l.headroom_mib)
+            .max(l.floor_mib)
+            .min(input.memory_mib);
+        input.memory_mib - usable
+    };
+    let mut target = balloon_for(input.forecast.peak(input.now_s, input.now_s + l.lead_s));
+    for p in input
         .forecast
-        .peak(input.now_s, input.now_s + l.lead_s)
-        .saturating_add(l.headroom_mib);
-    let usable = demand.max(l.floor_mib).min(input.memory_mib);
-    input.memory_mib - usable
+        .points
+        .iter()
+        .filter(|p| p.at_s > input.now_s)
+    {
+        let slack_s = (p.at_s - l.lead_s - input.now_s).max(0.0);
+        // Saturating float-to-int conversion; inputs are finite (checked).
+        #[allow(clippy::cast_possible_truncation)]
+        let reach = (l.max_rate_mib_s as f64 * slack_s) as u64;
+        target = target.min(balloon_for(p.demand_mib).saturating_add(reach));
+    }
+    target
 }
 
 /// The next balloon target, in MiB.
@@ -275,14 +293,17 @@ mod tests {
             trace.push((t, target));
         }
         let at = |s: u32| trace[(s - 1) as usize].1;
-        // Before the growth at 100 s, the guest already has its memory.
+        // The guest has its memory lead_s before the growth at 100 s...
+        assert_eq!(memory - at(85), 1536 + 64);
         assert!(
             memory - at(100) >= 1536 + 64,
             "usable at 100 s: {}",
             memory - at(100)
         );
-        // It did not deflate long before the lead time.
-        assert_eq!(at(80), memory - 320);
+        // ... and the balloon stayed up until deflating at the maximum rate
+        // was needed to get there (1280 MiB at 128 MiB/s: 10 s).
+        assert_eq!(at(75), memory - 320);
+        assert!(at(76) < memory - 320);
         // After the shrinkage at 200 s, the balloon grows back, rate-limited.
         assert_eq!(memory - at(240), 512 + 64);
         assert!(at(201) < memory - 576);
