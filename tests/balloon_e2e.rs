@@ -91,6 +91,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
             keep_mib: 32,
             report_free: false,
             ignore_target: false,
+            use_deflated: true,
         },
     );
     config.run_for = Some(Duration::from_secs(4));

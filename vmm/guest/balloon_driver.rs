@@ -46,6 +46,7 @@ const B_FLAGS: u64 = 0x438;
 const B_HEARTBEAT_MS: u64 = 0x450;
 const FLAG_REPORT: u64 = 1;
 const FLAG_IGNORE_TARGET: u64 = 2;
+const FLAG_LAZY_DEFLATE: u64 = 4;
 
 // Lab device (must match vmm/src/labdev.rs).
 const LABDEV: u64 = 0xF_0000_0000;
@@ -382,6 +383,7 @@ struct Driver {
     stamp: u64,
     tsc_khz: u64,
     touched: u64,
+    use_deflated: bool,
 }
 
 impl Driver {
@@ -450,19 +452,20 @@ impl Driver {
         } else if have > target {
             let n = (have - target).min(batch);
             let first = self.balloon_bottom;
-            let must_tell = self.features & F_MUST_TELL_HOST != 0;
-            // Tell the host first (always; required with MUST_TELL_HOST).
+            // Tell the host before using the pages: required with
+            // MUST_TELL_HOST, and what this driver always does.
             self.move_pages(false, first, n)?;
-            let _ = must_tell;
             self.balloon_bottom = first + n * PAGE;
-            // Use the pages we got back.
-            let mut p = first;
-            while p < first + n * PAGE {
-                wr64(p, p ^ self.stamp);
-                p += PAGE;
+            // Use the pages we got back (unless asked to only free them).
+            if self.use_deflated {
+                let mut p = first;
+                while p < first + n * PAGE {
+                    wr64(p, p ^ self.stamp);
+                    p += PAGE;
+                }
+                self.touched += n;
+                wr64(LABDEV + R_PROGRESS, self.touched);
             }
-            self.touched += n;
-            wr64(LABDEV + R_PROGRESS, self.touched);
         } else {
             return Ok(false);
         }
@@ -623,6 +626,7 @@ pub extern "C" fn driver_main(params: u64) -> u64 {
         stamp: rd64(params + P_STAMP),
         tsc_khz,
         touched: 0,
+        use_deflated: flags & FLAG_LAZY_DEFLATE == 0,
     };
     let ignore = flags & FLAG_IGNORE_TARGET != 0;
     // 5.5.6: the device holds one stats buffer from the start.

@@ -42,6 +42,7 @@ pub(crate) mod params {
     pub const B_HEARTBEAT_MS: u64 = 0x450;
     pub const B_FLAG_REPORT: u64 = 1;
     pub const B_FLAG_IGNORE_TARGET: u64 = 2;
+    pub const B_FLAG_LAZY_DEFLATE: u64 = 4;
     pub const VALUE_MAGIC: u64 = 0x5052_4553_4349_454e;
 }
 
@@ -196,6 +197,7 @@ impl GuestSetup<'_> {
             keep_mib,
             report_free,
             ignore_target,
+            use_deflated,
         } = self.workload
         {
             if layout::DRIVER_BASE + BALLOON_DRIVER.len() as u64
@@ -215,15 +217,16 @@ impl GuestSetup<'_> {
             p(params::B_POOL_END, self.ram)?;
             p(params::B_TOUCH, touch_mib << 20)?;
             p(params::B_KEEP, keep_mib << 20)?;
-            let flags = if *report_free {
-                params::B_FLAG_REPORT
-            } else {
-                0
-            } | if *ignore_target {
-                params::B_FLAG_IGNORE_TARGET
-            } else {
-                0
-            };
+            let mut flags = 0;
+            if *report_free {
+                flags |= params::B_FLAG_REPORT;
+            }
+            if *ignore_target {
+                flags |= params::B_FLAG_IGNORE_TARGET;
+            }
+            if !*use_deflated {
+                flags |= params::B_FLAG_LAZY_DEFLATE;
+            }
             p(params::B_FLAGS, flags)?;
             p(params::B_STACK_TOP, area + layout::DRIVER_AREA)?;
             p(params::B_HEARTBEAT_MS, 100)?;

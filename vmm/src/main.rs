@@ -26,7 +26,7 @@ struct Cli {
     mem: u64,
     /// Workload: seq:MIB, rand:MIB[:SEED], trace:PATH,
     /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready,
-    /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore]] (implies --balloon).
+    /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore][:lazy]] (implies --balloon).
     #[arg(long, default_value = "seq:64")]
     workload: String,
     /// Seconds the guest may take to signal ready.
@@ -136,11 +136,12 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "balloon" => {
             let touch_mib = need(num(parts.next(), "touch MiB")?, "touch MiB")?;
             let keep_mib = num(parts.next(), "keep MiB")?.unwrap_or(touch_mib);
-            let (mut report_free, mut ignore_target) = (false, false);
+            let (mut report_free, mut ignore_target, mut use_deflated) = (false, false, true);
             for flag in parts.by_ref() {
                 match flag {
                     "report" => report_free = true,
                     "ignore" => ignore_target = true,
+                    "lazy" => use_deflated = false,
                     other => {
                         return Err(format!(
                             "unknown balloon flag {other:?} in workload {spec:?}"
@@ -153,6 +154,7 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
                 keep_mib,
                 report_free,
                 ignore_target,
+                use_deflated,
             }
         }
         _ => return Err(format!("unknown workload {spec:?}")),

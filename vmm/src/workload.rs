@@ -68,6 +68,10 @@ pub enum Workload {
         /// Negotiate and set up the device, but never move the balloon
         /// (a guest that ignores its target).
         ignore_target: bool,
+        /// Write to every page right after deflating it (use the memory at
+        /// once); false: only hand the pages back to the guest's free pool,
+        /// as Linux does.
+        use_deflated: bool,
     },
 }
 

@@ -89,6 +89,7 @@ fn hw_kvm_balloon_inflate_returns_pages_and_deflate_lets_guest_use_them_again() 
             keep_mib: 32,
             report_free: false,
             ignore_target: false,
+            use_deflated: true,
         },
         0,
     );
@@ -147,6 +148,7 @@ fn hw_kvm_balloon_statistics_arrive_and_track_the_balloon() {
             keep_mib: 16,
             report_free: false,
             ignore_target: false,
+            use_deflated: true,
         },
         32,
     );
@@ -185,6 +187,7 @@ fn hw_kvm_balloon_pre_balloon_keeps_forecast_unused_memory_off_the_host() {
             keep_mib: 32,
             report_free: false,
             ignore_target: false,
+            use_deflated: true,
         },
         96,
     );
@@ -210,6 +213,7 @@ fn hw_kvm_balloon_free_page_reporting_returns_free_pages() {
             keep_mib: 60,
             report_free: true,
             ignore_target: false,
+            use_deflated: true,
         },
         0,
     );
@@ -267,6 +271,7 @@ fn hw_kvm_balloon_guest_ignoring_target_is_detected_and_reported() {
             keep_mib: 16,
             report_free: false,
             ignore_target: true,
+            use_deflated: true,
         },
         64,
     );
@@ -335,6 +340,7 @@ fn hw_kvm_balloon_state_round_trips_and_restored_device_keeps_serving() {
             keep_mib: 16,
             report_free: false,
             ignore_target: false,
+            use_deflated: true,
         },
         48,
     );
@@ -357,4 +363,35 @@ fn hw_kvm_balloon_state_round_trips_and_restored_device_keeps_serving() {
     let mut other = state.clone();
     other.version += 1;
     assert!(BalloonHandle::from_state(&other, Arc::clone(handle.memory()), 500).is_err());
+}
+
+#[test]
+fn hw_kvm_balloon_lazy_deflate_frees_pages_without_faulting_them_in() {
+    if !kvm_or_skip("hw_kvm_balloon_lazy_deflate_frees_pages_without_faulting_them_in") {
+        return;
+    }
+    let mut vm = balloon_vm(
+        128,
+        Workload::Balloon {
+            touch_mib: 124,
+            keep_mib: 16,
+            report_free: false,
+            ignore_target: false,
+            use_deflated: false,
+        },
+        64,
+    );
+    let mut asked = false;
+    let handle = run_script(&mut vm, |h| {
+        if !asked {
+            h.set_target_mib(0).unwrap();
+            asked = true;
+        }
+        h.report().actual_pages == 0
+    });
+    let c = handle.report().counters;
+    assert_eq!(c.inflated_pages, 64 * MIB / BALLOON_PAGE);
+    assert_eq!(c.deflated_pages, 64 * MIB / BALLOON_PAGE);
+    // Back in the guest's free pool, never touched: still not on the host.
+    assert_eq!(resident_count(&handle, 64 * MIB, 128 * MIB), 0);
 }
