@@ -6,5 +6,12 @@
 //! `prescient` wires them to a command line.
 
 mod server;
+mod store;
+mod working_set;
 
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
+pub use working_set::{
+    ChunkPrediction, FrequencyModel, MEMORY_BOOTS, PlanPolicy, WorkingSetModel, plan_from,
+    recall_precision,
+};

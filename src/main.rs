@@ -33,6 +33,12 @@ struct ServeArgs {
     /// Also allow this user id to connect (root and the daemon's own user always may).
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// The profile store (an SQLite file, created if missing).
+    #[arg(long, default_value = "/var/lib/prescient/prescient.db")]
+    store: PathBuf,
+    /// Run without a profile store (plans stay empty).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
 }
 
 fn init_logging() {
@@ -49,6 +55,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut config = ServerConfig::new(args.socket);
     config.event_log = args.event_log;
     config.allowed_uids = args.allow_uid;
+    if !args.no_store {
+        if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("prescient: cannot create {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        config.store = Some(args.store);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -34,6 +34,7 @@ impl Server {
             .arg(&socket)
             .arg("--event-log")
             .arg(&log)
+            .arg("--no-store")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -248,7 +249,7 @@ fn serve_disconnects_bad_peers_and_keeps_serving() {
 fn serve_refuses_to_replace_a_live_socket_or_a_regular_file() {
     let server = Server::start();
     let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-store", "--socket"])
         .arg(&server.socket)
         .output()
         .unwrap();
@@ -258,7 +259,7 @@ fn serve_refuses_to_replace_a_live_socket_or_a_regular_file() {
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, "x").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-store", "--socket"])
         .arg(&file)
         .output()
         .unwrap();

@@ -484,6 +484,17 @@ impl LabVm {
                 }
             }
             let mut st = lock(&shared.state);
+            // Ready is handled before the outcome: a guest may signal ready
+            // and exit before this thread wakes, and its boot still counts.
+            if let Some(at) = st.ready_at.filter(|_| !told_ready) {
+                told_ready = true;
+                let tids = st.tids.clone();
+                drop(st);
+                let elapsed = at.saturating_duration_since(self.started);
+                let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
+                observer.ready(elapsed, &report);
+                continue;
+            }
             if let Some(outcome) = st.outcome.take() {
                 return outcome;
             }
@@ -516,20 +527,13 @@ impl LabVm {
                 Some(_) => tick,
             }
             .min(tick);
-            st = shared
-                .cv
-                .wait_timeout(st, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-            let newly_ready = st.ready_at.filter(|_| !told_ready);
-            let tids = st.tids.clone();
-            drop(st);
-            if let Some(at) = newly_ready {
-                told_ready = true;
-                let elapsed = at.saturating_duration_since(self.started);
-                let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
-                observer.ready(elapsed, &report);
-            }
+            drop(
+                shared
+                    .cv
+                    .wait_timeout(st, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0),
+            );
             if observer.should_stop() {
                 return Ok(StopReason::Stopped);
             }
