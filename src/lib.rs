@@ -7,10 +7,12 @@
 
 mod server;
 mod store;
+mod trace_capture;
 mod working_set;
 
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
+pub use trace_capture::{Capture, CaptureError, Touch, capture};
 pub use working_set::{
     ChunkPrediction, FrequencyModel, MEMORY_BOOTS, PlanPolicy, WorkingSetModel, plan_from,
     recall_precision,

@@ -20,6 +20,52 @@ struct Cli {
 enum Command {
     /// Run the companion daemon: listen for VMM lifecycle hooks.
     Serve(ServeArgs),
+    /// Record a real program's start-up memory touches as a labvm trace.
+    TraceCapture(TraceCaptureArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TraceCaptureArgs {
+    /// Where to write the trace.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling interval in microseconds.
+    #[arg(long, default_value_t = 500)]
+    interval_us: u64,
+    /// Stop the program after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    limit_s: u64,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn trace_capture(args: TraceCaptureArgs) -> ExitCode {
+    let interval = std::time::Duration::from_micros(args.interval_us.max(50));
+    let result = prescient::capture(
+        &args.command,
+        interval,
+        std::time::Duration::from_secs(args.limit_s),
+    )
+    .and_then(|c| c.write(&args.out, interval).map(|()| c));
+    match result {
+        Ok(c) => {
+            println!(
+                "{} pages ({:.1} MiB) first touched over {:.0} ms in {} samples; exit status {:?}; trace written to {}",
+                c.touches.len(),
+                c.touches.len() as f64 / 256.0,
+                c.wall_ms,
+                c.samples,
+                c.status,
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,5 +164,6 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::TraceCapture(args) => trace_capture(args),
     }
 }

@@ -136,6 +136,18 @@ impl HostMapping {
     }
 }
 
+/// Bytes of guest RAM resident in host memory now (mincore over the mapping).
+pub fn resident_bytes(map: &HostMapping) -> Option<u64> {
+    let mut total = 0u64;
+    let mut start = 0u64;
+    while start < map.len {
+        let len = STEP.min(map.len - start);
+        total += map.resident(start, len)?.iter().filter(|&&b| b).count() as u64 * PAGE;
+        start += len;
+    }
+    Some(total)
+}
+
 /// Makes `[start, start+len)` of guest RAM resident and writable now
 /// (`MADV_POPULATE_WRITE`), optionally asking for huge pages first.
 pub fn populate(

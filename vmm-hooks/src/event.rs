@@ -371,6 +371,9 @@ pub struct BootReport {
     pub major_faults: u64,
     /// Resident set of the VMM process at ready, in KiB.
     pub rss_kib: u64,
+    /// Guest RAM resident in host memory at ready, in KiB.
+    #[serde(default)]
+    pub guest_resident_kib: u64,
     /// Whether a non-empty plan was applied (false: none, or rolled back).
     pub plan_applied: bool,
     /// What pre-faulting did, if the plan asked for it.

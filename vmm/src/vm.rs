@@ -449,8 +449,9 @@ impl LabVm {
             report.minor_faults = minor;
             report.major_faults = major;
         }
-        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
         report.prefault = applied.finish();
+        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
+        report.guest_resident_kib = balloon::resident_bytes(&self.mapping()).unwrap_or(0) / 1024;
         report.plan_applied = plan_applied
             && report
                 .prefault
