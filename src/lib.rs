@@ -5,6 +5,7 @@
 //! with a boot plan. This crate holds the daemon's parts; the binary
 //! `prescient` wires them to a command line.
 
+pub mod bench;
 mod server;
 mod store;
 mod trace_capture;

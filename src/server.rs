@@ -391,32 +391,17 @@ fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
     reply
 }
 
-/// The boot plan for a key: the model's pre-fault plan, if it has one, and
-/// a profile request while the key still needs profiles.
+/// The boot plan for a key, or an empty one (boot as usual) without a
+/// readable store.
 fn plan_for(store: Option<&ProfileStore>, key: &ProfileKey) -> BootPlan {
     const WHO: &str = concat!("prescient ", env!("CARGO_PKG_VERSION"));
     let Some(store) = store else {
         return BootPlan::made_by(format!("{WHO}: no profile store (boot as usual)"));
     };
-    match store.summary(key) {
-        Ok(summary) => {
-            let mut plan = BootPlan::made_by(format!(
-                "{WHO}: {} boots of this key, {} profiled",
-                summary.boots, summary.profiled
-            ));
-            if let Some(p) = summary.plan.clone() {
-                plan = plan.with_prefault(p);
-            }
-            if store.should_profile(&summary) {
-                plan = plan.with_profile(store.policy().profile);
-            }
-            plan
-        }
-        Err(e) => {
-            tracing::error!("cannot read the profile store: {}", error_chain(&e));
-            BootPlan::made_by(format!("{WHO}: profile store unreadable (boot as usual)"))
-        }
-    }
+    store.boot_plan(key).unwrap_or_else(|e| {
+        tracing::error!("cannot read the profile store: {}", error_chain(&e));
+        BootPlan::made_by(format!("{WHO}: profile store unreadable (boot as usual)"))
+    })
 }
 
 fn unix_ms() -> u64 {

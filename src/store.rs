@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use vmm_hooks::{BootReport, PrefaultPlan, ProfileRequest};
+use vmm_hooks::{BootPlan, BootReport, PrefaultPlan, ProfileRequest};
 
 use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
 
@@ -44,6 +44,14 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("store database error")]
     Sql(#[from] rusqlite::Error),
+    /// A stored binary value is damaged.
+    #[error("stored {what} is damaged: {reason}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// A stored value does not decode.
     #[error("stored {what} does not decode")]
     Decode {
@@ -176,7 +184,7 @@ impl ProfileStore {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, i64>(1)?,
-                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<Vec<u8>>>(2)?,
                     ))
                 },
             )
@@ -185,11 +193,11 @@ impl ProfileStore {
             return Ok(KeySummary::default());
         };
         let plan = plan
-            .map(|p| serde_json::from_str(&p))
+            .map(|p| plan_codec::decode(&p))
             .transpose()
-            .map_err(|source| StoreError::Decode {
+            .map_err(|reason| StoreError::Corrupt {
                 what: "plan",
-                source,
+                reason,
             })?;
         Ok(KeySummary {
             boots: u64::try_from(boots).unwrap_or(0),
@@ -198,11 +206,29 @@ impl ProfileStore {
         })
     }
 
+    /// The boot plan for `key`: the model's pre-fault plan, if it has one,
+    /// and a profile request while the key still needs profiles. This is
+    /// what the daemon answers a before-boot event with.
+    pub fn boot_plan(&self, key: &ProfileKey) -> Result<BootPlan, StoreError> {
+        let summary = self.summary(key)?;
+        let mut plan = BootPlan::made_by(format!(
+            "prescient {}: {} boots of this key, {} profiled",
+            env!("CARGO_PKG_VERSION"),
+            summary.boots,
+            summary.profiled
+        ));
+        if store_should_profile(&self.policy, &summary) {
+            plan = plan.with_profile(self.policy.profile);
+        }
+        if let Some(p) = summary.plan {
+            plan = plan.with_prefault(p);
+        }
+        Ok(plan)
+    }
+
     /// Whether the next boot of a key with this summary should be profiled.
     pub fn should_profile(&self, s: &KeySummary) -> bool {
-        s.profiled < u64::from(self.policy.initial_profiles)
-            || (self.policy.sample_every > 0
-                && (s.boots + 1).is_multiple_of(u64::from(self.policy.sample_every)))
+        store_should_profile(&self.policy, s)
     }
 
     /// Records one boot (and learns from its profile) in one transaction.
@@ -248,7 +274,7 @@ impl ProfileStore {
             ],
         )?;
         let id = tx.last_insert_rowid();
-        let existing: Option<(String, Option<String>)> = tx
+        let existing: Option<(String, Option<Vec<u8>>)> = tx
             .query_row(
                 "SELECT model, plan FROM profiles WHERE image = ?1 AND package = ?2",
                 params![key.image, key.package],
@@ -269,12 +295,7 @@ impl ProfileStore {
         let plan = match (&report.profile, existing) {
             (Some(_), _) | (None, None) => model
                 .plan(&self.policy.plan)
-                .map(|p| serde_json::to_string(&p))
-                .transpose()
-                .map_err(|source| StoreError::Decode {
-                    what: "plan",
-                    source,
-                })?,
+                .map(|p| plan_codec::encode(&p)),
             (None, Some((_, plan))) => plan,
         };
         let model_json = serde_json::to_string(&model).map_err(|source| StoreError::Decode {
@@ -362,6 +383,11 @@ impl ProfileStore {
     }
 }
 
+fn store_should_profile(policy: &StorePolicy, s: &KeySummary) -> bool {
+    s.profiled < u64::from(policy.initial_profiles)
+        || (policy.sample_every > 0 && (s.boots + 1).is_multiple_of(u64::from(policy.sample_every)))
+}
+
 fn create_schema(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(&format!(
         "PRAGMA application_id = {APPLICATION_ID};
@@ -388,7 +414,7 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
              boots INTEGER NOT NULL,
              profiled INTEGER NOT NULL,
              model TEXT NOT NULL,
-             plan TEXT,
+             plan BLOB,
              updated_unix_ms INTEGER NOT NULL,
              PRIMARY KEY (image, package)
          );
@@ -406,6 +432,117 @@ mod erased {
     impl<T: serde::Serialize> Json for T {
         fn json(&self) -> Result<String, serde_json::Error> {
             serde_json::to_string(self)
+        }
+    }
+}
+
+/// Plans are stored in a compact binary form: a sparse bootstrap's plan can
+/// hold hundreds of thousands of ranges, and serving it must stay fast.
+///
+/// ```text
+/// "PPL1" | mode u8 | hugepages u8 | ranges u32 | extend u32 | (start u64, len u64)* (LE)
+/// ```
+mod plan_codec {
+    use vmm_hooks::{GuestRange, PrefaultMode, PrefaultPlan};
+
+    const MAGIC: &[u8; 4] = b"PPL1";
+
+    fn mode_byte(m: PrefaultMode) -> u8 {
+        match m {
+            PrefaultMode::Before => 1,
+            PrefaultMode::Concurrent => 2,
+            PrefaultMode::Full => 3,
+            _ => 0,
+        }
+    }
+
+    pub fn encode(p: &PrefaultPlan) -> Vec<u8> {
+        let mut v = Vec::with_capacity(14 + 16 * (p.ranges.len() + p.extend.len()));
+        v.extend_from_slice(MAGIC);
+        v.push(mode_byte(p.mode));
+        v.push(u8::from(p.hugepages));
+        for n in [p.ranges.len(), p.extend.len()] {
+            v.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+        }
+        for r in p.ranges.iter().chain(&p.extend) {
+            v.extend_from_slice(&r.start.to_le_bytes());
+            v.extend_from_slice(&r.len.to_le_bytes());
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<PrefaultPlan, String> {
+        if b.len() < 14 || &b[..4] != MAGIC {
+            return Err("not a version 1 plan".into());
+        }
+        let mode = match b[4] {
+            0 => PrefaultMode::Lazy,
+            1 => PrefaultMode::Before,
+            2 => PrefaultMode::Concurrent,
+            3 => PrefaultMode::Full,
+            m => return Err(format!("unknown pre-fault mode {m}")),
+        };
+        let count = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        let (n, m) = (count(6), count(10));
+        let body = &b[14..];
+        if body.len() != (n + m) * 16 {
+            return Err(format!(
+                "{} bytes of ranges for {n} + {m} ranges",
+                body.len()
+            ));
+        }
+        let mut all = body.chunks_exact(16).map(|c| {
+            let word = |o: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&c[o..o + 8]);
+                u64::from_le_bytes(w)
+            };
+            GuestRange {
+                start: word(0),
+                len: word(8),
+            }
+        });
+        let ranges: Vec<GuestRange> = all.by_ref().take(n).collect();
+        let mut plan = PrefaultPlan::new(mode, ranges);
+        plan.extend = all.collect();
+        plan.hugepages = b[5] != 0;
+        Ok(plan)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn plans_round_trip_and_damage_is_detected() {
+            let mut p = PrefaultPlan::new(
+                PrefaultMode::Concurrent,
+                vec![
+                    GuestRange {
+                        start: 4096,
+                        len: 8192,
+                    },
+                    GuestRange {
+                        start: 0,
+                        len: 4096,
+                    },
+                ],
+            );
+            p.extend = vec![GuestRange {
+                start: 1 << 30,
+                len: 2 << 20,
+            }];
+            p.hugepages = true;
+            let b = encode(&p);
+            assert_eq!(decode(&b).unwrap(), p);
+            assert!(decode(&b[..b.len() - 1]).is_err());
+            assert!(decode(b"PPL2").is_err());
+            let mut bad = b.clone();
+            bad[4] = 9;
+            assert!(decode(&bad).is_err());
+            let mut bad = b;
+            bad[6] = 200;
+            assert!(decode(&bad).is_err());
         }
     }
 }
