@@ -2,12 +2,15 @@
 //! `prescient serve` with its SQLite profile store, the working-set model.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::Read;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use common::Server;
 
 use labvm::testing::kvm_or_skip;
 use labvm::{
@@ -78,61 +81,6 @@ fn hw_kvm_profile_of_three_boots_predicts_the_fourth() {
         .flat_map(|r| (r.start / PAGE_SIZE)..((r.start + r.len) / PAGE_SIZE))
         .collect();
     assert!(!extend.is_empty());
-}
-
-/// A `prescient serve` child with a store; SIGKILLed on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    store: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hooks.sock");
-        let store = dir.path().join("store.db");
-        let child = Command::new(env!("CARGO_BIN_EXE_prescient"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--store")
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server {
-            child,
-            socket,
-            store,
-            _dir: dir,
-        }
-    }
-
-    fn kill(&mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        err
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn boot_through(hook: &mut dyn LifecycleHook, vm_id: &str, nonce: u64) -> (BootPlan, BootReport) {

@@ -774,32 +774,7 @@ fn fault_error(id: u32, vector: u64, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Vm
 fn setup_vcpu(vcpu: &VcpuFd, index: u64, header: ProgramHeader) -> Result<(), VmmError> {
     let kvm = |op| move |source| VmmError::Kvm { op, source };
     let mut sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector: gdt::USER_CS,
-        type_: 0xB,
-        present: 1,
-        dpl: 3,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment {
-        selector: gdt::USER_DS,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    crate::cpu::flat_long_mode_segments(&mut sregs, 3, gdt::USER_CS, gdt::USER_DS);
     sregs.tr = kvm_segment {
         base: layout::TSS_BASE + index * layout::TSS_STRIDE,
         limit: 0x67,
