@@ -6,7 +6,17 @@
 //! `prescient` wires them to a command line.
 
 mod balloon_control;
+pub mod bench;
 mod server;
+mod store;
+mod trace_capture;
+mod working_set;
 
 pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
+pub use trace_capture::{Capture, CaptureError, Touch, capture};
+pub use working_set::{
+    ChunkPrediction, FrequencyModel, MEMORY_BOOTS, PlanPolicy, WorkingSetModel, plan_from,
+    recall_precision,
+};

@@ -16,6 +16,8 @@ use tokio::sync::{Semaphore, watch};
 use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
 use vmm_hooks::{BootPlan, Event, EventKind, HookReply, error_chain};
 
+use crate::store::{ProfileKey, ProfileStore, StoreError, StorePolicy};
+
 /// What can go wrong running the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,6 +37,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The profile store could not be opened.
+    #[error("cannot open the profile store")]
+    Store(#[from] StoreError),
     /// The event log could not be opened.
     #[error("cannot open event log {path}")]
     EventLog {
@@ -61,6 +66,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Balloon control from demand forecasts (`None`: balloons are left alone).
     pub balloon: Option<Arc<crate::BalloonControl>>,
+    /// The profile store (SQLite file); without one, plans are empty.
+    pub store: Option<PathBuf>,
+    /// What the store keeps and how it plans.
+    pub policy: StorePolicy,
 }
 
 impl ServerConfig {
@@ -73,6 +82,8 @@ impl ServerConfig {
             frame_timeout: Duration::from_secs(10),
             max_connections: 1024,
             balloon: None,
+            store: None,
+            policy: StorePolicy::default(),
         }
     }
 }
@@ -93,6 +104,7 @@ struct State {
     /// Last sequence number seen per VM, to spot lost or reordered events.
     last_seq: HashMap<String, u64>,
     log: Option<BufWriter<File>>,
+    store: Option<ProfileStore>,
 }
 
 /// The hooks server.
@@ -106,6 +118,11 @@ pub struct HooksServer {
 impl HooksServer {
     /// Binds the socket (mode 0600) and opens the event log.
     pub fn bind(config: ServerConfig) -> Result<Self, ServeError> {
+        // Everything that can fail on bad configuration is checked before
+        // the socket appears.
+        if let Some(p) = &config.store {
+            drop(ProfileStore::open(p, config.policy.clone())?);
+        }
         let path = config.socket.clone();
         prepare_socket_path(&path)?;
         let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind {
@@ -131,12 +148,24 @@ impl HooksServer {
             )),
             None => None,
         };
+        let store = match &config.store {
+            Some(p) => {
+                let s = ProfileStore::open(p, config.policy.clone())?;
+                tracing::info!(store = %p.display(), boots = s.boot_rows().unwrap_or(0), "profile store open");
+                Some(s)
+            }
+            None => {
+                tracing::warn!("no profile store configured: boot plans stay empty");
+                None
+            }
+        };
         tracing::info!(socket = %path.display(), "listening for VMM hooks");
         Ok(HooksServer {
             config,
             listener,
             state: Arc::new(Mutex::new(State {
                 log,
+                store,
                 ..State::default()
             })),
         })
@@ -331,12 +360,22 @@ fn record(
     }
     st.last_seq.insert(vm.clone(), event.seq);
     tracing::info!(vm, seq = event.seq, event = event.kind.name(), "VM event");
-    let reply = match event.kind {
-        EventKind::BeforeBoot { .. } => HookReply::Plan(BootPlan::made_by(concat!(
-            "prescient ",
-            env!("CARGO_PKG_VERSION"),
-            ": no profile for this key yet (boot as usual)"
-        ))),
+    let key = ProfileKey {
+        image: event.vm.image_digest.clone(),
+        package: event.vm.package_digest.clone(),
+    };
+    let reply = match &event.kind {
+        EventKind::BeforeBoot { .. } => HookReply::Plan(plan_for(st.store.as_ref(), &key)),
+        EventKind::BootReport(report) => {
+            if let Some(store) = st.store.as_mut() {
+                let at = i64::try_from(event.at_unix_ms).unwrap_or(i64::MAX);
+                match store.record_boot(&key, &vm, at, report) {
+                    Ok(id) => tracing::debug!(vm, id, "boot recorded"),
+                    Err(e) => tracing::error!(vm, "cannot record the boot: {}", error_chain(&e)),
+                }
+            }
+            HookReply::Ack
+        }
         EventKind::Stopped { .. } => {
             st.last_seq.remove(&vm);
             HookReply::Ack
@@ -362,6 +401,19 @@ fn record(
         }
     }
     reply
+}
+
+/// The boot plan for a key, or an empty one (boot as usual) without a
+/// readable store.
+fn plan_for(store: Option<&ProfileStore>, key: &ProfileKey) -> BootPlan {
+    const WHO: &str = concat!("prescient ", env!("CARGO_PKG_VERSION"));
+    let Some(store) = store else {
+        return BootPlan::made_by(format!("{WHO}: no profile store (boot as usual)"));
+    };
+    store.boot_plan(key).unwrap_or_else(|e| {
+        tracing::error!("cannot read the profile store: {}", error_chain(&e));
+        BootPlan::made_by(format!("{WHO}: profile store unreadable (boot as usual)"))
+    })
 }
 
 fn unix_ms() -> u64 {

@@ -173,7 +173,7 @@ pub struct Event {
 }
 
 /// What the companion asks the VMM to do before boot. Empty means boot as
-/// usual (lazy faulting, no pinning).
+/// usual (lazy faulting, no profiling).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct BootPlan {
@@ -186,6 +186,12 @@ pub struct BootPlan {
     /// companions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_target_mib: Option<u64>,
+    /// Guest memory to pre-fault, if any.
+    #[serde(default)]
+    pub prefault: Option<PrefaultPlan>,
+    /// Whether (and how finely) to record this bootstrap's memory touches.
+    #[serde(default)]
+    pub profile: Option<ProfileRequest>,
 }
 
 impl BootPlan {
@@ -198,8 +204,14 @@ impl BootPlan {
     pub fn made_by(who: impl Into<String>) -> Self {
         BootPlan {
             made_by: who.into(),
-            balloon_target_mib: None,
+            ..BootPlan::default()
         }
+    }
+
+    /// Sets the pre-fault part.
+    pub fn with_prefault(mut self, p: PrefaultPlan) -> Self {
+        self.prefault = Some(p);
+        self
     }
 
     /// This plan with a pre-balloon target.
@@ -207,52 +219,170 @@ impl BootPlan {
         self.balloon_target_mib = Some(mib);
         self
     }
+
+    /// Asks for a profile of this bootstrap.
+    pub fn with_profile(mut self, p: ProfileRequest) -> Self {
+        self.profile = Some(p);
+        self
+    }
+
+    /// True when the plan asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.prefault
+            .as_ref()
+            .is_none_or(|p| p.ranges.is_empty() && p.mode != PrefaultMode::Full)
+            && self.profile.is_none()
+    }
 }
 
-/// A balloon's state as the VMM sees it.
+/// When and how the VMM pre-faults guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PrefaultMode {
+    /// Nothing is pre-faulted: the guest faults its memory in itself.
+    #[default]
+    Lazy,
+    /// The planned ranges are populated before the vCPUs start.
+    Before,
+    /// A prefetch thread populates the planned ranges in predicted
+    /// first-touch order while the guest boots, and extends to the next
+    /// likely chunks when the guest touches memory outside the plan.
+    Concurrent,
+    /// All of guest RAM is populated before the vCPUs start (like QEMU's
+    /// `-mem-prealloc`); the ranges are ignored.
+    Full,
+}
+
+impl PrefaultMode {
+    /// The mode's name as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefaultMode::Lazy => "lazy",
+            PrefaultMode::Before => "before",
+            PrefaultMode::Concurrent => "concurrent",
+            PrefaultMode::Full => "full",
+        }
+    }
+}
+
+/// Guest memory to pre-fault, in order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct BalloonStatus {
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// The balloon size the guest is asked for, in MiB.
-    pub target_mib: u64,
-    /// The balloon size the guest reports (its `actual`), in MiB.
-    pub actual_mib: u64,
-    /// Whether the guest driver has set the device up (DRIVER_OK).
-    pub driver_ok: bool,
-    /// Pages given back to the host by inflation so far.
-    pub inflated_pages: u64,
-    /// Pages the guest took back by deflation so far.
-    pub deflated_pages: u64,
-    /// Pages given back through free page reporting so far.
-    pub reported_pages: u64,
-    /// The guest's latest memory statistics (virtio-balloon stats tags by
-    /// name, e.g. `free-memory`, `total-memory`, `available-memory`, in bytes).
+pub struct PrefaultPlan {
+    /// How.
+    pub mode: PrefaultMode,
+    /// Ranges to populate, in predicted first-touch order.
+    pub ranges: Vec<GuestRange>,
+    /// Further ranges, most likely first, that the prefetch thread takes on
+    /// when the guest touches memory outside `ranges` (concurrent mode).
     #[serde(default)]
-    pub guest_stats: Vec<(String, u64)>,
-    /// How many statistics updates the guest has sent.
-    pub stats_updates: u64,
-    /// Whether the guest currently ignores its target (see `BalloonUnresponsive`).
-    pub unresponsive: bool,
+    pub extend: Vec<GuestRange>,
+    /// Ask for transparent huge pages on the guest mapping first.
+    #[serde(default)]
+    pub hugepages: bool,
 }
 
-impl BalloonStatus {
-    /// A status for a balloon of a guest with `memory_mib` MiB.
-    pub fn new(memory_mib: u64) -> Self {
-        BalloonStatus {
-            memory_mib,
-            ..BalloonStatus::default()
+impl PrefaultPlan {
+    /// A plan of `mode` over `ranges`.
+    pub fn new(mode: PrefaultMode, ranges: Vec<GuestRange>) -> Self {
+        PrefaultPlan {
+            mode,
+            ranges,
+            extend: Vec::new(),
+            hugepages: false,
         }
     }
 
-    /// The value of one guest statistic, by name.
-    pub fn guest_stat(&self, name: &str) -> Option<u64> {
-        self.guest_stats
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|&(_, v)| v)
+    /// Bytes the planned ranges cover.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
     }
+}
+
+/// The companion asks the VMM to record which guest memory chunks the
+/// bootstrap writes, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRequest {
+    /// Chunk size in bytes (a power of two, at least 4096).
+    pub chunk_size: u64,
+    /// How often to read the dirty log, in milliseconds.
+    pub interval_ms: u64,
+}
+
+impl Default for ProfileRequest {
+    fn default() -> Self {
+        ProfileRequest {
+            chunk_size: 2 << 20,
+            interval_ms: 10,
+        }
+    }
+}
+
+/// Chunks first written within one interval of a bootstrap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TouchWindow {
+    /// Milliseconds from the start request to the end of this interval.
+    pub at_ms: f64,
+    /// Runs of consecutive chunk indices, as `[first, count]`.
+    pub runs: Vec<[u64; 2]>,
+}
+
+/// Which chunks of guest memory a bootstrap wrote, and when (KVM dirty log).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootProfile {
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// First writes, interval by interval, in time order.
+    pub windows: Vec<TouchWindow>,
+}
+
+impl BootProfile {
+    /// An empty profile.
+    pub fn new(chunk_size: u64, ram_bytes: u64) -> Self {
+        BootProfile {
+            chunk_size,
+            ram_bytes,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Every touched chunk with the time of its window, in time order.
+    pub fn touches(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        self.windows.iter().flat_map(|w| {
+            w.runs.iter().flat_map(move |&[first, count]| {
+                (first..first.saturating_add(count)).map(move |c| (c, w.at_ms))
+            })
+        })
+    }
+
+    /// Number of touched chunks.
+    pub fn touched_chunks(&self) -> u64 {
+        self.windows
+            .iter()
+            .flat_map(|w| w.runs.iter())
+            .map(|r| r[1])
+            .sum()
+    }
+}
+
+/// What applying the pre-fault plan did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PrefaultReport {
+    /// The mode used.
+    pub mode: PrefaultMode,
+    /// Bytes populated (planned and extended).
+    pub bytes: u64,
+    /// Bytes populated beyond the plan because the guest strayed from it.
+    pub extended_bytes: u64,
+    /// Milliseconds spent populating.
+    pub ms: f64,
+    /// Why the plan was abandoned for lazy faulting, if it was.
+    pub rolled_back: Option<String>,
 }
 
 /// What a bootstrap really did, measured by the VMM.
@@ -269,8 +399,17 @@ pub struct BootReport {
     pub major_faults: u64,
     /// Resident set of the VMM process at ready, in KiB.
     pub rss_kib: u64,
-    /// Whether the plan was applied (false: rolled back, or no plan).
+    /// Guest RAM resident in host memory at ready, in KiB.
+    #[serde(default)]
+    pub guest_resident_kib: u64,
+    /// Whether a non-empty plan was applied (false: none, or rolled back).
     pub plan_applied: bool,
+    /// What pre-faulting did, if the plan asked for it.
+    #[serde(default)]
+    pub prefault: Option<PrefaultReport>,
+    /// The memory profile, if the plan asked for one.
+    #[serde(default)]
+    pub profile: Option<BootProfile>,
 }
 
 impl BootReport {
@@ -326,5 +465,51 @@ pub struct NoCompanion;
 impl LifecycleHook for NoCompanion {
     fn on_event(&mut self, _event: &Event) -> HookReply {
         HookReply::Ack
+    }
+}
+
+/// A balloon's state as the VMM sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BalloonStatus {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The balloon size the guest is asked for, in MiB.
+    pub target_mib: u64,
+    /// The balloon size the guest reports (its `actual`), in MiB.
+    pub actual_mib: u64,
+    /// Whether the guest driver has set the device up (DRIVER_OK).
+    pub driver_ok: bool,
+    /// Pages given back to the host by inflation so far.
+    pub inflated_pages: u64,
+    /// Pages the guest took back by deflation so far.
+    pub deflated_pages: u64,
+    /// Pages given back through free page reporting so far.
+    pub reported_pages: u64,
+    /// The guest's latest memory statistics (virtio-balloon stats tags by
+    /// name, e.g. `free-memory`, `total-memory`, `available-memory`, in bytes).
+    #[serde(default)]
+    pub guest_stats: Vec<(String, u64)>,
+    /// How many statistics updates the guest has sent.
+    pub stats_updates: u64,
+    /// Whether the guest currently ignores its target (see `BalloonUnresponsive`).
+    pub unresponsive: bool,
+}
+
+impl BalloonStatus {
+    /// A status for a balloon of a guest with `memory_mib` MiB.
+    pub fn new(memory_mib: u64) -> Self {
+        BalloonStatus {
+            memory_mib,
+            ..BalloonStatus::default()
+        }
+    }
+
+    /// The value of one guest statistic, by name.
+    pub fn guest_stat(&self, name: &str) -> Option<u64> {
+        self.guest_stats
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
     }
 }

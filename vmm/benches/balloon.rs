@@ -29,7 +29,7 @@ struct Observer {
 }
 
 impl RunObserver for Observer {
-    fn ready(&mut self, _: Duration) {
+    fn ready(&mut self, _: Duration, _: &vmm_hooks::BootReport) {
         let _ = self.ready.send(());
     }
     fn should_stop(&mut self) -> bool {

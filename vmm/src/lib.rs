@@ -16,6 +16,8 @@
 //!
 //! labvm does not decide policy: it applies plans the companion sends.
 
+mod boot;
+mod cpu;
 mod devices;
 mod guest;
 mod hooks;

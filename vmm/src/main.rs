@@ -24,7 +24,7 @@ struct Cli {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
-    /// Workload: seq:MIB, rand:MIB[:SEED], trace:PATH,
+    /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH[:COMPUTE_PCT],
     /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready,
     /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore][:lazy]] (implies --balloon).
     #[arg(long, default_value = "seq:64")]
@@ -45,6 +45,17 @@ struct Cli {
     /// Milliseconds each hook event may wait for the companion.
     #[arg(long, default_value_t = 500)]
     hooks_timeout_ms: u64,
+    /// Apply this boot plan (JSON, as the companion sends it) instead of the
+    /// companion's.
+    #[arg(long)]
+    plan_file: Option<PathBuf>,
+    /// Seed of the per-boot variation of rand workloads (default: from the clock).
+    #[arg(long)]
+    nonce: Option<u64>,
+    /// Pre-warmed instance: apply the plan before the start request (time
+    /// to ready then counts from after it).
+    #[arg(long)]
+    prewarm: bool,
     /// This VM's id on the host (default: labvm-PID).
     #[arg(long)]
     vm_id: Option<String>,
@@ -118,11 +129,26 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "rand" => Workload::Random {
             touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
             seed: num(parts.next(), "seed")?.unwrap_or(1),
+            vary_pct: u32::try_from(num(parts.next(), "vary percentage")?.unwrap_or(0))
+                .map_err(|_| format!("bad vary percentage in workload {spec:?}"))?,
+            nonce: boot_nonce(),
         },
         "trace" => {
-            let path = spec.strip_prefix("trace:").unwrap_or_default();
+            // trace:PATH or trace:PATH:COMPUTE_PCT (a path may hold colons).
+            let rest = spec.strip_prefix("trace:").unwrap_or_default();
+            let (path, pct) = match rest.rsplit_once(':') {
+                Some((p, pct)) if !pct.is_empty() && pct.bytes().all(|b| b.is_ascii_digit()) => (
+                    p,
+                    pct.parse::<u32>()
+                        .map_err(|_| format!("bad compute percentage in {spec:?}"))?,
+                ),
+                _ => (rest, 100),
+            };
             return Trace::load(std::path::Path::new(path))
-                .map(Workload::Trace)
+                .map(|mut t| {
+                    t.compute_pct = pct;
+                    Workload::Trace(t)
+                })
                 .map_err(|e| e.to_string());
         }
         "dirty" => Workload::Dirty {
@@ -165,6 +191,16 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
     Ok(w)
 }
 
+/// A per-boot seed for the varying part of `rand` workloads.
+fn boot_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // The low 64 bits of the nanosecond clock are what varies.
+    u64::try_from(t & u128::from(u64::MAX)).unwrap_or(0) ^ (u64::from(std::process::id()) << 32)
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -194,6 +230,17 @@ fn main() -> ExitCode {
         return boot_linux(&cli, kernel);
     }
     let workload = match parse_workload(&cli.workload) {
+        Ok(Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce,
+        }) => Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce: cli.nonce.unwrap_or(nonce),
+        },
         Ok(w) => w,
         Err(e) => {
             eprintln!("labvm: {e}");
@@ -210,6 +257,20 @@ fn main() -> ExitCode {
             stats_interval: Duration::from_millis(cli.balloon_stats_ms),
             grace: Duration::from_millis(cli.balloon_grace_ms),
         });
+    }
+    config.prewarm = cli.prewarm;
+    if let Some(path) = &cli.plan_file {
+        match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<vmm_hooks::BootPlan>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(plan) => config.plan = Some(plan),
+            Err(e) => {
+                eprintln!("labvm: cannot use plan file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
     }
     let mut vm = match LabVm::create(config, started) {
         Ok(vm) => vm,

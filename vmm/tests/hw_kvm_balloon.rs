@@ -15,7 +15,7 @@ use labvm::{
     BalloonConfig, HookReporter, LabVm, LabVmConfig, RunObserver, StopReason, Workload, stamp_value,
 };
 use vm_memory::{Bytes, GuestAddress};
-use vmm_hooks::{Event, EventKind, HookReply, LifecycleHook, VmIdentity};
+use vmm_hooks::{BootPlan, BootReport, Event, EventKind, HookReply, LifecycleHook, VmIdentity};
 
 const MIB: u64 = 1 << 20;
 const PAGES_PER_MIB: u32 = (MIB / BALLOON_PAGE) as u32;
@@ -32,7 +32,7 @@ struct Script<F> {
 }
 
 impl<F: FnMut(&BalloonHandle) -> bool> RunObserver for Script<F> {
-    fn ready(&mut self, _: Duration) {
+    fn ready(&mut self, _: Duration, _: &BootReport) {
         self.ready = true;
     }
     fn should_stop(&mut self) -> bool {
@@ -247,11 +247,11 @@ struct Reporting<'a, 'b> {
 }
 
 impl RunObserver for Reporting<'_, '_> {
-    fn before_boot(&mut self, vm: &LabVm, tids: &[i32]) {
-        self.reporter.before_boot(vm, tids);
+    fn before_boot(&mut self, vm: &LabVm, tids: &[i32]) -> BootPlan {
+        self.reporter.before_boot(vm, tids)
     }
-    fn ready(&mut self, e: Duration) {
-        self.reporter.ready(e);
+    fn ready(&mut self, e: Duration, r: &BootReport) {
+        self.reporter.ready(e, r);
     }
     fn should_stop(&mut self) -> bool {
         let _ = self.reporter.should_stop();
