@@ -86,3 +86,47 @@ pub fn resident_pages(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<Vec<b
     };
     (r == 0).then(|| vec.iter().map(|b| b & 1 != 0).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, FileOffset};
+
+    #[test]
+    fn discard_zeroes_anonymous_pages_and_punches_file_holes() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        mem.write_slice(&[7u8; 0x3000], GuestAddress(0x1000))
+            .unwrap();
+        discard(&mem, 0x2000, 0x1000).unwrap();
+        let r = resident_pages(&mem, 0x1000, 0x3000).unwrap();
+        assert_eq!(r, vec![true, false, true]);
+        let v: u64 = mem.read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0);
+        let v: u8 = mem.read_obj(GuestAddress(0x1fff)).unwrap();
+        assert_eq!(v, 7);
+
+        // File-backed (shared mapping): the hole is punched in the file.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(0x10_0000).unwrap();
+        let fo = FileOffset::new(file.try_clone().unwrap(), 0);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            0x10_0000,
+            Some(fo),
+        )])
+        .unwrap();
+        mem.write_slice(&[9u8; 0x3000], GuestAddress(0x4000))
+            .unwrap();
+        discard(&mem, 0x5000, 0x1000).unwrap();
+        let mut buf = [0xFFu8; 0x3000];
+        file.read_exact_at(&mut buf, 0x4000).unwrap();
+        assert!(buf[..0x1000].iter().all(|&b| b == 9));
+        assert!(buf[0x1000..0x2000].iter().all(|&b| b == 0));
+        assert!(buf[0x2000..].iter().all(|&b| b == 9));
+
+        // Ranges outside the region are refused, nothing is discarded.
+        assert!(discard(&mem, 0xF_F000, 0x2000).is_err());
+        assert!(discard(&mem, u64::MAX - 0xFFF, 0x1000).is_err());
+    }
+}
