@@ -92,6 +92,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
             report_free: false,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
     );
     config.run_for = Some(Duration::from_secs(4));

@@ -95,6 +95,7 @@ fn run(use_deflated: bool, rounds: usize) -> Results {
             report_free: false,
             ignore_target: false,
             use_deflated,
+            grow_mib: 0,
         },
     );
     config.ready_deadline = Duration::from_secs(120);

@@ -44,6 +44,7 @@ const B_TOUCH: u64 = 0x420;
 const B_KEEP: u64 = 0x428;
 const B_FLAGS: u64 = 0x438;
 const B_HEARTBEAT_MS: u64 = 0x450;
+const B_GROW: u64 = 0x458;
 const FLAG_REPORT: u64 = 1;
 const FLAG_IGNORE_TARGET: u64 = 2;
 const FLAG_LAZY_DEFLATE: u64 = 4;
@@ -504,6 +505,37 @@ impl Driver {
         q.kick(&self.m);
     }
 
+    /// The guest needs `bytes` more memory in use. Free pages first; with
+    /// DEFLATE_ON_OOM, pages from the balloon for the rest (virtio 1.2,
+    /// 5.5.6.1: the driver may use balloon pages below the target when the
+    /// system needs them), telling the device through the deflate queue.
+    fn grow(&mut self, bytes: u64) -> Result<(), u64> {
+        let free = self.free_bytes();
+        if bytes > free && self.features & F_DEFLATE_ON_OOM != 0 {
+            let need = (bytes - free).min(self.pool_end - self.balloon_bottom) / PAGE;
+            let mut done = 0;
+            while done < need {
+                let n = (need - done).min(PFNS_PER_BUF * BUFS_PER_BATCH);
+                let first = self.balloon_bottom;
+                self.move_pages(false, first, n)?;
+                self.balloon_bottom = first + n * PAGE;
+                done += n;
+            }
+            self.write_actual();
+            log(b"balloon driver: deflated on OOM\0");
+        }
+        let end = (self.used_end + bytes).min(self.balloon_bottom);
+        let mut p = self.used_end;
+        while p < end {
+            wr64(p, p ^ self.stamp);
+            p += PAGE;
+            self.touched += 1;
+        }
+        self.used_end = end;
+        wr64(LABDEV + R_PROGRESS, self.touched);
+        Ok(())
+    }
+
     /// Reports the free part of the pool in 2 MiB blocks (like Linux's
     /// page reporting at pageblock order), REPORT_SG blocks per chain.
     fn report_free(&mut self) -> Result<(), u64> {
@@ -660,6 +692,8 @@ pub extern "C" fn driver_main(params: u64) -> u64 {
         log(b"balloon driver: free pages reported\0");
     }
 
+    let mut grow = rd64(params + B_GROW);
+    let grow_at = rdtsc() + d.ms(200);
     let mut last_beat = rdtsc();
     let mut last_poll = 0u64;
     let mut target = u64::from(d.m.config32(CFG_NUM_PAGES));
@@ -691,6 +725,12 @@ pub extern "C" fn driver_main(params: u64) -> u64 {
             }
         }
         busy = false;
+        if grow > 0 && now >= grow_at {
+            if let Err(code) = d.grow(grow) {
+                return code;
+            }
+            grow = 0;
+        }
         if !ignore {
             match d.follow(target) {
                 Ok(moved) => busy = moved,

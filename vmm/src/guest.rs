@@ -40,6 +40,7 @@ pub(crate) mod params {
     pub const B_FLAGS: u64 = 0x438;
     pub const B_STACK_TOP: u64 = 0x440;
     pub const B_HEARTBEAT_MS: u64 = 0x450;
+    pub const B_GROW: u64 = 0x458;
     pub const B_FLAG_REPORT: u64 = 1;
     pub const B_FLAG_IGNORE_TARGET: u64 = 2;
     pub const B_FLAG_LAZY_DEFLATE: u64 = 4;
@@ -198,6 +199,7 @@ impl GuestSetup<'_> {
             report_free,
             ignore_target,
             use_deflated,
+            grow_mib,
         } = self.workload
         {
             if layout::DRIVER_BASE + BALLOON_DRIVER.len() as u64
@@ -228,6 +230,7 @@ impl GuestSetup<'_> {
                 flags |= params::B_FLAG_LAZY_DEFLATE;
             }
             p(params::B_FLAGS, flags)?;
+            p(params::B_GROW, grow_mib << 20)?;
             p(params::B_STACK_TOP, area + layout::DRIVER_AREA)?;
             p(params::B_HEARTBEAT_MS, 100)?;
         }

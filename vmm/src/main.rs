@@ -26,7 +26,7 @@ struct Cli {
     mem: u64,
     /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH[:COMPUTE_PCT],
     /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready,
-    /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore][:lazy]] (implies --balloon).
+    /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore][:lazy][:grow=MIB]] (implies --balloon).
     #[arg(long, default_value = "seq:64")]
     workload: String,
     /// Seconds the guest may take to signal ready.
@@ -163,11 +163,17 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
             let touch_mib = need(num(parts.next(), "touch MiB")?, "touch MiB")?;
             let keep_mib = num(parts.next(), "keep MiB")?.unwrap_or(touch_mib);
             let (mut report_free, mut ignore_target, mut use_deflated) = (false, false, true);
+            let mut grow_mib = 0;
             for flag in parts.by_ref() {
                 match flag {
                     "report" => report_free = true,
                     "ignore" => ignore_target = true,
                     "lazy" => use_deflated = false,
+                    g if g.starts_with("grow=") => {
+                        grow_mib = g["grow=".len()..]
+                            .parse()
+                            .map_err(|_| format!("bad grow MiB {g:?} in workload {spec:?}"))?;
+                    }
                     other => {
                         return Err(format!(
                             "unknown balloon flag {other:?} in workload {spec:?}"
@@ -181,6 +187,7 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
                 report_free,
                 ignore_target,
                 use_deflated,
+                grow_mib,
             }
         }
         _ => return Err(format!("unknown workload {spec:?}")),

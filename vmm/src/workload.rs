@@ -80,6 +80,10 @@ pub enum Workload {
         /// once); false: only hand the pages back to the guest's free pool,
         /// as Linux does.
         use_deflated: bool,
+        /// 200 ms after ready, the guest needs this many MiB more in use;
+        /// with `DEFLATE_ON_OOM` it takes them from the balloon when its
+        /// free pages do not suffice, even below the target.
+        grow_mib: u64,
     },
 }
 

@@ -90,6 +90,7 @@ fn hw_kvm_balloon_inflate_returns_pages_and_deflate_lets_guest_use_them_again() 
             report_free: false,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
         0,
     );
@@ -149,6 +150,7 @@ fn hw_kvm_balloon_statistics_arrive_and_track_the_balloon() {
             report_free: false,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
         32,
     );
@@ -188,6 +190,7 @@ fn hw_kvm_balloon_pre_balloon_keeps_forecast_unused_memory_off_the_host() {
             report_free: false,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
         96,
     );
@@ -214,6 +217,7 @@ fn hw_kvm_balloon_free_page_reporting_returns_free_pages() {
             report_free: true,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
         0,
     );
@@ -272,6 +276,7 @@ fn hw_kvm_balloon_guest_ignoring_target_is_detected_and_reported() {
             report_free: false,
             ignore_target: true,
             use_deflated: true,
+            grow_mib: 0,
         },
         64,
     );
@@ -341,6 +346,7 @@ fn hw_kvm_balloon_state_round_trips_and_restored_device_keeps_serving() {
             report_free: false,
             ignore_target: false,
             use_deflated: true,
+            grow_mib: 0,
         },
         48,
     );
@@ -378,6 +384,7 @@ fn hw_kvm_balloon_lazy_deflate_frees_pages_without_faulting_them_in() {
             report_free: false,
             ignore_target: false,
             use_deflated: false,
+            grow_mib: 0,
         },
         64,
     );
@@ -394,4 +401,44 @@ fn hw_kvm_balloon_lazy_deflate_frees_pages_without_faulting_them_in() {
     assert_eq!(c.deflated_pages, 64 * MIB / BALLOON_PAGE);
     // Back in the guest's free pool, never touched: still not on the host.
     assert_eq!(resident_count(&handle, 64 * MIB, 128 * MIB), 0);
+}
+
+#[test]
+fn hw_kvm_balloon_deflate_on_oom_guest_takes_balloon_pages_under_pressure() {
+    if !kvm_or_skip("hw_kvm_balloon_deflate_on_oom_guest_takes_balloon_pages_under_pressure") {
+        return;
+    }
+    // Pool: 124 MiB; 16 in use, 96 pre-ballooned, 12 free. 200 ms after
+    // ready the guest needs 64 MiB more: 12 free + 52 from the balloon.
+    let mut vm = balloon_vm(
+        128,
+        Workload::Balloon {
+            touch_mib: 124,
+            keep_mib: 16,
+            report_free: false,
+            ignore_target: false,
+            use_deflated: true,
+            grow_mib: 64,
+        },
+        96,
+    );
+    let stamp = vm.config().stamp;
+    let handle = run_script(&mut vm, |h| {
+        let r = h.report();
+        let free = r
+            .stats
+            .iter()
+            .find(|(n, _)| n == "free-memory")
+            .map(|&(_, v)| v);
+        r.actual_pages == 44 * PAGES_PER_MIB && free == Some(0)
+    });
+    let r = handle.report();
+    assert_eq!(r.target_pages, 96 * PAGES_PER_MIB, "the target stays");
+    assert_eq!(r.counters.deflated_pages, 52 * MIB / BALLOON_PAGE);
+    // The grown working set, [20, 84) MiB, holds the guest's stamps.
+    let mem = handle.memory();
+    for gpa in (20 * MIB..84 * MIB).step_by(BALLOON_PAGE as usize) {
+        let v: u64 = mem.read_obj(GuestAddress(gpa)).unwrap();
+        assert_eq!(v, stamp_value(gpa, stamp), "page {gpa:#x}");
+    }
 }
