@@ -77,11 +77,12 @@ pub struct BootstrapBench {
 }
 
 /// The strategies compared.
-const STRATEGIES: [&str; 7] = [
+const STRATEGIES: [&str; 8] = [
     "lazy",
     "lazy+dirty-log",
     "predicted-before",
     "predicted-concurrent",
+    "predicted-concurrent-thp",
     "full-prealloc",
     "oracle-before",
     "prewarmed",
@@ -370,6 +371,12 @@ fn profile_pages(p: &BootProfile) -> Vec<u64> {
         .collect()
 }
 
+/// The same plan with transparent huge pages asked for.
+fn thp(mut p: PrefaultPlan) -> PrefaultPlan {
+    p.hugepages = true;
+    p
+}
+
 /// Pre-fault exactly what the run wrote, in its first-touch order, before boot.
 fn oracle_plan(p: &BootProfile) -> PrefaultPlan {
     let mut ranges: Vec<GuestRange> = Vec::new();
@@ -550,7 +557,7 @@ pub fn bootstrap_svg(results: &[WorkloadResult]) -> String {
         );
     }
     for (k, name) in STRATEGIES.iter().enumerate() {
-        let x = left + (k as f64) * 125.0;
+        let x = left + (k as f64) * 112.0;
         let _ = write!(
             s,
             r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{name}</text>"#,
