@@ -310,6 +310,11 @@ impl BootstrapBench {
                     false,
                 ),
                 (
+                    "predicted-concurrent-thp",
+                    plan_of(thp(predicted(PrefaultMode::Concurrent))),
+                    false,
+                ),
+                (
                     "full-prealloc",
                     plan_of(PrefaultPlan::new(PrefaultMode::Full, Vec::new())),
                     false,
