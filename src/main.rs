@@ -35,6 +35,24 @@ enum BenchCommand {
     Bootstrap(BootstrapBenchArgs),
     /// Latency of serving boot plans from a store with many boots.
     Store(StoreBenchArgs),
+    /// Simulated VM lifecycles through the hooks socket at a fixed rate.
+    Load(LoadBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadBenchArgs {
+    /// Lifecycles (created, before-boot, ready, boot-report, stopped) per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Client connections.
+    #[arg(long, default_value_t = 16)]
+    clients: u32,
+    /// Where the socket, store and event log go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,6 +125,22 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 Ok((results, (json, svg))) => {
                     println!("{}", bench::bootstrap_table(&results, b.reps, b.chunk));
                     println!("JSON: {}\nplot: {}", json.display(), svg.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Load(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients) {
+                Ok(r) => {
+                    println!("{}", bench::load_table(&r));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
