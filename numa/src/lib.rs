@@ -11,9 +11,14 @@
 //! does not start or stop VMs.
 
 mod hwloc;
+mod plan;
 mod topology;
 
 pub use hwloc::TopologyError;
+pub use plan::{
+    Ledger, MemorySegment, NodeCapacity, Placement, PlacementError, PlacementPolicy, Planner,
+    Resource, SEGMENT_GRANULE, VmDemand,
+};
 pub use topology::{
     Cache, CacheKind, Core, Device, DeviceKind, DistanceOrigin, Distances, HostTopology, NumaNode,
     Package, TopologySource,
