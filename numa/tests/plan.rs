@@ -23,15 +23,15 @@ fn vm(name: &str, vcpus: u32, gib: u64) -> VmDemand {
 }
 
 fn fixture() -> HostTopology {
-    HostTopology::from_xml_file(FIXTURE).unwrap()
+    HostTopology::from_xml_file(FIXTURE).expect("fixture loads")
 }
 
 fn place_all(planner: &Planner, demands: &[VmDemand]) -> Vec<Placement> {
     let mut ledger = planner.empty_ledger();
     let mut out = Vec::new();
     for d in demands {
-        let p = planner.plan(&ledger, d).unwrap();
-        planner.record(&mut ledger, &p).unwrap();
+        let p = planner.plan(&ledger, d).expect("plan");
+        planner.record(&mut ledger, &p).expect("record");
         out.push(p);
     }
     out
