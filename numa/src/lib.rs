@@ -12,12 +12,17 @@
 
 mod hwloc;
 mod plan;
+mod sys;
 mod topology;
 
 pub use hwloc::TopologyError;
 pub use plan::{
     Ledger, MemorySegment, NodeCapacity, Placement, PlacementError, PlacementPolicy, Planner,
     Resource, SEGMENT_GRANULE, VmDemand,
+};
+pub use sys::{
+    AnonMapping, BindError, MemPolicyMode, ThreadCpu, bind_memory, current_tid, memory_policy,
+    page_node, pin_thread, thread_affinity, thread_cpu, threads_named,
 };
 pub use topology::{
     Cache, CacheKind, Core, Device, DeviceKind, DistanceOrigin, Distances, HostTopology, NumaNode,
