@@ -10,11 +10,16 @@
 //! data), does not own guest memory (the VMM hands it a host mapping) and
 //! does not start or stop VMs.
 
+mod cgroup;
 mod hwloc;
 mod plan;
 mod sys;
 mod topology;
 
+pub use cgroup::{
+    AppliedSetting, CgroupBinder, CgroupLayout, CgroupOutcome, CgroupSettings, CpuMax, IoMax,
+    SkippedSetting,
+};
 pub use hwloc::TopologyError;
 pub use plan::{
     Ledger, MemorySegment, NodeCapacity, Placement, PlacementError, PlacementPolicy, Planner,

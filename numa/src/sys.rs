@@ -103,6 +103,16 @@ pub enum BindError {
         #[source]
         source: std::io::Error,
     },
+    /// A cgroup setting outside what the kernel accepts.
+    #[error("vm {vm}: {setting}: {reason}")]
+    CgroupSetting {
+        /// VM id.
+        vm: String,
+        /// The cgroup v2 setting name.
+        setting: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A /proc file did not have the expected shape.
     #[error("{path}: unexpected content {content:?}")]
     Parse {
