@@ -12,6 +12,8 @@
 
 mod cgroup;
 mod hwloc;
+mod live;
+mod offload;
 mod plan;
 mod sys;
 mod topology;
@@ -21,6 +23,10 @@ pub use cgroup::{
     SkippedSetting,
 };
 pub use hwloc::TopologyError;
+pub use live::{LoadMeasure, ThreadSampler, apply_moves};
+pub use offload::{
+    LoadSample, Move, MoveReason, OffloadError, OffloadPolicy, Offloader, PuLoad, ThreadLoad,
+};
 pub use plan::{
     Ledger, MemorySegment, NodeCapacity, Placement, PlacementError, PlacementPolicy, Planner,
     Resource, SEGMENT_GRANULE, VmDemand,

@@ -339,7 +339,7 @@ fn some_node_fits(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn plan_never_overcommits_and_prefers_one_node(
