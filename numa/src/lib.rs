@@ -23,7 +23,7 @@ pub use cgroup::{
     SkippedSetting,
 };
 pub use hwloc::TopologyError;
-pub use live::{LoadMeasure, ThreadSampler, apply_moves};
+pub use live::{HostRange, LoadMeasure, ThreadSampler, apply_moves, bind_guest_memory, pin_vcpus};
 pub use offload::{
     LoadSample, Move, MoveReason, OffloadError, OffloadPolicy, Offloader, PuLoad, ThreadLoad,
 };

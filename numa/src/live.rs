@@ -8,7 +8,68 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::offload::{Move, ThreadLoad};
-use crate::sys::{BindError, pin_thread, thread_affinity, thread_cpu};
+use crate::plan::Placement;
+use crate::sys::{BindError, MemPolicyMode, bind_memory, pin_thread, thread_affinity, thread_cpu};
+
+/// One host mapping of guest memory: `len` bytes at host address `addr`.
+/// A VM's mappings, in order, make up the offsets a [`Placement`]'s memory
+/// segments refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostRange {
+    /// Host virtual address (page aligned).
+    pub addr: usize,
+    /// Length in bytes (whole pages).
+    pub len: usize,
+}
+
+/// Pin vCPU `i`'s thread (`vcpu_tids[i]`) to the placement's PU for vCPU `i`.
+///
+/// # Errors
+/// The first thread the kernel refuses, or [`BindError::NoCpus`] for a
+/// thread beyond the placement's vCPU count.
+pub fn pin_vcpus(placement: &Placement, vcpu_tids: &[u32]) -> Result<(), BindError> {
+    for (i, &tid) in vcpu_tids.iter().enumerate() {
+        let pu = placement
+            .vcpu_pus
+            .get(i)
+            .copied()
+            .ok_or(BindError::NoCpus { tid })?;
+        pin_thread(tid, &[pu])?;
+    }
+    tracing::info!(vm = placement.vm, tids = ?vcpu_tids, pus = ?placement.vcpu_pus, "vCPUs pinned");
+    Ok(())
+}
+
+/// Bind the VM's guest memory to the placement's nodes, segment by segment
+/// (`MPOL_BIND`), before it is pre-faulted. `mappings` are the VM's host
+/// mappings in the order its memory offsets run.
+///
+/// # Errors
+/// A segment boundary that is not page aligned inside a mapping, or the
+/// kernel's refusal.
+pub fn bind_guest_memory(placement: &Placement, mappings: &[HostRange]) -> Result<(), BindError> {
+    for seg in &placement.memory {
+        let (seg_start, seg_end) = (seg.offset_bytes, seg.offset_bytes + seg.len_bytes);
+        let mut base = 0u64;
+        for m in mappings {
+            let (m_start, m_end) = (base, base + m.len as u64);
+            base = m_end;
+            let (start, end) = (seg_start.max(m_start), seg_end.min(m_end));
+            if start >= end {
+                continue;
+            }
+            let off = usize::try_from(start - m_start).unwrap_or(usize::MAX);
+            let len = usize::try_from(end - start).unwrap_or(usize::MAX);
+            bind_memory(m.addr + off, len, &[seg.node], MemPolicyMode::Bind, false)?;
+        }
+    }
+    tracing::info!(
+        vm = placement.vm,
+        segments = placement.memory.len(),
+        "guest memory bound"
+    );
+    Ok(())
+}
 
 /// What a thread's load counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -215,3 +215,69 @@ fn hw_numa_mbind_bad_input_is_a_clear_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn hw_numa_placement_applied_to_real_vcpu_threads_and_guest_mappings() {
+    use numa::{HostRange, PlacementPolicy, Planner, VmDemand, bind_guest_memory, pin_vcpus};
+    let topo = HostTopology::live().unwrap();
+    let planner = Planner::new(&topo, PlacementPolicy::default());
+    let vcpus = u32::try_from(topo.pus().len().min(2)).unwrap();
+    let placement = planner
+        .place(
+            &[],
+            &VmDemand {
+                vm: "lab".into(),
+                vcpus,
+                memory_bytes: 12 << 20,
+                gpu: None,
+                latency_sensitive: false,
+            },
+        )
+        .unwrap();
+    // Guest memory in two host mappings, as a VMM with a hole would have.
+    let mut low = AnonMapping::new(4 << 20).unwrap();
+    let mut high = AnonMapping::new(8 << 20).unwrap();
+    let ranges = [
+        HostRange {
+            addr: low.addr(),
+            len: low.len(),
+        },
+        HostRange {
+            addr: high.addr(),
+            len: high.len(),
+        },
+    ];
+    bind_guest_memory(&placement, &ranges).unwrap();
+    let node = placement.memory[0].node;
+    for m in [&low, &high] {
+        assert_eq!(
+            memory_policy(m.addr()).unwrap(),
+            (MemPolicyMode::Bind, vec![node])
+        );
+    }
+    low.touch();
+    high.touch();
+    assert_eq!(page_node(high.addr() + high.len() - 4096).unwrap(), node);
+
+    let threads: Vec<Parked> = (0..vcpus)
+        .map(|i| parked(&format!("labvm-vcpu{i}")))
+        .collect();
+    let tids: Vec<u32> = threads.iter().map(|t| t.tid).collect();
+    pin_vcpus(&placement, &tids).unwrap();
+    for (i, t) in threads.iter().enumerate() {
+        assert_eq!(thread_affinity(t.tid).unwrap(), vec![placement.vcpu_pus[i]]);
+        assert_eq!(t.cpu_now(), placement.vcpu_pus[i]);
+    }
+    // One thread more than the placement has vCPUs is refused by name.
+    let extra = parked("labvm-vcpu9");
+    let mut too_many = tids.clone();
+    too_many.push(extra.tid);
+    assert!(matches!(
+        pin_vcpus(&placement, &too_many),
+        Err(BindError::NoCpus { .. })
+    ));
+    extra.stop();
+    for t in threads {
+        t.stop();
+    }
+}
