@@ -99,6 +99,8 @@ fn run_lab_vm(hook: &mut dyn LifecycleHook, vm_id: &str) -> StopReason {
         Workload::Random {
             touch_mib: 8,
             seed: 5,
+            vary_pct: 0,
+            nonce: 0,
         },
     );
     config.vcpus = 2;

@@ -157,13 +157,19 @@ pub struct Event {
 }
 
 /// What the companion asks the VMM to do before boot. Empty means boot as
-/// usual (lazy faulting, no pinning).
+/// usual (lazy faulting, no profiling).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct BootPlan {
     /// What made the plan (e.g. a profile key and model), for the record.
     #[serde(default)]
     pub made_by: String,
+    /// Guest memory to pre-fault, if any.
+    #[serde(default)]
+    pub prefault: Option<PrefaultPlan>,
+    /// Whether (and how finely) to record this bootstrap's memory touches.
+    #[serde(default)]
+    pub profile: Option<ProfileRequest>,
 }
 
 impl BootPlan {
@@ -176,8 +182,179 @@ impl BootPlan {
     pub fn made_by(who: impl Into<String>) -> Self {
         BootPlan {
             made_by: who.into(),
+            ..BootPlan::default()
         }
     }
+
+    /// Sets the pre-fault part.
+    pub fn with_prefault(mut self, p: PrefaultPlan) -> Self {
+        self.prefault = Some(p);
+        self
+    }
+
+    /// Asks for a profile of this bootstrap.
+    pub fn with_profile(mut self, p: ProfileRequest) -> Self {
+        self.profile = Some(p);
+        self
+    }
+
+    /// True when the plan asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.prefault
+            .as_ref()
+            .is_none_or(|p| p.ranges.is_empty() && p.mode != PrefaultMode::Full)
+            && self.profile.is_none()
+    }
+}
+
+/// When and how the VMM pre-faults guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PrefaultMode {
+    /// Nothing is pre-faulted: the guest faults its memory in itself.
+    #[default]
+    Lazy,
+    /// The planned ranges are populated before the vCPUs start.
+    Before,
+    /// A prefetch thread populates the planned ranges in predicted
+    /// first-touch order while the guest boots, and extends to the next
+    /// likely chunks when the guest touches memory outside the plan.
+    Concurrent,
+    /// All of guest RAM is populated before the vCPUs start (like QEMU's
+    /// `-mem-prealloc`); the ranges are ignored.
+    Full,
+}
+
+impl PrefaultMode {
+    /// The mode's name as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefaultMode::Lazy => "lazy",
+            PrefaultMode::Before => "before",
+            PrefaultMode::Concurrent => "concurrent",
+            PrefaultMode::Full => "full",
+        }
+    }
+}
+
+/// Guest memory to pre-fault, in order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PrefaultPlan {
+    /// How.
+    pub mode: PrefaultMode,
+    /// Ranges to populate, in predicted first-touch order.
+    pub ranges: Vec<GuestRange>,
+    /// Further ranges, most likely first, that the prefetch thread takes on
+    /// when the guest touches memory outside `ranges` (concurrent mode).
+    #[serde(default)]
+    pub extend: Vec<GuestRange>,
+    /// Ask for transparent huge pages on the guest mapping first.
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+impl PrefaultPlan {
+    /// A plan of `mode` over `ranges`.
+    pub fn new(mode: PrefaultMode, ranges: Vec<GuestRange>) -> Self {
+        PrefaultPlan {
+            mode,
+            ranges,
+            extend: Vec::new(),
+            hugepages: false,
+        }
+    }
+
+    /// Bytes the planned ranges cover.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+}
+
+/// The companion asks the VMM to record which guest memory chunks the
+/// bootstrap writes, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRequest {
+    /// Chunk size in bytes (a power of two, at least 4096).
+    pub chunk_size: u64,
+    /// How often to read the dirty log, in milliseconds.
+    pub interval_ms: u64,
+}
+
+impl Default for ProfileRequest {
+    fn default() -> Self {
+        ProfileRequest {
+            chunk_size: 2 << 20,
+            interval_ms: 10,
+        }
+    }
+}
+
+/// Chunks first written within one interval of a bootstrap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TouchWindow {
+    /// Milliseconds from the start request to the end of this interval.
+    pub at_ms: f64,
+    /// Runs of consecutive chunk indices, as `[first, count]`.
+    pub runs: Vec<[u64; 2]>,
+}
+
+/// Which chunks of guest memory a bootstrap wrote, and when (KVM dirty log).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootProfile {
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// First writes, interval by interval, in time order.
+    pub windows: Vec<TouchWindow>,
+}
+
+impl BootProfile {
+    /// An empty profile.
+    pub fn new(chunk_size: u64, ram_bytes: u64) -> Self {
+        BootProfile {
+            chunk_size,
+            ram_bytes,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Every touched chunk with the time of its window, in time order.
+    pub fn touches(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        self.windows.iter().flat_map(|w| {
+            w.runs.iter().flat_map(move |&[first, count]| {
+                (first..first.saturating_add(count)).map(move |c| (c, w.at_ms))
+            })
+        })
+    }
+
+    /// Number of touched chunks.
+    pub fn touched_chunks(&self) -> u64 {
+        self.windows
+            .iter()
+            .flat_map(|w| w.runs.iter())
+            .map(|r| r[1])
+            .sum()
+    }
+}
+
+/// What applying the pre-fault plan did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PrefaultReport {
+    /// The mode used.
+    pub mode: PrefaultMode,
+    /// Bytes populated (planned and extended).
+    pub bytes: u64,
+    /// Bytes populated beyond the plan because the guest strayed from it.
+    pub extended_bytes: u64,
+    /// Milliseconds spent populating.
+    pub ms: f64,
+    /// Why the plan was abandoned for lazy faulting, if it was.
+    pub rolled_back: Option<String>,
 }
 
 /// What a bootstrap really did, measured by the VMM.
@@ -194,8 +371,14 @@ pub struct BootReport {
     pub major_faults: u64,
     /// Resident set of the VMM process at ready, in KiB.
     pub rss_kib: u64,
-    /// Whether the plan was applied (false: rolled back, or no plan).
+    /// Whether a non-empty plan was applied (false: none, or rolled back).
     pub plan_applied: bool,
+    /// What pre-faulting did, if the plan asked for it.
+    #[serde(default)]
+    pub prefault: Option<PrefaultReport>,
+    /// The memory profile, if the plan asked for one.
+    #[serde(default)]
+    pub profile: Option<BootProfile>,
 }
 
 impl BootReport {

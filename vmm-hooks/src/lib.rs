@@ -21,8 +21,9 @@ pub mod proto;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
-    BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook, MigratePhase,
-    NoCompanion, StopStatus, VmIdentity, VmSpec,
+    BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook,
+    MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport, ProfileRequest,
+    StopStatus, TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
 

@@ -8,7 +8,7 @@
 //! 0       4     magic "PRSC"
 //! 4       2     protocol version, little-endian (1)
 //! 6       2     flags, little-endian (0; reserved)
-//! 8       4     body length in bytes, little-endian (at most MAX_BODY)
+//! 8       4     body length in bytes, little-endian (at most MAX_BODY, 16 MiB)
 //! 12      len   body: one Message as JSON (UTF-8)
 //! ```
 //!
@@ -33,7 +33,7 @@ pub const MAGIC: [u8; 4] = *b"PRSC";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted, in bytes.
-pub const MAX_BODY: u32 = 1 << 20;
+pub const MAX_BODY: u32 = 16 << 20;
 
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

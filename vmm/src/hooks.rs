@@ -9,7 +9,7 @@ use vmm_hooks::{
 };
 
 use crate::vm::{LabVm, RunObserver, RunReport, StopReason};
-use crate::{VmmError, guest, sys};
+use crate::{VmmError, guest};
 
 /// The VMM's name and version, as sent in `hello` and in `created`.
 pub const VMM_NAME: &str = concat!("labvm ", env!("CARGO_PKG_VERSION"));
@@ -39,7 +39,6 @@ pub struct HookReporter<'a> {
     hook: &'a mut dyn LifecycleHook,
     identity: VmIdentity,
     seq: u64,
-    tids: Vec<i32>,
     plan: Option<BootPlan>,
     stop: Option<&'a dyn Fn() -> bool>,
 }
@@ -60,7 +59,6 @@ impl<'a> HookReporter<'a> {
             hook,
             identity,
             seq: 0,
-            tids: Vec::new(),
             plan: None,
             stop: None,
         }
@@ -122,8 +120,7 @@ impl<'a> HookReporter<'a> {
 }
 
 impl RunObserver for HookReporter<'_> {
-    fn before_boot(&mut self, vm: &LabVm, vcpu_tids: &[i32]) {
-        self.tids = vcpu_tids.to_vec();
+    fn before_boot(&mut self, vm: &LabVm, vcpu_tids: &[i32]) -> BootPlan {
         let plan = self
             .send(EventKind::BeforeBoot {
                 vcpu_tids: vcpu_tids.to_vec(),
@@ -136,27 +133,15 @@ impl RunObserver for HookReporter<'_> {
         if !plan.made_by.is_empty() {
             tracing::info!(made_by = plan.made_by, "boot plan received");
         }
-        self.plan = Some(plan);
+        self.plan = Some(plan.clone());
+        plan
     }
 
-    fn ready(&mut self, elapsed: Duration) {
-        let ms = elapsed.as_secs_f64() * 1e3;
+    fn ready(&mut self, elapsed: Duration, report: &BootReport) {
         self.send(EventKind::Ready {
-            time_to_ready_ms: ms,
+            time_to_ready_ms: elapsed.as_secs_f64() * 1e3,
         });
-        let mut report = BootReport::new(ms);
-        report.vcpu_cpu_ms = self
-            .tids
-            .iter()
-            .filter_map(|&t| sys::thread_cpu_ms(t))
-            .sum();
-        if let Some((minor, major)) = sys::process_faults() {
-            report.minor_faults = minor;
-            report.major_faults = major;
-        }
-        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
-        report.plan_applied = false;
-        self.send(EventKind::BootReport(report));
+        self.send(EventKind::BootReport(report.clone()));
     }
 
     fn should_stop(&mut self) -> bool {

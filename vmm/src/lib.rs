@@ -16,6 +16,7 @@
 //!
 //! labvm does not decide policy: it applies plans the companion sends.
 
+mod boot;
 mod guest;
 mod hooks;
 mod labdev;

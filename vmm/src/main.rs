@@ -23,7 +23,7 @@ struct Cli {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
-    /// Workload: seq:MIB, rand:MIB[:SEED], trace:PATH,
+    /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH,
     /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready.
     #[arg(long, default_value = "seq:64")]
     workload: String,
@@ -43,6 +43,14 @@ struct Cli {
     /// Milliseconds each hook event may wait for the companion.
     #[arg(long, default_value_t = 500)]
     hooks_timeout_ms: u64,
+    /// Apply this boot plan (JSON, as the companion sends it) instead of the
+    /// companion's.
+    #[arg(long)]
+    plan_file: Option<PathBuf>,
+    /// Pre-warmed instance: apply the plan before the start request (time
+    /// to ready then counts from after it).
+    #[arg(long)]
+    prewarm: bool,
     /// This VM's id on the host (default: labvm-PID).
     #[arg(long)]
     vm_id: Option<String>,
@@ -98,6 +106,9 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "rand" => Workload::Random {
             touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
             seed: num(parts.next(), "seed")?.unwrap_or(1),
+            vary_pct: u32::try_from(num(parts.next(), "vary percentage")?.unwrap_or(0))
+                .map_err(|_| format!("bad vary percentage in workload {spec:?}"))?,
+            nonce: boot_nonce(),
         },
         "trace" => {
             let path = spec.strip_prefix("trace:").unwrap_or_default();
@@ -119,6 +130,16 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         return Err(format!("too many fields in workload {spec:?}"));
     }
     Ok(w)
+}
+
+/// A per-boot seed for the varying part of `rand` workloads.
+fn boot_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // The low 64 bits of the nanosecond clock are what varies.
+    u64::try_from(t & u128::from(u64::MAX)).unwrap_or(0) ^ (u64::from(std::process::id()) << 32)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -160,6 +181,20 @@ fn main() -> ExitCode {
     config.vcpus = cli.vcpus;
     config.ready_deadline = Duration::from_secs_f64(cli.deadline);
     config.run_for = cli.run_for.map(Duration::from_secs_f64);
+    config.prewarm = cli.prewarm;
+    if let Some(path) = &cli.plan_file {
+        match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<vmm_hooks::BootPlan>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(plan) => config.plan = Some(plan),
+            Err(e) => {
+                eprintln!("labvm: cannot use plan file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     let mut vm = match LabVm::create(config, started) {
         Ok(vm) => vm,
         Err(e) => {

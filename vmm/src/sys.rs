@@ -20,6 +20,43 @@ pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
+/// `KVM_CAP_PRE_FAULT_MEMORY`.
+pub(crate) const KVM_CAP_PRE_FAULT_MEMORY: u32 = kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY;
+
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_PRE_FAULT_MEMORY,
+    kvm_bindings::KVMIO,
+    0xd5,
+    kvm_bindings::kvm_pre_fault_memory
+);
+
+/// Maps `[gpa, gpa+size)` into the guest's (EPT/NPT) page tables ahead of
+/// use with `KVM_PRE_FAULT_MEMORY`, where KVM has the capability. Retries
+/// the remainder after EINTR/EAGAIN, as the ioctl's contract asks.
+pub(crate) fn kvm_pre_fault(vcpu: &kvm_ioctls::VcpuFd, gpa: u64, size: u64) -> std::io::Result<()> {
+    let mut range = kvm_bindings::kvm_pre_fault_memory {
+        gpa,
+        size,
+        ..Default::default()
+    };
+    while range.size > 0 {
+        // SAFETY: `vcpu` is an open vCPU fd; the request number encodes the
+        // size of kvm_pre_fault_memory, and `range` is a live, exclusively
+        // borrowed value of that type that the kernel reads and updates.
+        let rc = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(vcpu, KVM_PRE_FAULT_MEMORY(), &mut range)
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The calling thread's kernel thread id.
 pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid takes no arguments, cannot fail and touches no memory.

@@ -13,7 +13,11 @@ use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
+use balloon::HostMapping;
+use vmm_hooks::{BootPlan, BootReport, GuestRange, PrefaultMode};
+
 use crate::VmmError;
+use crate::boot::{self, Applied, Profiler};
 use crate::guest::{self, GuestSetup, ProgramHeader};
 use crate::labdev::{self, LabWrite};
 use crate::layout::{self, gdt};
@@ -36,6 +40,12 @@ pub struct LabVmConfig {
     pub run_for: Option<Duration>,
     /// Value mixed into what the guest writes into each touched page.
     pub stamp: u64,
+    /// A plan to apply instead of the one the observer returns (e.g. read
+    /// from a file); the observer is still told about the boot.
+    pub plan: Option<BootPlan>,
+    /// Pre-warmed instance: apply the plan before the start request, so
+    /// time to ready counts from after it.
+    pub prewarm: bool,
 }
 
 impl LabVmConfig {
@@ -48,6 +58,8 @@ impl LabVmConfig {
             ready_deadline: Duration::from_secs(30),
             run_for: None,
             stamp: 0x5EED_0000_0000_0000,
+            plan: None,
+            prewarm: false,
         }
     }
 
@@ -110,6 +122,9 @@ pub struct RunReport {
     pub heartbeats: u64,
     /// The long-running workload's counter at the end (read from guest memory).
     pub counter: Option<u64>,
+    /// What the bootstrap did (measured at ready), with its profile and
+    /// pre-fault outcome.
+    pub boot: Option<BootReport>,
 }
 
 mod duration_ms {
@@ -134,11 +149,14 @@ mod duration_ms_req {
 /// Callbacks from a run, made on the controller thread.
 pub trait RunObserver {
     /// The vCPU threads exist (ids given) and wait to start; guest memory is
-    /// ready. Whatever must happen before the guest runs (applying a boot
-    /// plan, pinning threads) happens here.
-    fn before_boot(&mut self, _vm: &LabVm, _vcpu_tids: &[i32]) {}
-    /// The guest signalled ready, `elapsed` after the start request.
-    fn ready(&mut self, _elapsed: Duration) {}
+    /// loaded. Returns the plan to apply before the guest runs (pinning
+    /// threads, if any, happens here too).
+    fn before_boot(&mut self, _vm: &LabVm, _vcpu_tids: &[i32]) -> BootPlan {
+        BootPlan::empty()
+    }
+    /// The guest signalled ready, `elapsed` after the start request; `report`
+    /// says what the bootstrap did.
+    fn ready(&mut self, _elapsed: Duration, _report: &BootReport) {}
     /// Called about every 100 ms while the VM runs; return true to stop it.
     fn should_stop(&mut self) -> bool {
         false
@@ -155,6 +173,7 @@ pub struct LabVm {
     vcpus: Vec<VcpuFd>,
     plan: WorkloadPlan,
     started: Instant,
+    host: u64,
 }
 
 /// Memory slot of guest RAM.
@@ -220,6 +239,11 @@ impl LabVm {
         for (i, vcpu) in vcpus.iter().enumerate() {
             setup_vcpu(vcpu, i as u64, header)?;
         }
+        let pre_fault_cap = vm.check_extension_raw(sys::KVM_CAP_PRE_FAULT_MEMORY.into());
+        tracing::debug!(
+            supported = pre_fault_cap > 0,
+            "KVM_PRE_FAULT_MEMORY capability"
+        );
         Ok(LabVm {
             config,
             _kvm: kvm,
@@ -228,6 +252,7 @@ impl LabVm {
             vcpus,
             plan,
             started,
+            host: host as u64,
         })
     }
 
@@ -249,6 +274,14 @@ impl LabVm {
     /// First byte of the workload area (what traces' offsets are relative to).
     pub fn workload_area_start(&self) -> u64 {
         self.plan.area_start
+    }
+
+    /// The host mapping of guest RAM.
+    pub fn mapping(&self) -> HostMapping {
+        // SAFETY: `host` is the start of the mapping of all guest RAM owned
+        // by `self.mem`; every user of the returned value (prefetch threads)
+        // is stopped before `run` returns, and `self` outlives `run`.
+        unsafe { HostMapping::new(self.host as *mut u8, self.config.ram_mib << 20) }
     }
 
     /// Every page the workload's touch lists write, in list order per vCPU.
@@ -305,12 +338,28 @@ impl LabVm {
         for (i, tid) in tids.iter().enumerate() {
             tracing::info!(vcpu = i, tid, "vCPU thread started");
         }
-        observer.before_boot(self, &tids);
-        lock(&shared.state).go = true;
+        let offered = observer.before_boot(self, &tids);
+        let plan = self.config.plan.clone().unwrap_or(offered);
+        let mut bootstrap = self.prepare_boot(&plan);
+        if self.config.prewarm {
+            // The instance is warm: the start request arrives now.
+            self.started = Instant::now();
+        }
+        {
+            let mut st = lock(&shared.state);
+            st.go = true;
+            if let Some(ranges) = bootstrap.kvm_pre_fault.take() {
+                st.pre_fault = ranges;
+            }
+        }
         shared.cv.notify_all();
 
-        let result = self.control(&shared, observer);
+        let result = self.control(&shared, observer, &mut bootstrap);
         stop_all(&shared, threads);
+        if bootstrap.report.is_none() {
+            // Ended before ready: stop prefetching and logging all the same.
+            self.finish_boot(&mut bootstrap, 0.0, &[]);
+        }
         let st = lock(&shared.state);
         let end = Instant::now();
         let (stop, ready_at) = match result {
@@ -333,7 +382,83 @@ impl LabVm {
             log: st.log.clone(),
             heartbeats: st.heartbeats,
             counter,
+            boot: bootstrap.report.take().filter(|_| ready_at.is_some()),
         })
+    }
+
+    /// Starts profiling and applies the pre-fault part of `plan`.
+    fn prepare_boot(&self, plan: &BootPlan) -> Bootstrap {
+        let ram = self.config.ram_mib << 20;
+        let profiler = plan.profile.and_then(|req| {
+            let p = Profiler::new(req, ram).and_then(|p| {
+                boot::set_dirty_logging(&self.vm, RAM_SLOT, self.host, ram, true).map(|()| p)
+            });
+            match p {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!("not profiling this boot: {}", vmm_hooks::error_chain(&e));
+                    None
+                }
+            }
+        });
+        let applied = plan
+            .prefault
+            .as_ref()
+            .map_or(Applied::Nothing, |p| boot::apply(self.mapping(), p));
+        let kvm_pre_fault = match (&plan.prefault, &applied) {
+            (Some(p), Applied::Done(r))
+                if r.rolled_back.is_none()
+                    && self
+                        .vm
+                        .check_extension_raw(sys::KVM_CAP_PRE_FAULT_MEMORY.into())
+                        > 0 =>
+            {
+                Some(if p.mode == PrefaultMode::Full {
+                    vec![GuestRange { start: 0, len: ram }]
+                } else {
+                    p.ranges.clone()
+                })
+            }
+            _ => None,
+        };
+        Bootstrap {
+            profiler,
+            applied: Some(applied),
+            report: None,
+            kvm_pre_fault,
+        }
+    }
+
+    /// At ready: closes the profile, stops prefetching, measures the boot.
+    fn finish_boot(&self, b: &mut Bootstrap, elapsed_ms: f64, tids: &[i32]) -> BootReport {
+        let ram = self.config.ram_mib << 20;
+        let profile = b.profiler.take().map(|mut p| {
+            if let Err(e) = p.poll(&self.vm, RAM_SLOT, elapsed_ms) {
+                tracing::warn!("last dirty-log read failed: {}", vmm_hooks::error_chain(&e));
+            }
+            if let Err(e) = boot::set_dirty_logging(&self.vm, RAM_SLOT, self.host, ram, false) {
+                tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
+            }
+            p.finish()
+        });
+        let applied = b.applied.take().unwrap_or(Applied::Nothing);
+        let plan_applied = applied.applied();
+        let mut report = BootReport::new(elapsed_ms);
+        report.vcpu_cpu_ms = tids.iter().filter_map(|&t| sys::thread_cpu_ms(t)).sum();
+        if let Some((minor, major)) = sys::process_faults() {
+            report.minor_faults = minor;
+            report.major_faults = major;
+        }
+        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
+        report.prefault = applied.finish();
+        report.plan_applied = plan_applied
+            && report
+                .prefault
+                .as_ref()
+                .is_some_and(|r| r.rolled_back.is_none());
+        report.profile = profile;
+        b.report = Some(report.clone());
+        report
     }
 
     /// Watches the run until it ends; returns why.
@@ -341,10 +466,23 @@ impl LabVm {
         &self,
         shared: &Shared,
         observer: &mut dyn RunObserver,
+        bootstrap: &mut Bootstrap,
     ) -> Result<StopReason, VmmError> {
         let deadline = self.started + self.config.ready_deadline;
         let mut told_ready = false;
         loop {
+            if let Some(p) = bootstrap.profiler.as_mut()
+                && p.due(Instant::now())
+            {
+                let at = self.started.elapsed().as_secs_f64() * 1e3;
+                if let Err(e) = p.poll(&self.vm, RAM_SLOT, at) {
+                    tracing::warn!(
+                        "dirty-log read failed; profile dropped: {}",
+                        vmm_hooks::error_chain(&e)
+                    );
+                    bootstrap.profiler = None;
+                }
+            }
             let mut st = lock(&shared.state);
             if let Some(outcome) = st.outcome.take() {
                 return outcome;
@@ -369,27 +507,44 @@ impl LabVm {
                 return Err(VmmError::AllParked);
             }
             let ready_at = st.ready_at;
+            let tick = bootstrap
+                .profiler
+                .as_ref()
+                .map_or(Duration::from_millis(100), Profiler::interval);
             let wait = match ready_at {
                 None => deadline.saturating_duration_since(now),
-                Some(_) => Duration::from_millis(100),
+                Some(_) => tick,
             }
-            .min(Duration::from_millis(100));
+            .min(tick);
             st = shared
                 .cv
                 .wait_timeout(st, wait)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
             let newly_ready = st.ready_at.filter(|_| !told_ready);
+            let tids = st.tids.clone();
             drop(st);
             if let Some(at) = newly_ready {
                 told_ready = true;
-                observer.ready(at.saturating_duration_since(self.started));
+                let elapsed = at.saturating_duration_since(self.started);
+                let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
+                observer.ready(elapsed, &report);
             }
             if observer.should_stop() {
                 return Ok(StopReason::Stopped);
             }
         }
     }
+}
+
+/// The bootstrap's moving parts between before-boot and ready.
+#[derive(Debug)]
+struct Bootstrap {
+    profiler: Option<Profiler>,
+    applied: Option<Applied>,
+    report: Option<BootReport>,
+    /// Ranges for KVM_PRE_FAULT_MEMORY, where KVM supports it.
+    kvm_pre_fault: Option<Vec<GuestRange>>,
 }
 
 #[derive(Debug)]
@@ -410,6 +565,8 @@ struct RunState {
     log: Vec<String>,
     heartbeats: u64,
     finished: usize,
+    /// Ranges vCPU 0 pre-faults with KVM_PRE_FAULT_MEMORY before it runs.
+    pre_fault: Vec<GuestRange>,
 }
 
 impl RunState {
@@ -465,6 +622,20 @@ fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemor
                 .cv
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+    let pre_fault = std::mem::take(&mut lock(&shared.state).pre_fault);
+    if !pre_fault.is_empty() {
+        let t = Instant::now();
+        match pre_fault
+            .iter()
+            .try_for_each(|r| sys::kvm_pre_fault(&vcpu, r.start, r.len))
+        {
+            Ok(()) => tracing::info!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "KVM_PRE_FAULT_MEMORY done after populate"
+            ),
+            Err(e) => tracing::warn!("KVM_PRE_FAULT_MEMORY failed ({e}); the guest faults lazily"),
         }
     }
     let mut unknown_logged = 0u32;

@@ -29,12 +29,20 @@ pub enum Workload {
         touch_mib: u64,
     },
     /// Touch `touch_mib` MiB of distinct pages of the workload area, in an
-    /// order drawn from `seed`.
+    /// order drawn from `seed`. With `vary_pct` > 0, that share of the pages
+    /// differs from boot to boot (drawn from `nonce`), as real bootstraps
+    /// vary a little around a common core.
     Random {
         /// MiB to touch.
         touch_mib: u64,
         /// Seed of the order (the same seed gives the same pages in the same order).
         seed: u64,
+        /// Percentage (0..=100) of the pages that vary per boot.
+        #[serde(default)]
+        vary_pct: u32,
+        /// Per-boot seed of the varying pages; not part of the workload's identity.
+        #[serde(skip)]
+        nonce: u64,
     },
     /// Touch the pages of a bootstrap trace, in its order (see [`Trace`]).
     Trace(Trace),
@@ -72,7 +80,15 @@ impl Workload {
     pub fn name(&self) -> String {
         match self {
             Workload::Sequential { touch_mib } => format!("seq-{touch_mib}M"),
-            Workload::Random { touch_mib, seed } => format!("rand-{touch_mib}M-s{seed}"),
+            Workload::Random {
+                touch_mib,
+                seed,
+                vary_pct,
+                ..
+            } => match vary_pct {
+                0 => format!("rand-{touch_mib}M-s{seed}"),
+                v => format!("rand-{touch_mib}M-s{seed}-v{v}"),
+            },
             Workload::Trace(t) => format!("trace-{}", t.name),
             Workload::Dirty { pages_per_sec, .. } => format!("dirty-{pages_per_sec}pps"),
             Workload::FaultInvalidOpcode => "fault-ud".into(),
@@ -245,12 +261,26 @@ impl WorkloadPlan {
                     next += share * PAGE_SIZE;
                 }
             }
-            Workload::Random { touch_mib, seed } => {
+            Workload::Random {
+                touch_mib,
+                seed,
+                vary_pct,
+                nonce,
+            } => {
                 let bytes = mib(*touch_mib);
                 if bytes > area {
                     return Err(too_big(bytes));
                 }
-                let order = random_pages(area / PAGE_SIZE, bytes / PAGE_SIZE, *seed);
+                if *vary_pct > 100 {
+                    return Err(VmmError::Config(format!("vary_pct {vary_pct} is over 100")));
+                }
+                let order = varied_pages(
+                    area / PAGE_SIZE,
+                    bytes / PAGE_SIZE,
+                    *seed,
+                    *vary_pct,
+                    *nonce,
+                );
                 for (k, page) in order.into_iter().enumerate() {
                     lists[k % nl].push(TouchRun {
                         gpa: area_start + page * PAGE_SIZE,
@@ -311,6 +341,41 @@ fn random_pages(total: u64, count: u64, seed: u64) -> Vec<u64> {
     idx
 }
 
+/// `count` distinct pages of `0..total`: all but `vary_pct` percent drawn
+/// from `seed` alone (the same every boot), the rest from the pages left,
+/// drawn from `nonce`, and spread evenly through the order.
+fn varied_pages(total: u64, count: u64, seed: u64, vary_pct: u32, nonce: u64) -> Vec<u64> {
+    let count = count.min(total);
+    let vary = count * u64::from(vary_pct.min(100)) / 100;
+    let base_n = count - vary;
+    // The seed's permutation decides the core; what it leaves is the pool
+    // the varying pages come from.
+    let perm = random_pages(total, total, seed);
+    let (base, pool) = perm.split_at(usize::try_from(base_n).unwrap_or(0));
+    if vary == 0 {
+        return base.to_vec();
+    }
+    let picks = random_pages(pool.len() as u64, vary, nonce ^ 0xA076_1D64_78BD_642F);
+    let varying: Vec<u64> = picks
+        .into_iter()
+        .map(|i| pool[usize::try_from(i).unwrap_or(0)])
+        .collect();
+    let stride = (count / vary).max(1);
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let (mut b, mut v) = (base.iter(), varying.iter());
+    for i in 0..count {
+        let next = if i % stride == stride - 1 {
+            v.next().or_else(|| b.next())
+        } else {
+            b.next().or_else(|| v.next())
+        };
+        if let Some(&p) = next {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// splitmix64: a small, well-mixed, seedable generator.
 pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -332,6 +397,8 @@ mod tests {
         let w = Workload::Random {
             touch_mib: 8,
             seed: 7,
+            vary_pct: 0,
+            nonce: 0,
         };
         let a = WorkloadPlan::new(&w, 64 * MIB, 2).unwrap();
         let b = WorkloadPlan::new(&w, 64 * MIB, 2).unwrap();
@@ -345,6 +412,8 @@ mod tests {
             &Workload::Random {
                 touch_mib: 8,
                 seed: 8,
+                vary_pct: 0,
+                nonce: 0,
             },
             64 * MIB,
             2,
@@ -405,6 +474,29 @@ mod tests {
         assert_eq!(Trace::parse("t", "1 0\n").unwrap_err().0, 1);
         assert_eq!(Trace::parse("t", "1 1 1 1\n").unwrap_err().0, 1);
         assert!(Trace::parse("t", "# nothing\n").is_err());
+    }
+
+    #[test]
+    fn varied_pages_share_the_core_and_differ_by_the_varying_share() {
+        let a = varied_pages(10_000, 1_000, 3, 5, 1);
+        let b = varied_pages(10_000, 1_000, 3, 5, 2);
+        assert_eq!(a.len(), 1_000);
+        let sa: HashSet<u64> = a.iter().copied().collect();
+        let sb: HashSet<u64> = b.iter().copied().collect();
+        assert_eq!(sa.len(), 1_000);
+        assert_eq!(sa.intersection(&sb).count(), 950);
+        assert_eq!(
+            varied_pages(10_000, 1_000, 3, 0, 9),
+            random_pages(10_000, 1_000, 3)
+        );
+        // The nonce is not part of the identity.
+        let w = |nonce| Workload::Random {
+            touch_mib: 1,
+            seed: 1,
+            vary_pct: 5,
+            nonce,
+        };
+        assert_eq!(w(1).identity(), w(2).identity());
     }
 
     #[test]

@@ -33,7 +33,13 @@ fn cli_linux_boot_is_refused_with_reason_without_hardware_virtualisation() {
 
 #[test]
 fn cli_bad_workload_specs_are_rejected_with_exit_code_2() {
-    for spec in ["bogus", "seq", "seq:x", "rand:8:1:2", "trace:/nonexistent"] {
+    for spec in [
+        "bogus",
+        "seq",
+        "seq:x",
+        "rand:8:1:2:3",
+        "trace:/nonexistent",
+    ] {
         let (code, _, err) = labvm(&["--workload", spec]);
         assert_eq!(code, 2, "{spec}: {err}");
         assert!(err.starts_with("labvm: "), "{spec}: {err}");

@@ -29,6 +29,8 @@ fn hw_kvm_random_touch_64mib_every_touched_page_holds_its_stamp() {
         Workload::Random {
             touch_mib: 64,
             seed: 11,
+            vary_pct: 0,
+            nonce: 0,
         },
     );
     let stamp = config.stamp;
