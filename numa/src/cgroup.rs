@@ -588,10 +588,10 @@ mod tests {
 
     const MOUNTINFO: &str = "\
 25 1 0:23 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-26 25 0:24 / /sys/fs/cgroup/cpu rw,relatime shared:2 - cgroup cgroup rw,cpu
-27 25 0:25 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
-28 25 0:26 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
-29 25 0:27 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+26 25 0:24 / /nonexistent/cgroup/cpu rw,relatime shared:2 - cgroup cgroup rw,cpu
+27 25 0:25 / /nonexistent/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+28 25 0:26 / /nonexistent/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+29 25 0:27 / /nonexistent/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 30 25 0:28 / /nonexistent/unified rw,relatime - cgroup2 cgroup2 rw
 ";
 
@@ -600,15 +600,18 @@ mod tests {
         let l = CgroupLayout::from_mountinfo(MOUNTINFO);
         assert_eq!(l.v2_root, Some(PathBuf::from("/nonexistent/unified")));
         assert!(l.v2_controllers.is_empty());
-        assert_eq!(l.v1.get("cpu"), Some(&PathBuf::from("/sys/fs/cgroup/cpu")));
+        assert_eq!(
+            l.v1.get("cpu"),
+            Some(&PathBuf::from("/nonexistent/cgroup/cpu"))
+        );
         assert_eq!(
             l.v1.get("blkio"),
-            Some(&PathBuf::from("/sys/fs/cgroup/blkio"))
+            Some(&PathBuf::from("/nonexistent/cgroup/blkio"))
         );
         assert!(!l.v1.contains_key("name=systemd"));
         let s = l.summary();
         assert!(
-            s.contains("v2 cpu missing, using cgroup v1 cpu at /sys/fs/cgroup/cpu"),
+            s.contains("v2 cpu missing, using cgroup v1 cpu at /nonexistent/cgroup/cpu"),
             "{s}"
         );
         assert!(s.contains("v2 io missing, using cgroup v1 blkio"), "{s}");
@@ -686,6 +689,56 @@ mod tests {
         );
         let ctl = std::fs::read_to_string(root.join("prescient/cgroup.subtree_control")).unwrap();
         assert_eq!(ctl, "+cpu +cpuset +io");
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl tracing_subscriber::fmt::MakeWriter<'_> for Captured {
+        type Writer = Self;
+        fn make_writer(&self) -> Self {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn missing_controllers_are_reported_once_not_per_vm() {
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let b = CgroupBinder::new(CgroupLayout::from_mountinfo(MOUNTINFO), "prescient");
+            let settings = CgroupSettings {
+                io_weight: Some(100),
+                ..CgroupSettings::default()
+            };
+            for vm in ["a", "b", "c"] {
+                // v1 blkio here is a path without a weight file: skipped.
+                let out = b.apply(vm, &settings).unwrap();
+                assert_eq!(out.skipped.len(), 1);
+            }
+        });
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("WARN"), "{text}");
+        assert!(
+            lines[0].contains("v2 io missing, using cgroup v1 blkio"),
+            "{text}"
+        );
     }
 
     #[test]
