@@ -301,6 +301,8 @@ pub struct Planner {
     /// Row-major node-index distance matrix.
     distance: Vec<u64>,
     devices: Vec<(String, Vec<String>, Vec<usize>)>,
+    /// PU id -> index into `pus` (PU ids are small and dense).
+    pu_lookup: Vec<Option<usize>>,
 }
 
 impl Planner {
@@ -323,6 +325,7 @@ impl Planner {
             nodes,
             distance: Vec::new(),
             devices: Vec::new(),
+            pu_lookup: Vec::new(),
         };
         for core in &topology.cores {
             // A core without a node (rare; memory-less CPUs) is not placeable.
@@ -346,6 +349,13 @@ impl Planner {
             planner.cores.push(CoreInfo { pus });
             if let Some(n) = planner.nodes.get_mut(node) {
                 n.cores.push(ci);
+            }
+        }
+        let max_pu = planner.pus.iter().map(|p| p.id as usize).max().unwrap_or(0);
+        planner.pu_lookup = vec![None; max_pu + 1];
+        for (i, p) in planner.pus.iter().enumerate() {
+            if let Some(slot) = planner.pu_lookup.get_mut(p.id as usize) {
+                *slot = Some(i);
             }
         }
         let ids: Vec<u32> = planner.nodes.iter().map(|n| n.id).collect();
@@ -820,7 +830,7 @@ impl Planner {
     }
 
     fn pu_index(&self, pu: u32) -> Option<usize> {
-        self.pus.iter().position(|p| p.id == pu)
+        self.pu_lookup.get(pu as usize).copied().flatten()
     }
 
     fn node_index(&self, node: u32) -> Option<usize> {
