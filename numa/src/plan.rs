@@ -16,7 +16,9 @@
 //! PUs in vCPUs (no single PU gets more than the rounded-up ratio), and at
 //! most `memory_limit_percent`% of its memory. A latency-sensitive VM gets
 //! whole free cores, one vCPU per core on the core's first PU, and its
-//! cores (SMT siblings included) leave the shared pool.
+//! cores (SMT siblings included) leave the shared pool. With
+//! `reserved_cores_per_node`, each node's last cores never take shared
+//! vCPUs; latency-sensitive VMs use them before any other free core.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -54,6 +56,11 @@ pub struct PlacementPolicy {
     pub memory_limit_percent: u32,
     /// Spread a VM over several nodes when no single node can hold it.
     pub allow_spread: bool,
+    /// Cores per node (the node's last ones) kept for latency-sensitive
+    /// VMs: shared vCPUs never land there, so whole cores stay available
+    /// however many shared VMs arrive first.
+    #[serde(default)]
+    pub reserved_cores_per_node: u32,
 }
 
 impl Default for PlacementPolicy {
@@ -62,6 +69,7 @@ impl Default for PlacementPolicy {
             cpu_overcommit_percent: 100,
             memory_limit_percent: 90,
             allow_spread: true,
+            reserved_cores_per_node: 0,
         }
     }
 }
@@ -303,6 +311,8 @@ pub struct Planner {
     devices: Vec<(String, Vec<String>, Vec<usize>)>,
     /// PU id -> index into `pus` (PU ids are small and dense).
     pu_lookup: Vec<Option<usize>>,
+    /// Per core: held back for latency-sensitive VMs.
+    reserved: Vec<bool>,
 }
 
 impl Planner {
@@ -326,6 +336,7 @@ impl Planner {
             distance: Vec::new(),
             devices: Vec::new(),
             pu_lookup: Vec::new(),
+            reserved: Vec::new(),
         };
         for core in &topology.cores {
             // A core without a node (rare; memory-less CPUs) is not placeable.
@@ -349,6 +360,15 @@ impl Planner {
             planner.cores.push(CoreInfo { pus });
             if let Some(n) = planner.nodes.get_mut(node) {
                 n.cores.push(ci);
+            }
+        }
+        planner.reserved = vec![false; planner.cores.len()];
+        for n in &planner.nodes {
+            let keep = (policy.reserved_cores_per_node as usize).min(n.cores.len());
+            for &c in n.cores.iter().rev().take(keep) {
+                if let Some(r) = planner.reserved.get_mut(c) {
+                    *r = true;
+                }
             }
         }
         let max_pu = planner.pus.iter().map(|p| p.id as usize).max().unwrap_or(0);
@@ -787,7 +807,7 @@ impl Planner {
         let mut load: Vec<(usize, u32)> = node
             .cores
             .iter()
-            .filter(|&&c| !ledger.core_exclusive.get(c).copied().unwrap_or(true))
+            .filter(|&&c| self.in_shared_pool(ledger, c))
             .filter_map(|&c| self.cores.get(c))
             .flat_map(|core| core.pus.iter())
             .map(|&p| (p, ledger.pu_vcpus.get(p).copied().unwrap_or(0)))
@@ -859,11 +879,18 @@ impl Planner {
         self.nodes.get(k).map_or(0, |n| {
             n.cores
                 .iter()
-                .filter(|&&c| !ledger.core_exclusive.get(c).copied().unwrap_or(true))
+                .filter(|&&c| self.in_shared_pool(ledger, c))
                 .filter_map(|&c| self.cores.get(c))
                 .map(|c| c.pus.len() as u64)
                 .sum()
         })
+    }
+
+    /// Shared vCPUs may use this core: not held by a latency-sensitive VM,
+    /// not reserved for one.
+    fn in_shared_pool(&self, ledger: &Ledger, c: usize) -> bool {
+        !ledger.core_exclusive.get(c).copied().unwrap_or(true)
+            && !self.reserved.get(c).copied().unwrap_or(true)
     }
 
     fn vcpu_cap(&self, shared_pus: u64) -> u64 {
@@ -875,12 +902,14 @@ impl Planner {
             .saturating_sub(ledger.node_shared_vcpus.get(k).copied().unwrap_or(0))
     }
 
-    /// Cores of node `k` with no vCPU on any PU, ascending core index.
+    /// Cores of node `k` with no vCPU on any PU: reserved ones first, then
+    /// ascending core index.
     fn free_cores(&self, ledger: &Ledger, k: usize) -> Vec<usize> {
         self.nodes.get(k).map_or_else(Vec::new, |n| {
-            n.cores
-                .iter()
-                .copied()
+            let mut order: Vec<usize> = n.cores.clone();
+            order.sort_by_key(|&c| (!self.reserved.get(c).copied().unwrap_or(false), c));
+            order
+                .into_iter()
                 .filter(|&c| {
                     !ledger.core_exclusive.get(c).copied().unwrap_or(true)
                         && self.cores.get(c).is_some_and(|core| {
@@ -901,7 +930,12 @@ impl Planner {
         let mut taken_pus = 0u64;
         let mut room = 0u64;
         for c in self.free_cores(ledger, k) {
-            let pus = self.cores.get(c).map_or(0, |core| core.pus.len() as u64);
+            // A reserved core is outside the shared pool already.
+            let pus = if self.reserved.get(c).copied().unwrap_or(false) {
+                0
+            } else {
+                self.cores.get(c).map_or(0, |core| core.pus.len() as u64)
+            };
             if self.vcpu_cap(shared.saturating_sub(taken_pus + pus)) < used {
                 break;
             }
@@ -927,6 +961,7 @@ impl Planner {
             let pus = node.map_or(0, |n| {
                 n.cores
                     .iter()
+                    .filter(|&&c| !self.reserved.get(c).copied().unwrap_or(false))
                     .filter_map(|&c| self.cores.get(c))
                     .map(|c| c.pus.len() as u64)
                     .sum()

@@ -5,6 +5,7 @@ use numa::{
     VmDemand,
 };
 use proptest::prelude::*;
+use std::collections::BTreeSet;
 
 const GIB: u64 = 1 << 30;
 const FIXTURE: &str = concat!(
@@ -105,6 +106,54 @@ fn plan_latency_sensitive_vm_gets_whole_cores_that_nobody_shares() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn plan_reserved_cores_stay_free_for_latency_sensitive_vms() {
+    let topo = HostTopology::from_synthetic("pack:1 numa:1(memory=16GiB) core:4 pu:2").unwrap();
+    let policy = PlacementPolicy {
+        cpu_overcommit_percent: 200,
+        reserved_cores_per_node: 1,
+        ..PlacementPolicy::default()
+    };
+    let planner = Planner::new(&topo, policy);
+    // Shared VMs fill the three unreserved cores (6 PUs x 200% = 12 vCPUs).
+    let placed = place_all(&planner, &[vm("a", 6, 1), vm("b", 6, 1)]);
+    for p in &placed {
+        assert!(
+            p.vcpu_pus
+                .iter()
+                .all(|&pu| topo.core_of_pu(pu).unwrap().index != 3),
+            "{p:?}"
+        );
+    }
+    let ledger = planner.ledger(&placed).unwrap();
+    assert!(matches!(
+        planner.plan(&ledger, &vm("c", 1, 1)),
+        Err(PlacementError::HostShort { .. })
+    ));
+    // The reserved core is still whole for a latency-sensitive VM.
+    let mut lat = vm("rt", 1, 1);
+    lat.latency_sensitive = true;
+    let p = planner.plan(&ledger, &lat).unwrap();
+    assert_eq!(p.exclusive_cores, vec![3]);
+    // Without the reservation the same sequence leaves no whole core.
+    let open = Planner::new(
+        &topo,
+        PlacementPolicy {
+            reserved_cores_per_node: 0,
+            ..policy
+        },
+    );
+    let placed = place_all(&open, &[vm("a", 6, 1), vm("b", 6, 1)]);
+    let ledger = open.ledger(&placed).unwrap();
+    assert!(matches!(
+        open.plan(&ledger, &lat),
+        Err(PlacementError::HostShort {
+            resource: Resource::WholeCores,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -263,20 +312,29 @@ fn topology_for(s: (u32, u32, u32, u32, u64)) -> HostTopology {
     .expect("valid synthetic description")
 }
 
+/// Cores held back for latency-sensitive VMs: each node's last `r` cores.
+fn reserved_cores(topo: &HostTopology, r: u32) -> BTreeSet<usize> {
+    topo.nodes
+        .iter()
+        .flat_map(|n| n.cores.iter().rev().take(r as usize).copied())
+        .collect()
+}
+
 /// Usage per node computed from placements alone, independently of the
 /// planner: (shared vCPUs, shared PUs, memory).
-fn usage(topo: &HostTopology, placements: &[Placement]) -> Vec<(u64, u64, u64)> {
-    let exclusive: std::collections::BTreeSet<usize> = placements
+fn usage(topo: &HostTopology, placements: &[Placement], reserved: u32) -> Vec<(u64, u64, u64)> {
+    let exclusive: BTreeSet<usize> = placements
         .iter()
         .flat_map(|p| p.exclusive_cores.iter().copied())
         .collect();
+    let held = reserved_cores(topo, reserved);
     topo.nodes
         .iter()
         .map(|node| {
             let shared_pus = node
                 .cores
                 .iter()
-                .filter(|c| !exclusive.contains(c))
+                .filter(|c| !exclusive.contains(c) && !held.contains(c))
                 .map(|&c| topo.cores[c].pus.len() as u64)
                 .sum();
             let shared_vcpus = placements
@@ -298,8 +356,9 @@ fn some_node_fits(
     placements: &[Placement],
     d: &VmDemand,
 ) -> bool {
-    let used = usage(topo, placements);
-    let busy_cores: std::collections::BTreeSet<usize> = placements
+    let used = usage(topo, placements, policy.reserved_cores_per_node);
+    let held = reserved_cores(topo, policy.reserved_cores_per_node);
+    let busy_cores: BTreeSet<usize> = placements
         .iter()
         .flat_map(|p| {
             p.vcpu_pus
@@ -317,18 +376,21 @@ fn some_node_fits(
             }
             let pct = u64::from(policy.cpu_overcommit_percent);
             if d.latency_sensitive {
-                let free: Vec<usize> = node
+                // Reserved cores first; taking one costs the shared pool nothing.
+                let mut free: Vec<usize> = node
                     .cores
                     .iter()
                     .copied()
                     .filter(|c| !busy_cores.contains(c))
                     .collect();
+                free.sort_by_key(|c| (!held.contains(c), *c));
                 if (free.len() as u64) < u64::from(d.vcpus) {
                     return false;
                 }
                 let taken: u64 = free
                     .iter()
                     .take(d.vcpus as usize)
+                    .filter(|c| !held.contains(c))
                     .map(|&c| topo.cores[c].pus.len() as u64)
                     .sum();
                 (shared_pus - taken) * pct / 100 >= vcpus
@@ -347,10 +409,17 @@ proptest! {
         pct in prop_oneof![Just(100u32), Just(150), Just(200)],
         mem_pct in 50u32..=100,
         spread in any::<bool>(),
+        reserved in 0u32..=2,
         demands in prop::collection::vec(demand(), 1..24),
     ) {
         let topo = topology_for(s);
-        let policy = PlacementPolicy { cpu_overcommit_percent: pct, memory_limit_percent: mem_pct, allow_spread: spread };
+        let policy = PlacementPolicy {
+            cpu_overcommit_percent: pct,
+            memory_limit_percent: mem_pct,
+            allow_spread: spread,
+            reserved_cores_per_node: reserved,
+        };
+        let held = reserved_cores(&topo, reserved);
         let planner = Planner::new(&topo, policy);
         let mut placements: Vec<Placement> = Vec::new();
         for (i, (vcpus, mib, lat)) in demands.into_iter().enumerate() {
@@ -372,9 +441,16 @@ proptest! {
                 Err(e) => prop_assert!(!fits_one, "rejected although one node fits: {}", e),
             }
             // Invariants over everything placed so far.
-            for (node, (vcpus, shared_pus, mem)) in topo.nodes.iter().zip(usage(&topo, &placements)) {
+            for (node, (vcpus, shared_pus, mem)) in topo.nodes.iter().zip(usage(&topo, &placements, reserved)) {
                 prop_assert!(vcpus * 100 <= shared_pus * u64::from(pct), "node {} vcpus {} > cap", node.id, vcpus);
                 prop_assert!(mem * 100 <= node.memory_bytes * u64::from(mem_pct), "node {} memory over limit", node.id);
+            }
+            // Shared vCPUs never sit on a reserved core.
+            for p in placements.iter().filter(|p| p.exclusive_cores.is_empty()) {
+                for &pu in &p.vcpu_pus {
+                    let core = topo.core_of_pu(pu).expect("pu").index;
+                    prop_assert!(!held.contains(&core), "{} uses reserved core {}", p.vm, core);
+                }
             }
             // Exclusive cores carry exactly one vCPU, on their first PU, of their owner.
             for p in &placements {
