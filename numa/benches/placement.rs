@@ -363,6 +363,13 @@ fn labvm_run(bin: &PathBuf, pin: Option<&[u32]>, all: &[u32]) -> Result<f64, Str
         })
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn pinning_effect() {
     let topo = HostTopology::live().expect("live topology");
     let pus = topo.pus();
@@ -391,6 +398,7 @@ fn pinning_effect() {
         pus.len()
     );
 
+    let load_before = loadavg();
     let mut threads: Vec<Vec<f64>> = vec![Vec::new(); Strategy::ALL.len()];
     let mut guests: Vec<Vec<f64>> = vec![Vec::new(); Strategy::ALL.len()];
     let mut labvm_error = None;
@@ -426,6 +434,10 @@ fn pinning_effect() {
         }
     }
 
+    println!(
+        "host load average (1 min, all processes, ours included) before / after the runs: {load_before} / {}\n",
+        loadavg()
+    );
     let table = |title: &str, rows: &mut [Vec<f64>]| {
         println!("{title}\n");
         println!("| strategy | median | min | max | vs unpinned |");

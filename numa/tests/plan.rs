@@ -489,3 +489,31 @@ proptest! {
         prop_assert_eq!(&first, &again.place(&placements, &d));
     }
 }
+
+#[test]
+fn capacity_reports_free_slots_cores_and_memory_per_node() {
+    let topo = HostTopology::from_synthetic("pack:1 numa:2(memory=4GiB) core:2 pu:2").unwrap();
+    let policy = PlacementPolicy {
+        memory_limit_percent: 50,
+        ..PlacementPolicy::default()
+    };
+    let planner = Planner::new(&topo, policy);
+    let empty = planner.capacity(&planner.empty_ledger());
+    assert_eq!(empty.len(), 2);
+    assert_eq!(
+        (
+            empty[0].free_vcpus,
+            empty[0].free_cores,
+            empty[0].free_memory_bytes
+        ),
+        (4, 2, 2 * GIB)
+    );
+    let placed = place_all(&planner, &[vm("a", 1, 1)]);
+    let node = placed[0].nodes[0];
+    let after = planner.capacity(&planner.ledger(&placed).unwrap());
+    let c = after.iter().find(|c| c.node == node).unwrap();
+    assert_eq!(
+        (c.free_vcpus, c.free_cores, c.free_memory_bytes),
+        (3, 1, GIB)
+    );
+}
