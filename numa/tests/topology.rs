@@ -137,3 +137,60 @@ fn parse_list(s: &str) -> Vec<u32> {
     }
     out
 }
+
+/// Every GPU (PCI class 0x03/0x12) and NIC (0x02) in sysfs, with its node
+/// (-1 when the platform reports none): (bus id, class, node).
+fn sysfs_pci() -> Vec<(String, u32, i64)> {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/pci/devices") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+        let Ok(class) = u32::from_str_radix(read("class").trim().trim_start_matches("0x"), 16)
+        else {
+            continue;
+        };
+        if matches!(class >> 16, 0x02 | 0x03 | 0x12) {
+            let node = read("numa_node").trim().parse().unwrap_or(-1);
+            out.push((
+                e.file_name().to_string_lossy().into_owned(),
+                class >> 16,
+                node,
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hw_numa_live_gpus_and_nics_match_sysfs_locality() {
+    let t = HostTopology::live().unwrap();
+    let all: Vec<u32> = t.nodes.iter().map(|n| n.id).collect();
+    let sysfs = sysfs_pci();
+    let mut ours: Vec<&str> = t.devices.iter().map(|d| d.pci_bus_id.as_str()).collect();
+    ours.sort_unstable();
+    let theirs: Vec<&str> = sysfs.iter().map(|(b, _, _)| b.as_str()).collect();
+    assert_eq!(ours, theirs, "hwloc and sysfs disagree on GPUs/NICs");
+    for (bus, class, node) in &sysfs {
+        let d = t.devices.iter().find(|d| &d.pci_bus_id == bus).unwrap();
+        let kind = if *class == 0x02 {
+            DeviceKind::Nic
+        } else {
+            DeviceKind::Gpu
+        };
+        assert_eq!(d.kind, kind, "{bus}");
+        match u32::try_from(*node) {
+            // hwloc attaches a device to the object covering its local CPUs,
+            // which may be a package spanning the sysfs node and others.
+            Ok(n) => assert!(d.nodes.contains(&n), "{bus}: {:?} lacks node {n}", d.nodes),
+            Err(_) => assert_eq!(d.nodes, all, "{bus}: no locality reported, so every node"),
+        }
+    }
+    if !sysfs.iter().any(|(_, class, _)| *class != 0x02) {
+        println!(
+            "SKIP hw_numa_live_gpus_and_nics_match_sysfs_locality (GPU part): no GPU on this host"
+        );
+    }
+}
