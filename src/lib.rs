@@ -7,12 +7,16 @@
 
 mod balloon_control;
 pub mod bench;
+mod config;
+mod metrics;
 mod server;
 mod store;
 mod trace_capture;
 mod working_set;
 
 pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
+pub use config::{Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
+pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
 pub use trace_capture::{Capture, CaptureError, Touch, capture};
