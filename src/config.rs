@@ -22,6 +22,9 @@
 //! mode = "concurrent"      # lazy | before | concurrent | full
 //! hugepages = false
 //! min_boots = 1
+//!
+//! [balloon]
+//! forecasts = "/etc/prescient/balloon-forecasts.json"   # optional (see BalloonForecasts)
 //! ```
 
 use std::net::SocketAddr;
@@ -78,6 +81,17 @@ pub struct Config {
     pub store: StoreConfig,
     /// Boot plans.
     pub plan: PlanConfig,
+    /// Balloon control.
+    pub balloon: BalloonSection,
+}
+
+/// `[balloon]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalloonSection {
+    /// Demand forecasts (JSON, `crate::BalloonForecasts`) that drive VM
+    /// balloons: pre-balloon at boot, then deflate ahead of growth.
+    pub forecasts: Option<PathBuf>,
 }
 
 /// `[daemon]`.
@@ -263,6 +277,13 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn balloon_section_names_the_forecasts_and_rejects_typos() {
+        let c = parse("[balloon]\nforecasts = \"/etc/f.json\"\n").unwrap();
+        assert_eq!(c.balloon.forecasts, Some(PathBuf::from("/etc/f.json")));
+        assert!(parse("[balloon]\nforecast = \"/etc/f.json\"\n").is_err());
     }
 
     #[test]

@@ -274,6 +274,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.metrics_listen.is_some() {
         c.daemon.metrics_listen = args.metrics_listen;
     }
+    if args.balloon_forecasts.is_some() {
+        c.balloon.forecasts = args.balloon_forecasts.clone();
+    }
     Ok(c)
 }
 
@@ -299,7 +302,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.event_log = c.daemon.event_log.clone();
     config.allowed_uids = c.daemon.allow_uids.clone();
     config.policy = c.store_policy();
-    if let Some(path) = &args.balloon_forecasts {
+    if let Some(path) = &c.balloon.forecasts {
         match prescient::BalloonControl::load(path) {
             Ok(c) => config.balloon = Some(std::sync::Arc::new(c)),
             Err(e) => {
