@@ -131,5 +131,11 @@ fn hw_kvm_balloon_inflate_256mib_drops_labvm_rss_and_deflate_brings_it_back() {
         deflated / MIB,
         inflated / MIB
     );
+    eprintln!(
+        "labvm RSS: {} MiB touched, {} MiB after inflating 256 MiB, {} MiB after deflating",
+        before / MIB,
+        inflated / MIB,
+        deflated / MIB
+    );
     vm.reply(HookReply::Ack);
 }
