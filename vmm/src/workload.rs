@@ -357,9 +357,14 @@ impl WorkloadPlan {
                 ..
             } => {
                 // The driver's area, then the page pool.
+                if keep_mib > touch_mib {
+                    return Err(VmmError::Config(format!(
+                        "balloon workload keeps {keep_mib} MiB but touches only {touch_mib} MiB"
+                    )));
+                }
                 let need = crate::layout::DRIVER_AREA + mib(*touch_mib);
-                if need > area || keep_mib > touch_mib {
-                    return Err(too_big(need.max(mib(*keep_mib))));
+                if need > area {
+                    return Err(too_big(need));
                 }
             }
             Workload::FaultInvalidOpcode | Workload::FaultPageFault | Workload::NeverReady => {}
