@@ -77,10 +77,11 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
     if !kvm_or_skip("hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth") {
         return;
     }
-    // 256 MiB guest; forecast: 64 MiB now, 160 MiB from 3 s on.
+    // 256 MiB guest; forecast: 64 MiB now, 160 MiB from 6 s on (late
+    // enough that a slow boot is still ready before the deflation).
     let server = Server::start(
         r#"{"vms": {"fc-1": {
-            "forecast": {"points": [{"at_s": 0, "demand_mib": 64}, {"at_s": 3, "demand_mib": 160}]},
+            "forecast": {"points": [{"at_s": 0, "demand_mib": 64}, {"at_s": 6, "demand_mib": 160}]},
             "limits": {"floor_mib": 32, "max_rate_mib_s": 512, "lead_s": 1, "headroom_mib": 16}}}}"#,
     );
     let mut config = LabVmConfig::new(
@@ -95,7 +96,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
             grow_mib: 0,
         },
     );
-    config.run_for = Some(Duration::from_secs(4));
+    config.run_for = Some(Duration::from_secs(7));
     config.balloon = Some(BalloonConfig {
         stats_interval: Duration::from_millis(200),
         ..BalloonConfig::default()
@@ -142,7 +143,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
         })
         .unwrap();
     assert!(rss_kib < 140 * 1024, "RSS at ready {rss_kib} KiB");
-    // Ahead of the growth at 3 s the companion deflated to 256 - 176 = 80.
+    // Ahead of the growth at 6 s the companion deflated to 256 - 176 = 80.
     let last = balloons.last().unwrap();
     assert_eq!((last.1, last.2), (80, 80), "{balloons:?}");
     // Never below the forecast's needs, never past the floor.
