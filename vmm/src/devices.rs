@@ -105,6 +105,18 @@ impl Devices {
         }
     }
 
+    /// Applies the device part of a boot plan before the vCPUs run: the
+    /// pre-balloon target. A VM without a balloon ignores it.
+    pub(crate) fn apply_plan(&self, plan: &vmm_hooks::BootPlan) {
+        let (Some(mib), Some(b)) = (plan.balloon_target_mib, &self.balloon) else {
+            return;
+        };
+        match b.set_target_mib(mib) {
+            Ok(()) => tracing::info!(target_mib = mib, "pre-balloon target from the boot plan"),
+            Err(e) => tracing::warn!("boot plan's balloon target refused: {e}"),
+        }
+    }
+
     /// Periodic device work, called by the controller about every 100 ms:
     /// asks for statistics every interval and watches the balloon target.
     pub(crate) fn tick(&self) {

@@ -79,9 +79,10 @@ impl<'a> HookReporter<'a> {
     }
 
     /// Reports the balloon to the companion every `every` (a `balloon`
-    /// event) and applies the target it answers with; applies a plan's
-    /// pre-balloon target before boot; reports a guest that ignores its
-    /// target (`balloon-unresponsive`, once per episode).
+    /// event) and applies the target it answers with; reports a guest that
+    /// ignores its target (`balloon-unresponsive`, once per episode). (A
+    /// boot plan's pre-balloon target is applied by the VM itself, whatever
+    /// the observer.)
     pub fn with_balloon(mut self, handle: BalloonHandle, every: Duration) -> Self {
         self.balloon = Some(BalloonPoll {
             handle,
@@ -213,12 +214,6 @@ impl RunObserver for HookReporter<'_> {
             .into_plan();
         if !plan.made_by.is_empty() {
             tracing::info!(made_by = plan.made_by, "boot plan received");
-        }
-        if let (Some(mib), Some(poll)) = (plan.balloon_target_mib, self.balloon.as_ref()) {
-            match poll.handle.set_target_mib(mib) {
-                Ok(()) => tracing::info!(target_mib = mib, "pre-balloon target from the boot plan"),
-                Err(e) => tracing::warn!("boot plan's balloon target refused: {e}"),
-            }
         }
         self.plan = Some(plan.clone());
         plan

@@ -361,6 +361,7 @@ impl LabVm {
         }
         let offered = observer.before_boot(self, &tids);
         let plan = self.config.plan.clone().unwrap_or(offered);
+        self.devices.apply_plan(&plan);
         let mut bootstrap = self.prepare_boot(&plan);
         if self.config.prewarm {
             // The instance is warm: the start request arrives now.
