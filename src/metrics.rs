@@ -36,6 +36,9 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Time to ready reported by VMMs, seconds.
     pub time_to_ready: Histogram,
+    /// Balloon targets set by the companion, by kind (`pre-balloon`,
+    /// `inflate`, `deflate`).
+    pub balloon_targets: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,6 +58,7 @@ impl Metrics {
         let store_errors = Counter::default();
         let connections = Gauge::default();
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let balloon_targets = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -82,6 +86,11 @@ impl Metrics {
             "Time to ready reported by VMMs",
             time_to_ready.clone(),
         );
+        registry.register(
+            "balloon_targets",
+            "Balloon targets set from forecasts, by kind",
+            balloon_targets.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -91,6 +100,7 @@ impl Metrics {
             store_errors,
             connections,
             time_to_ready,
+            balloon_targets,
         }
     }
 

@@ -435,6 +435,20 @@ fn record(
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
         None => reply,
     };
+    match (&event.kind, &reply) {
+        (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
+            Metrics::inc(&metrics.balloon_targets, "pre-balloon");
+        }
+        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib }) => {
+            let kind = if *target_mib > s.target_mib {
+                "inflate"
+            } else {
+                "deflate"
+            };
+            Metrics::inc(&metrics.balloon_targets, kind);
+        }
+        _ => {}
+    }
     if let Some(log) = st.log.as_mut() {
         let rec = EventRecord {
             received_unix_ms: unix_ms(),

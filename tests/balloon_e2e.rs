@@ -3,6 +3,8 @@
 //! deflation ahead of the forecast's growth.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +21,7 @@ struct Server {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    metrics_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +32,11 @@ impl Server {
         let log = dir.path().join("events.jsonl");
         let fc = dir.path().join("forecasts.json");
         std::fs::write(&fc, forecasts).unwrap();
+        let metrics_port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(env!("CARGO_BIN_EXE_prescient"))
             .args(["serve", "--socket"])
             .arg(&socket)
@@ -36,6 +44,8 @@ impl Server {
             .arg(&log)
             .arg("--balloon-forecasts")
             .arg(&fc)
+            .args(["--no-store", "--metrics-listen"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -52,8 +62,18 @@ impl Server {
             child,
             socket,
             log,
+            metrics_port,
             _dir: dir,
         }
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
     }
 
     fn events(&self) -> Vec<EventRecord> {
@@ -148,4 +168,18 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
     assert_eq!((last.1, last.2), (80, 80), "{balloons:?}");
     // Never below the forecast's needs, never past the floor.
     assert!(balloons.iter().all(|b| b.1 <= 256 - 32));
+    // The companion counted what it did.
+    let m = server.metrics();
+    assert!(
+        m.contains("prescient_balloon_targets_total{kind=\"pre-balloon\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("prescient_balloon_targets_total{kind=\"deflate\"}"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("prescient_balloon_targets_total{kind=\"inflate\"}"),
+        "{m}"
+    );
 }
