@@ -246,6 +246,13 @@ fn decide(
             .as_secs_f64(),
         guest_available_mib: available,
     })?;
+    // A guest that took pages back under memory pressure (DEFLATE_ON_OOM)
+    // needs them: never ask for more than it kept in the balloon.
+    let target = if status.deflated_on_oom {
+        target.min(status.actual_mib)
+    } else {
+        target
+    };
     Ok((target != status.target_mib).then_some(target))
 }
 
@@ -333,6 +340,22 @@ mod tests {
         // before the growth at 30 s: it starts at 19 s, not earlier.
         assert_eq!(first_deflate, Some(19));
         assert_eq!(target, 1024 - 800);
+    }
+
+    #[test]
+    fn guest_that_deflated_on_oom_is_not_asked_to_give_the_pages_back() {
+        let c = control();
+        let t0 = Instant::now();
+        let mut st = BalloonStatus::new(1024);
+        st.target_mib = 864;
+        st.actual_mib = 700;
+        st.deflated_on_oom = true;
+        let reply = c.answer(
+            &event(EventKind::Balloon(st)),
+            HookReply::Ack,
+            t0 + Duration::from_secs(1),
+        );
+        assert_eq!(reply, HookReply::BalloonTarget { target_mib: 700 });
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct BalloonReport {
     pub unresponsive: bool,
     /// How long the balloon has not come closer to its target, in ms.
     pub stalled_ms: u64,
+    /// Whether the guest is below its target because it deflated on OOM.
+    pub deflated_on_oom: bool,
 }
 
 #[derive(Debug)]
@@ -154,9 +156,10 @@ impl BalloonHandle {
     /// concluded.
     pub fn check(&self, now_ms: u64) -> Option<MonitorEvent> {
         let mut inner = self.lock();
-        let target = inner.transport.device().target_pages();
-        let actual = inner.transport.device().actual_pages();
-        inner.monitor.observe(now_ms, target, actual)
+        let d = inner.transport.device();
+        let (target, actual) = (d.target_pages(), d.actual_pages());
+        let oom = d.acked(crate::virtio::balloon::features::DEFLATE_ON_OOM);
+        inner.monitor.observe(now_ms, target, actual, oom)
     }
 
     /// What the balloon is doing now.
@@ -172,6 +175,7 @@ impl BalloonHandle {
             stats: d.stats().iter().map(|&(t, v)| (stat_name(t), v)).collect(),
             unresponsive: inner.monitor.unresponsive(),
             stalled_ms: inner.monitor.stalled_ms(),
+            deflated_on_oom: inner.monitor.deflated_on_oom(),
         }
     }
 }

@@ -15,6 +15,15 @@ pub enum MonitorEvent {
     },
     /// A guest reported unresponsive moved toward its target again (or reached it).
     Recovered,
+    /// A guest that negotiated `DEFLATE_ON_OOM` took pages back from the
+    /// balloon below an unchanged target (virtio 1.2, 5.5.6.1): allowed,
+    /// so not reported as ignoring the target while the target stays.
+    DeflatedOnOom {
+        /// Target, in pages.
+        target: u32,
+        /// What the guest reports now, in pages.
+        actual: u32,
+    },
 }
 
 /// Watches (target, actual) over time. A guest is unresponsive when its
@@ -28,6 +37,8 @@ pub struct TargetMonitor {
     best_gap: u32,
     reported: bool,
     stalled_ms: u64,
+    last_actual: Option<u32>,
+    oom_below: bool,
 }
 
 impl TargetMonitor {
@@ -40,6 +51,8 @@ impl TargetMonitor {
             best_gap: 0,
             reported: false,
             stalled_ms: 0,
+            last_actual: None,
+            oom_below: false,
         }
     }
 
@@ -54,8 +67,43 @@ impl TargetMonitor {
         self.stalled_ms
     }
 
-    /// Feeds one observation at `now_ms`.
-    pub fn observe(&mut self, now_ms: u64, target: u32, actual: u32) -> Option<MonitorEvent> {
+    /// Whether the guest is below its target because it deflated on OOM.
+    pub fn deflated_on_oom(&self) -> bool {
+        self.oom_below
+    }
+
+    /// Feeds one observation at `now_ms`; `deflate_on_oom` says whether the
+    /// guest negotiated `DEFLATE_ON_OOM`.
+    pub fn observe(
+        &mut self,
+        now_ms: u64,
+        target: u32,
+        actual: u32,
+        deflate_on_oom: bool,
+    ) -> Option<MonitorEvent> {
+        let last_actual = self.last_actual.replace(actual);
+        if self.last_target != Some(target) {
+            self.oom_below = false;
+        }
+        if deflate_on_oom
+            && self.last_target == Some(target)
+            && actual < target
+            && last_actual.is_some_and(|a| actual < a)
+        {
+            // The guest gave itself pages from the balloon.
+            self.oom_below = true;
+            self.reported = false;
+            self.stalled_ms = 0;
+            self.since_ms = now_ms;
+            self.best_gap = target - actual;
+            return Some(MonitorEvent::DeflatedOnOom { target, actual });
+        }
+        if self.oom_below && actual < target {
+            self.stalled_ms = 0;
+            self.since_ms = now_ms;
+            return None;
+        }
+        self.oom_below = false;
         let gap = target.abs_diff(actual);
         self.stalled_ms = 0;
         let recovered = |m: &mut Self| {
@@ -104,10 +152,10 @@ mod tests {
     #[test]
     fn guest_that_ignores_target_is_reported_once_after_grace() {
         let mut m = TargetMonitor::new(1000);
-        assert_eq!(m.observe(0, 100, 0), None);
-        assert_eq!(m.observe(999, 100, 0), None);
+        assert_eq!(m.observe(0, 100, 0, false), None);
+        assert_eq!(m.observe(999, 100, 0, false), None);
         assert_eq!(
-            m.observe(1000, 100, 0),
+            m.observe(1000, 100, 0, false),
             Some(MonitorEvent::Unresponsive {
                 target: 100,
                 actual: 0,
@@ -115,8 +163,11 @@ mod tests {
             })
         );
         assert!(m.unresponsive());
-        assert_eq!(m.observe(5000, 100, 0), None);
-        assert_eq!(m.observe(5001, 100, 10), Some(MonitorEvent::Recovered));
+        assert_eq!(m.observe(5000, 100, 0, false), None);
+        assert_eq!(
+            m.observe(5001, 100, 10, false),
+            Some(MonitorEvent::Recovered)
+        );
         assert!(!m.unresponsive());
     }
 
@@ -124,25 +175,61 @@ mod tests {
     fn guest_making_progress_is_never_reported() {
         let mut m = TargetMonitor::new(1000);
         for i in 0..100u32 {
-            assert_eq!(m.observe(u64::from(i) * 900, 100, i), None);
+            assert_eq!(m.observe(u64::from(i) * 900, 100, i, false), None);
         }
-        assert_eq!(m.observe(1_000_000, 100, 100), None);
+        assert_eq!(m.observe(1_000_000, 100, 100, false), None);
+    }
+
+    #[test]
+    fn deflate_on_oom_below_an_unchanged_target_is_not_ignoring_it() {
+        let mut m = TargetMonitor::new(1000);
+        assert_eq!(m.observe(0, 100, 100, true), None);
+        assert_eq!(
+            m.observe(10, 100, 60, true),
+            Some(MonitorEvent::DeflatedOnOom {
+                target: 100,
+                actual: 60
+            })
+        );
+        assert_eq!(m.observe(5000, 100, 60, true), None);
+        assert!(m.deflated_on_oom() && !m.unresponsive());
+        // Without the feature the same numbers are a guest ignoring its target.
+        let mut m = TargetMonitor::new(1000);
+        m.observe(0, 100, 100, false);
+        m.observe(10, 100, 60, false);
+        assert!(matches!(
+            m.observe(5000, 100, 60, false),
+            Some(MonitorEvent::Unresponsive { .. })
+        ));
+        // A new target ends the allowance: a guest that then stays put is reported.
+        let mut m = TargetMonitor::new(1000);
+        m.observe(0, 100, 100, true);
+        m.observe(10, 100, 60, true);
+        assert_eq!(m.observe(20, 120, 60, true), None);
+        assert!(!m.deflated_on_oom());
+        assert!(matches!(
+            m.observe(1100, 120, 60, true),
+            Some(MonitorEvent::Unresponsive { .. })
+        ));
     }
 
     #[test]
     fn new_target_restarts_the_clock() {
         let mut m = TargetMonitor::new(1000);
-        m.observe(0, 100, 0);
-        assert_eq!(m.observe(900, 50, 0), None);
-        assert_eq!(m.observe(1800, 50, 0), None);
+        m.observe(0, 100, 0, false);
+        assert_eq!(m.observe(900, 50, 0, false), None);
+        assert_eq!(m.observe(1800, 50, 0, false), None);
         assert!(matches!(
-            m.observe(1900, 50, 0),
+            m.observe(1900, 50, 0, false),
             Some(MonitorEvent::Unresponsive {
                 stalled_ms: 1000,
                 ..
             })
         ));
         // Reaching the target ends the episode.
-        assert_eq!(m.observe(2000, 50, 50), Some(MonitorEvent::Recovered));
+        assert_eq!(
+            m.observe(2000, 50, 50, false),
+            Some(MonitorEvent::Recovered)
+        );
     }
 }

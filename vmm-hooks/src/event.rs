@@ -504,6 +504,10 @@ pub struct BalloonStatus {
     pub stats_updates: u64,
     /// Whether the guest currently ignores its target (see `BalloonUnresponsive`).
     pub unresponsive: bool,
+    /// Whether the guest is below its target because it took pages back
+    /// under memory pressure (`DEFLATE_ON_OOM`, allowed by the spec).
+    #[serde(default)]
+    pub deflated_on_oom: bool,
 }
 
 impl BalloonStatus {

@@ -149,6 +149,11 @@ impl Devices {
                 stalled_ms,
                 "the guest is not moving its balloon toward the target"
             ),
+            Some(MonitorEvent::DeflatedOnOom { target, actual }) => tracing::info!(
+                target_pages = target,
+                actual_pages = actual,
+                "the guest deflated its balloon below the target on memory pressure (DEFLATE_ON_OOM)"
+            ),
             Some(MonitorEvent::Recovered) => {
                 tracing::info!("the guest moves its balloon toward the target again");
             }

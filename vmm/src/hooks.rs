@@ -106,6 +106,7 @@ impl<'a> HookReporter<'a> {
         s.stats_updates = r.counters.stats_updates;
         s.guest_stats = r.stats;
         s.unresponsive = r.unresponsive;
+        s.deflated_on_oom = r.deflated_on_oom;
         s
     }
 

@@ -423,6 +423,7 @@ fn hw_kvm_balloon_deflate_on_oom_guest_takes_balloon_pages_under_pressure() {
         96,
     );
     let stamp = vm.config().stamp;
+    let mut seen = None;
     let handle = run_script(&mut vm, |h| {
         let r = h.report();
         let free = r
@@ -430,10 +431,20 @@ fn hw_kvm_balloon_deflate_on_oom_guest_takes_balloon_pages_under_pressure() {
             .iter()
             .find(|(n, _)| n == "free-memory")
             .map(|&(_, v)| v);
-        r.actual_pages == 44 * PAGES_PER_MIB && free == Some(0)
+        if r.actual_pages == 44 * PAGES_PER_MIB && free == Some(0) && seen.is_none() {
+            seen = Some(r.counters.stats_updates);
+        }
+        // Run on for 10 more statistics requests (100 ms apart: past the
+        // 500 ms grace period) before looking at the monitor.
+        seen.is_some_and(|s| r.counters.stats_updates >= s + 10)
     });
     let r = handle.report();
     assert_eq!(r.target_pages, 96 * PAGES_PER_MIB, "the target stays");
+    assert!(r.deflated_on_oom, "{r:?}");
+    assert!(
+        !r.unresponsive,
+        "a DEFLATE_ON_OOM guest below its target is not ignoring it"
+    );
     assert_eq!(r.counters.deflated_pages, 52 * MIB / BALLOON_PAGE);
     // The grown working set, [20, 84) MiB, holds the guest's stamps.
     let mem = handle.memory();
