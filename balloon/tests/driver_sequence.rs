@@ -294,3 +294,27 @@ fn rule_breaking_drivers_are_refused_or_reset() {
     assert!(d.h.set_target_mib(17).is_err());
     assert_eq!(d.h.target_mib(), 0);
 }
+
+#[test]
+fn chains_past_the_pfn_limit_are_skipped_whole() {
+    let mut d = Driver::new();
+    assert!(d.negotiate(all_features()));
+    for q in 0..4 {
+        d.setup_queue(q, 16);
+    }
+    d.driver_ok();
+    let limit = balloon::MAX_PFNS_PER_CHAIN as u64;
+    // One PFN over the limit (all of them valid pages): skipped, nothing discarded.
+    let len = d.pfns(0x20_0000, (0..=limit).map(|i| (i % 512) * PAGE + 8 * MIB));
+    d.submit(0, 0, 0x20_0000, len, false);
+    assert_eq!(d.used_idx(0), 1);
+    let c = d.h.report().counters;
+    assert_eq!((c.skipped_chains, c.inflated_pages), (1, 0));
+    // At the limit: accepted.
+    d.submit(0, 1, 0x20_0000, len - 4, false);
+    assert_eq!(
+        d.h.report().counters.inflated_pages,
+        512,
+        "duplicates merged"
+    );
+}

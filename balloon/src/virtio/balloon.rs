@@ -40,8 +40,10 @@ pub mod features {
 pub const BALLOON_PAGE: u64 = 4096;
 /// Largest queue size the device offers.
 pub const QUEUE_MAX: u16 = 256;
-/// Most PFNs accepted in one inflate or deflate chain (1 MiB of PFNs).
-pub const MAX_PFNS_PER_CHAIN: usize = 1 << 18;
+/// Most PFNs accepted in one inflate or deflate chain (256 KiB of PFNs,
+/// 256 MiB of guest memory; Linux sends 256 per chain). With at most 256
+/// chains per notification this bounds the work one notification costs.
+pub const MAX_PFNS_PER_CHAIN: usize = 1 << 16;
 /// Bytes of one statistics entry (`le16 tag; le64 val`, packed).
 pub const STAT_ENTRY: usize = 10;
 /// Most statistics entries accepted in one buffer.
