@@ -1,0 +1,220 @@
+//! The learned forecaster: features -> network -> calibrated quantiles, and
+//! its model file format.
+//!
+//! # Model file format (version 1)
+//!
+//! ```text
+//! offset  size  content
+//! 0       8     magic "PRSCQNT\0"
+//! 8       4     format version, u32 little endian
+//! 12      8     metadata length L, u64 little endian
+//! 20      L     metadata, JSON (ModelMeta: feature spec, net shape,
+//!               calibration, split, payload checksum)
+//! 20+L    ...   weights, burnpack (burn's record format)
+//! ```
+//!
+//! A file with another magic or format version, a different feature spec,
+//! or a payload whose FNV-1a checksum does not match is rejected with
+//! [`ModelsError::ModelFile`].
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelsError, Result};
+use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, from_z};
+use crate::forecast::{Forecaster, History, Horizon, Quantiles};
+use crate::nn::{NetSpec, QuantileMlp, tensor2};
+use crate::task::GAP_SLOTS;
+use crate::trace::{SplitSpec, fnv1a};
+
+const MAGIC: &[u8; 8] = b"PRSCQNT\0";
+/// Model file format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Metadata stored in a model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    /// Feature definition version.
+    pub feature_version: u32,
+    /// Feature names, in input order.
+    pub feature_names: Vec<String>,
+    /// Network shape.
+    pub net: NetSpec,
+    /// Per level multiplicative calibration factors (learned on the
+    /// calibration split of the training files).
+    pub calibration: [f64; 3],
+    /// The same for forecasts made across a gap (post-restart).
+    pub calibration_restart: [f64; 3],
+    /// The split used in training.
+    pub split: SplitSpec,
+    /// Dataset names (file names without extension) trained on.
+    pub trained_on: Vec<String>,
+    /// FNV-1a 64 of the weights payload.
+    pub payload_fnv1a: u64,
+}
+
+/// The learned quantile forecaster.
+#[derive(Debug)]
+pub struct LearnedForecaster {
+    net: QuantileMlp,
+    device: Device,
+    /// Metadata (calibration, split, provenance).
+    pub meta: ModelMeta,
+}
+
+impl LearnedForecaster {
+    pub(crate) fn from_parts(net: QuantileMlp, device: Device, meta: ModelMeta) -> Self {
+        LearnedForecaster { net, device, meta }
+    }
+
+    /// Raw (uncalibrated) quantiles for feature rows, with scales.
+    pub(crate) fn predict_raw(&self, x: Vec<f32>, scales: &[f64]) -> Vec<Quantiles> {
+        let rows = scales.len();
+        if rows == 0 {
+            return Vec::new();
+        }
+        let out = self.net.forward(tensor2(x, rows, N_FEATURES, &self.device));
+        let v: Vec<f32> = out.into_data().try_into_vec().unwrap_or_default();
+        v.chunks(3)
+            .zip(scales)
+            .map(|(z, &s)| {
+                Quantiles([
+                    from_z(f64::from(z[0]), s),
+                    from_z(f64::from(z[1]), s),
+                    from_z(f64::from(z[2]), s),
+                ])
+            })
+            .collect()
+    }
+
+    fn calibrate(&self, q: Quantiles, restart: bool) -> Quantiles {
+        let c = if restart {
+            self.meta.calibration_restart
+        } else {
+            self.meta.calibration
+        };
+        Quantiles([q.0[0] * c[0], q.0[1] * c[1], q.0[2] * c[2]]).sanitized()
+    }
+
+    /// Save to `path` (see the module docs for the format).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let payload = self
+            .net
+            .clone()
+            .into_record()
+            .into_bytes()
+            .map_err(|e| ModelsError::Weights(format!("{e:?}")))?;
+        let payload: &[u8] = &payload;
+        let mut meta = self.meta.clone();
+        meta.payload_fnv1a = fnv1a(payload, 0);
+        let meta_json = serde_json::to_vec(&meta)?;
+        let mut out = Vec::with_capacity(20 + meta_json.len() + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(meta_json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&meta_json);
+        out.extend_from_slice(payload);
+        std::fs::write(path, out).map_err(|e| ModelsError::io(path, e))
+    }
+
+    /// Load from `path` onto the CPU (flex) device.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| ModelsError::io(path, e))?;
+        Self::from_bytes(&bytes, path, Device::flex())
+    }
+
+    /// Decode a model file's bytes; `path` is used in messages only.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: Device) -> Result<Self> {
+        let bad = |reason: String| ModelsError::ModelFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if bytes.len() < 20 || &bytes[..8] != MAGIC {
+            return Err(bad(
+                "no Prescient model header (wrong magic); was it written by `prescient train`?"
+                    .into(),
+            ));
+        }
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&bytes[8..12]);
+        let version = u32::from_le_bytes(v4);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION}; retrain with this build's `prescient train`"
+            )));
+        }
+        let mut v8 = [0u8; 8];
+        v8.copy_from_slice(&bytes[12..20]);
+        let meta_len = usize::try_from(u64::from_le_bytes(v8))
+            .map_err(|_| bad("metadata length out of range".into()))?;
+        let meta_end = 20usize
+            .checked_add(meta_len)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| bad("truncated metadata".into()))?;
+        let meta: ModelMeta = serde_json::from_slice(&bytes[20..meta_end])
+            .map_err(|e| bad(format!("metadata is not valid: {e}")))?;
+        if meta.feature_version != FEATURE_VERSION || meta.feature_names != feature_names() {
+            return Err(bad(format!(
+                "feature spec version {} with {} features does not match this build's version {FEATURE_VERSION} with {N_FEATURES}",
+                meta.feature_version,
+                meta.feature_names.len()
+            )));
+        }
+        if meta.net.inputs != N_FEATURES || meta.net.hidden == 0 || meta.net.hidden > 4096 {
+            return Err(bad(format!("network shape {:?} is not usable", meta.net)));
+        }
+        let payload = &bytes[meta_end..];
+        let sum = fnv1a(payload, 0);
+        if sum != meta.payload_fnv1a {
+            return Err(bad(format!(
+                "weights checksum {sum:016x} does not match the header's {:016x}: the file is corrupted",
+                meta.payload_fnv1a
+            )));
+        }
+        let record =
+            ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(payload.to_vec()))
+                .map_err(|e| bad(format!("weights are not a burnpack record: {e:?}")))?;
+        let net = QuantileMlp::new(meta.net, &device)
+            .try_load_record(record)
+            .map_err(|e| bad(format!("weights do not fit the network: {e:?}")))?;
+        Ok(LearnedForecaster { net, device, meta })
+    }
+}
+
+impl Forecaster for LearnedForecaster {
+    fn name(&self) -> &str {
+        "model"
+    }
+
+    fn forecast(&self, h: &History<'_>, horizon: Horizon) -> Quantiles {
+        self.forecast_batch(std::slice::from_ref(h), horizon)
+            .pop()
+            .unwrap_or(Quantiles([0.0; 3]))
+    }
+
+    /// The model is trained for the next hour (and, with cut histories, for
+    /// the hour after a restart); a next-interval forecast is the same
+    /// distribution, which is conservative for one slot.
+    fn forecast_batch(&self, hs: &[History<'_>], _horizon: Horizon) -> Vec<Quantiles> {
+        let mut out = Vec::with_capacity(hs.len());
+        for chunk in hs.chunks(4096) {
+            let mut x = vec![0.0f32; chunk.len() * N_FEATURES];
+            let scales: Vec<f64> = chunk
+                .iter()
+                .zip(x.chunks_mut(N_FEATURES))
+                .map(|(h, row)| features(h, row))
+                .collect();
+            out.extend(
+                self.predict_raw(x, &scales)
+                    .into_iter()
+                    .zip(chunk)
+                    .map(|(q, h)| self.calibrate(q, h.decision_slot - h.last_slot() >= GAP_SLOTS)),
+            );
+        }
+        out
+    }
+}
