@@ -67,6 +67,30 @@ pub struct LearnedForecaster {
 }
 
 impl LearnedForecaster {
+    /// An untrained network (random weights, no calibration): for
+    /// benchmarks and tests of the plumbing, not for forecasts.
+    pub fn untrained(hidden: usize) -> Self {
+        let device = Device::flex();
+        let net_spec = NetSpec {
+            inputs: N_FEATURES,
+            hidden,
+        };
+        LearnedForecaster {
+            net: QuantileMlp::new(net_spec, &device),
+            device,
+            meta: ModelMeta {
+                feature_version: FEATURE_VERSION,
+                feature_names: feature_names(),
+                net: net_spec,
+                calibration: [1.0; 3],
+                calibration_restart: [1.0; 3],
+                split: SplitSpec::default(),
+                trained_on: Vec::new(),
+                payload_fnv1a: 0,
+            },
+        }
+    }
+
     pub(crate) fn from_parts(net: QuantileMlp, device: Device, meta: ModelMeta) -> Self {
         LearnedForecaster { net, device, meta }
     }
