@@ -78,6 +78,13 @@ fn scale_of_values(day: &[f64]) -> f64 {
     mean.max(1e-3 * max).max(1e-6)
 }
 
+/// Network inputs and targets are f32; features are computed in f64 and
+/// narrowed here on purpose (they are O(1) after the `z` transform).
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) fn narrow(x: f64) -> f32 {
+    x as f32
+}
+
 /// `ln(1 + max(x, 0) / s)`.
 pub fn to_z(x: f64, s: f64) -> f64 {
     (x.max(0.0) / s).ln_1p()
@@ -95,7 +102,7 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
     let vals = h.values;
     let day = h.last_present(SLOTS_PER_DAY);
     let s = scale_of_values(&day);
-    let g = |x: f64| to_z(x, s) as f32;
+    let g = |x: f64| narrow(to_z(x, s));
     let mut o = 0usize;
     let mut put = |v: f32, o: &mut usize| {
         out[*o] = if v.is_finite() { v } else { 0.0 };
@@ -176,12 +183,10 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
             let Ok(i) = usize::try_from(slot - h.first_slot) else {
                 continue;
             };
-            if let Some(&x) = vals.get(i) {
-                if !x.is_nan() {
-                    sum += x;
-                    c += 1;
-                    mx = mx.max(x);
-                }
+            if let Some(&x) = vals.get(i).filter(|x| !x.is_nan()) {
+                sum += x;
+                c += 1;
+                mx = mx.max(x);
             }
         }
         if c > 0 {
@@ -222,33 +227,33 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
     let tail = &vals[n.saturating_sub(SLOTS_PER_DAY)..];
     let (m, v) = ewma_mean_var(tail).unwrap_or((0.0, 0.0));
     put(g(m), &mut o);
-    put((v.sqrt() / s).ln_1p() as f32, &mut o);
+    put(narrow((v.sqrt() / s).ln_1p()), &mut o);
     let zeros = day.iter().filter(|&&x| x <= 0.0).count() as f64;
-    put((zeros / day.len().max(1) as f64) as f32, &mut o);
+    put(narrow(zeros / day.len().max(1) as f64), &mut o);
     let var = if day.is_empty() {
         0.0
     } else {
         day.iter().map(|x| (x - day_mean).powi(2)).sum::<f64>() / day.len() as f64
     };
-    put((var.sqrt() / s).ln_1p() as f32, &mut o);
+    put(narrow((var.sqrt() / s).ln_1p()), &mut o);
 
     // Time of day of the decision (meaningful where ts is absolute).
     let tod = (h.decision_slot * STEP_S).rem_euclid(86_400) as f64 / 86_400.0;
-    put((tod * std::f64::consts::TAU).sin() as f32, &mut o);
-    put((tod * std::f64::consts::TAU).cos() as f32, &mut o);
+    put(narrow((tod * std::f64::consts::TAU).sin()), &mut o);
+    put(narrow((tod * std::f64::consts::TAU).cos()), &mut o);
 
     // Gap between the last visible slot and the decision.
     let gap_slots = (h.decision_slot - h.last_slot()).max(0) as f64;
-    put((gap_slots / SLOTS_PER_HOUR as f64).ln_1p() as f32, &mut o);
+    put(narrow((gap_slots / SLOTS_PER_HOUR as f64).ln_1p()), &mut o);
     put(if gap_slots >= 6.0 { 1.0 } else { 0.0 }, &mut o);
     let present = vals.iter().filter(|x| !x.is_nan()).count() as f64;
-    put((present / SLOTS_PER_DAY as f64).ln_1p() as f32, &mut o);
+    put(narrow((present / SLOTS_PER_DAY as f64).ln_1p()), &mut o);
 
     // Static features.
     match h.statics.vcpus {
         Some(c) => {
             put(1.0, &mut o);
-            put(c.max(0.0).ln_1p() as f32, &mut o);
+            put(narrow(c.max(0.0).ln_1p()), &mut o);
         }
         None => {
             put(0.0, &mut o);
@@ -258,7 +263,7 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
     match h.statics.mem_cap_kb {
         Some(c) => {
             put(1.0, &mut o);
-            put((c.max(0.0) / 1_048_576.0).ln_1p() as f32, &mut o);
+            put(narrow((c.max(0.0) / 1_048_576.0).ln_1p()), &mut o);
         }
         None => {
             put(0.0, &mut o);
@@ -277,7 +282,7 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
     } else {
         0.0
     };
-    put(ac as f32, &mut o);
+    put(narrow(ac), &mut o);
     debug_assert_eq!(o, N_FEATURES);
     s
 }

@@ -108,8 +108,11 @@ pub trait Forecaster: Send + Sync {
 pub fn empirical_quantile(sorted: &[f64], p: f64) -> f64 {
     let n = sorted.len();
     // smallest k (1-based) with k/n >= p; the epsilon absorbs p*n rounding.
-    let k = ((p * n as f64) - 1e-9).ceil().max(1.0) as usize;
-    sorted[k.min(n) - 1]
+    let k = ((p * n as f64) - 1e-9).ceil().clamp(1.0, n as f64);
+    // k is an integer in [1, n] here, so the cast is exact.
+    #[allow(clippy::cast_possible_truncation)]
+    let k = k as usize;
+    sorted[k - 1]
 }
 
 fn window_quantiles(mut v: Vec<f64>) -> Quantiles {
@@ -228,6 +231,8 @@ pub fn vpa_bucket(v: f64) -> usize {
         return 0;
     }
     let i = ((1.0 + v * (VPA_RATIO - 1.0) / VPA_FIRST_BUCKET).ln() / VPA_RATIO.ln()).floor();
+    // Finite and >= 0 here (v >= 0.1), so the cast is exact.
+    #[allow(clippy::cast_possible_truncation)]
     let mut i = i as usize;
     // Guard the floating-point boundary: v must be >= start(i), < end(i).
     while i > 0 && v < vpa_bucket_end(i - 1) {
@@ -241,7 +246,7 @@ pub fn vpa_bucket(v: f64) -> usize {
 
 /// End (exclusive upper bound) of VPA bucket `i`.
 pub fn vpa_bucket_end(i: usize) -> f64 {
-    VPA_FIRST_BUCKET * (VPA_RATIO.powi(i as i32 + 1) - 1.0) / (VPA_RATIO - 1.0)
+    VPA_FIRST_BUCKET * (VPA_RATIO.powf(i as f64 + 1.0) - 1.0) / (VPA_RATIO - 1.0)
 }
 
 impl Forecaster for Vpa {

@@ -81,10 +81,11 @@ impl ForecasterSelector {
         let stats = self.classes.get(class);
         let mut best: Option<(&String, f64)> = None;
         for b in &self.baselines {
-            if let Some(l) = stats.and_then(|s| s.get(b)).filter(|l| l.n > 0) {
-                if best.is_none_or(|(_, m)| l.mean < m) {
-                    best = Some((b, l.mean));
-                }
+            if let Some(l) = stats
+                .and_then(|s| s.get(b))
+                .filter(|l| l.n > 0 && best.is_none_or(|(_, m)| l.mean < m))
+            {
+                best = Some((b, l.mean));
             }
         }
         match best {

@@ -75,7 +75,7 @@ pub fn next_hour_cases(grid: &Grid) -> Vec<Case> {
         return out;
     };
     let last = present(grid).last().map_or(first, |p| p.1);
-    let one_day = (last - first) as usize <= SLOTS_PER_DAY;
+    let one_day = last - first <= SLOTS_PER_DAY as i64;
     let need = if one_day {
         6 * SLOTS_PER_HOUR as i64
     } else {
@@ -112,23 +112,21 @@ pub fn post_restart_cases(grid: &Grid) -> Vec<Case> {
     let mut out = Vec::new();
     let mut prev: Option<(usize, i64)> = None;
     for (i, slot) in present(grid) {
-        if let Some((pi, ps)) = prev {
-            if slot - ps >= GAP_SLOTS {
-                let t = slot.div_euclid(HOUR_SLOTS) * HOUR_SLOTS
-                    + if slot.rem_euclid(HOUR_SLOTS) == 0 {
-                        0
-                    } else {
-                        HOUR_SLOTS
-                    };
-                let tg = targets(grid, t);
-                if tg.len() >= MIN_TARGETS {
-                    out.push(Case {
-                        task: Task::PostRestart,
-                        decision_slot: t,
-                        visible_len: pi + 1,
-                        targets: tg,
-                    });
-                }
+        if let Some((pi, _)) = prev.filter(|&(_, ps)| slot - ps >= GAP_SLOTS) {
+            let t = slot.div_euclid(HOUR_SLOTS) * HOUR_SLOTS
+                + if slot.rem_euclid(HOUR_SLOTS) == 0 {
+                    0
+                } else {
+                    HOUR_SLOTS
+                };
+            let tg = targets(grid, t);
+            if tg.len() >= MIN_TARGETS {
+                out.push(Case {
+                    task: Task::PostRestart,
+                    decision_slot: t,
+                    visible_len: pi + 1,
+                    targets: tg,
+                });
             }
         }
         prev = Some((i, slot));

@@ -168,10 +168,11 @@ pub struct Dataset {
 /// The split key of a series id: PlanetLab ids `planetlab/<day>/<name>` split
 /// by `<name>` (the same VM appears on several days); others by the id.
 pub fn split_key(id: &str) -> String {
-    if let Some(rest) = id.strip_prefix("planetlab/") {
-        if let Some((_day, name)) = rest.split_once('/') {
-            return format!("planetlab/{name}");
-        }
+    if let Some((_day, name)) = id
+        .strip_prefix("planetlab/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        return format!("planetlab/{name}");
     }
     id.to_string()
 }
@@ -284,8 +285,18 @@ pub fn read_trace(mut reader: impl BufRead, path: &Path) -> Result<Dataset> {
         if measured[1].is_some_and(|v| v > 100.0) {
             measured[1] = None;
         }
+        if ts.abs() > 1e15 {
+            return Err(ModelsError::TraceFormat {
+                path: path.to_path_buf(),
+                line: lineno,
+                reason: format!("ts {ts} out of range"),
+            });
+        }
+        // |ts| <= 1e15 was checked, so the cast is exact after rounding.
+        #[allow(clippy::cast_possible_truncation)]
+        let ts = ts.round() as i64;
         let row = Row {
-            ts: ts.round() as i64,
+            ts,
             measured,
             vcpus: parse_num(cells[7], path, lineno, "vcpus")?,
             mem_cap_kb: parse_num(cells[8], path, lineno, "mem_cap_kb")?,

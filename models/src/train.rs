@@ -8,7 +8,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelsError, Result};
-use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, to_z};
+use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, narrow, to_z};
 use crate::forecast::{History, LEVELS, Quantiles};
 use crate::metrics::equal_coverage_factor;
 use crate::model::{LearnedForecaster, ModelMeta};
@@ -98,7 +98,8 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next_u64() % n as u64) as usize
+            // The remainder is below n, which is a usize.
+            usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
         }
     }
     pub(crate) fn unit(&mut self) -> f64 {
@@ -156,7 +157,7 @@ fn build(specs: &[Spec<'_>]) -> Examples {
     for (i, sp) in specs.iter().enumerate() {
         let s = ex.scale[i];
         for (j, &t) in sp.targets.iter().take(SLOTS_PER_HOUR).enumerate() {
-            ex.y[i * SLOTS_PER_HOUR + j] = to_z(t, s) as f32;
+            ex.y[i * SLOTS_PER_HOUR + j] = narrow(to_z(t, s));
             ex.mask[i * SLOTS_PER_HOUR + j] = 1.0;
         }
         ex.raw_targets.push(sp.targets.clone());
@@ -317,7 +318,7 @@ pub fn train(
         let mean_s = ex.scale.iter().sum::<f64>() / ex.len().max(1) as f64;
         let mut ex = ex;
         for (w, s) in ex.w.iter_mut().zip(&ex.scale) {
-            *w = (s / mean_s.max(1e-12)).clamp(0.02, 50.0) as f32;
+            *w = narrow((s / mean_s.max(1e-12)).clamp(0.02, 50.0));
         }
         append(&mut train_ex, ex);
         train_specs_all.extend(tr);
@@ -508,19 +509,19 @@ fn calibration_factors(model: &LearnedForecaster, ex: &Examples) -> ([f64; 3], [
         for (k, &p) in LEVELS.iter().enumerate() {
             let mut ys = Vec::new();
             let mut qs = Vec::new();
-            for i in 0..n {
-                if ex.restart[i] != restart {
-                    continue;
-                }
-                for &y in &ex.raw_targets[i] {
+            for ((q, targets), _) in raw
+                .iter()
+                .zip(&ex.raw_targets)
+                .zip(&ex.restart)
+                .filter(|(_, r)| **r == restart)
+            {
+                for &y in targets {
                     ys.push(y);
-                    qs.push(raw[i].0[k]);
+                    qs.push(q.0[k]);
                 }
             }
-            if let Some(c) = equal_coverage_factor(&ys, qs.into_iter(), p) {
-                if c > 0.0 {
-                    out[k] = c;
-                }
+            if let Some(c) = equal_coverage_factor(&ys, qs.into_iter(), p).filter(|&c| c > 0.0) {
+                out[k] = c;
             }
         }
         out

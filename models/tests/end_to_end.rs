@@ -74,8 +74,8 @@ fn train_save_load_eval_on_real_trace_slice() {
 
 fn saved_model(dir: &Path) -> (PathBuf, Vec<u8>) {
     let p = dir.join("m.bin");
-    LearnedForecaster::untrained(8).save(&p).unwrap();
-    let bytes = std::fs::read(&p).unwrap();
+    LearnedForecaster::untrained(8).save(&p).expect("save");
+    let bytes = std::fs::read(&p).expect("read back");
     (p, bytes)
 }
 
