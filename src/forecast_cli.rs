@@ -26,17 +26,24 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     /// Hidden layer width.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub hidden: usize,
     /// Stop optimising after this many seconds.
     #[arg(long, default_value_t = 360.0)]
     pub max_seconds: f64,
     /// At most this many training examples per file.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 200_000)]
     pub max_examples: usize,
     /// Random seed.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Training decisions every this many 5-minute slots.
+    #[arg(long, default_value_t = 3)]
+    pub stride: i64,
+    /// How much (relative) calibration pinball loss may be given up for
+    /// less slack when choosing the per-level shrink exponent.
+    #[arg(long, default_value_t = 0.01)]
+    pub shrink_tolerance: f64,
     /// Skip the held-out evaluation after training.
     #[arg(long)]
     pub no_eval: bool,
@@ -65,6 +72,9 @@ pub(crate) struct EvalArgs {
     /// Series per file in the plot.
     #[arg(long, default_value_t = 2)]
     pub plot_series: usize,
+    /// Step of the model's per-series online calibration (0 = off).
+    #[arg(long, default_value_t = models::ONLINE_GAMMA)]
+    pub online_gamma: f64,
 }
 
 fn progress(line: &str) {
@@ -145,6 +155,8 @@ pub(crate) fn run_train(args: TrainArgs) -> Result<(), ModelsError> {
         max_seconds: args.max_seconds,
         max_examples_per_dataset: args.max_examples,
         seed: args.seed,
+        shrink_pinball_tolerance: args.shrink_tolerance,
+        stride_slots: args.stride,
         ..TrainConfig::default()
     };
     let t = Instant::now();
@@ -177,7 +189,11 @@ pub(crate) fn run_train(args: TrainArgs) -> Result<(), ModelsError> {
 /// `prescient eval`.
 pub(crate) fn run_eval(args: EvalArgs) -> Result<(), ModelsError> {
     let model = match &args.model {
-        Some(p) => Some(LearnedForecaster::load(p)?),
+        Some(p) => {
+            let mut m = LearnedForecaster::load(p)?;
+            m.online_gamma = args.online_gamma;
+            Some(m)
+        }
         None => None,
     };
     let datasets = load_all(&args.files)?;

@@ -44,7 +44,7 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        None => LearnedForecaster::untrained(64),
+        None => LearnedForecaster::untrained(128),
     };
     // 8 days of 5-minute history per VM (the model reads at most 7 days).
     let series = synthetic(10_000, 8 * 288);

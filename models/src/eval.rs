@@ -154,7 +154,11 @@ pub fn evaluate(
                 };
                 let fcs: Vec<Vec<Quantiles>> = forecasters
                     .iter()
-                    .map(|f| f.forecast_batch(&hs, horizon))
+                    .map(|f| {
+                        let outcomes: Vec<&[f64]> =
+                            sel.iter().map(|c| c.targets.as_slice()).collect();
+                        f.forecast_sequence(&hs, horizon, &outcomes)
+                    })
                     .collect();
                 let sc = scorers
                     .entry((*metric, task))

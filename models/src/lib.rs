@@ -28,11 +28,11 @@ pub use error::{ModelsError, Result};
 pub use eval::{EvalOptions, EvalReport, Table, evaluate};
 pub use features::{N_FEATURES, feature_names};
 pub use forecast::{
-    EwmaSd, Forecaster, History, Horizon, LEVELS, PrevWindow, Quantiles, Vpa, baselines,
-    empirical_quantile,
+    EwmaSd, Forecaster, History, Horizon, LEVELS, OnlineCalibrator, PrevWindow, Quantiles, Vpa,
+    baselines, empirical_quantile,
 };
 pub use metrics::{LevelMetrics, Metrics, Scorer, equal_coverage_factor, pinball};
-pub use model::{FORMAT_VERSION, LearnedForecaster, ModelMeta};
+pub use model::{Calibration, FORMAT_VERSION, LearnedForecaster, ModelMeta, ONLINE_GAMMA};
 pub use report::{render_tables, write_json, write_plot_svg};
 pub use selector::{ForecasterSelector, SelectorChoice};
 pub use task::{Case, Task, all_cases, next_hour_cases, post_restart_cases};

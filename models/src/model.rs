@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelsError, Result};
 use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, from_z};
-use crate::forecast::{Forecaster, History, Horizon, Quantiles};
+use crate::forecast::{Forecaster, History, Horizon, OnlineCalibrator, Quantiles};
 use crate::nn::{NetSpec, QuantileMlp, tensor2};
 use crate::task::GAP_SLOTS;
 use crate::trace::{SplitSpec, fnv1a};
@@ -34,6 +34,49 @@ use crate::trace::{SplitSpec, fnv1a};
 const MAGIC: &[u8; 8] = b"PRSCQNT\0";
 /// Model file format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Per level post-processing of the network's quantile `q` with scale `s`:
+/// `q' = factor * s * (q / s)^shrink`. `shrink < 1` pulls wide forecasts
+/// towards the series' level; `factor` then restores coverage `p` on the
+/// calibration split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Multiplicative factor per level.
+    pub factor: [f64; 3],
+    /// Exponent per level.
+    pub shrink: [f64; 3],
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Calibration {
+            factor: [1.0; 3],
+            shrink: [1.0; 3],
+        }
+    }
+}
+
+impl Calibration {
+    /// Apply to raw quantiles with scale `s`.
+    pub fn apply(&self, q: Quantiles, s: f64) -> Quantiles {
+        let mut out = [0.0; 3];
+        for k in 0..3 {
+            out[k] = self.factor[k] * shrink(q.0[k], s, self.shrink[k]);
+        }
+        Quantiles(out).sanitized()
+    }
+}
+
+/// `s * (q / s)^beta` (0 for q <= 0).
+pub(crate) fn shrink(q: f64, s: f64, beta: f64) -> f64 {
+    if q <= 0.0 || s <= 0.0 {
+        0.0
+    } else if beta == 1.0 {
+        q
+    } else {
+        s * (q / s).powf(beta)
+    }
+}
 
 /// Metadata stored in a model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,11 +87,11 @@ pub struct ModelMeta {
     pub feature_names: Vec<String>,
     /// Network shape.
     pub net: NetSpec,
-    /// Per level multiplicative calibration factors (learned on the
-    /// calibration split of the training files).
-    pub calibration: [f64; 3],
+    /// Calibration of regular forecasts (learned on the calibration split
+    /// of the training files).
+    pub calibration: Calibration,
     /// The same for forecasts made across a gap (post-restart).
-    pub calibration_restart: [f64; 3],
+    pub calibration_restart: Calibration,
     /// The split used in training.
     pub split: SplitSpec,
     /// Dataset names (file names without extension) trained on.
@@ -64,7 +107,13 @@ pub struct LearnedForecaster {
     device: Device,
     /// Metadata (calibration, split, provenance).
     pub meta: ModelMeta,
+    /// Step of the per-series online calibration in
+    /// [`Forecaster::forecast_sequence`]; 0 disables it.
+    pub online_gamma: f64,
 }
+
+/// Default step of the per-series online calibration.
+pub const ONLINE_GAMMA: f64 = 0.005;
 
 impl LearnedForecaster {
     /// An untrained network (random weights, no calibration): for
@@ -82,17 +131,23 @@ impl LearnedForecaster {
                 feature_version: FEATURE_VERSION,
                 feature_names: feature_names(),
                 net: net_spec,
-                calibration: [1.0; 3],
-                calibration_restart: [1.0; 3],
+                calibration: Calibration::default(),
+                calibration_restart: Calibration::default(),
                 split: SplitSpec::default(),
                 trained_on: Vec::new(),
                 payload_fnv1a: 0,
             },
+            online_gamma: ONLINE_GAMMA,
         }
     }
 
     pub(crate) fn from_parts(net: QuantileMlp, device: Device, meta: ModelMeta) -> Self {
-        LearnedForecaster { net, device, meta }
+        LearnedForecaster {
+            net,
+            device,
+            meta,
+            online_gamma: ONLINE_GAMMA,
+        }
     }
 
     /// Raw (uncalibrated) quantiles for feature rows, with scales.
@@ -115,13 +170,12 @@ impl LearnedForecaster {
             .collect()
     }
 
-    fn calibrate(&self, q: Quantiles, restart: bool) -> Quantiles {
-        let c = if restart {
-            self.meta.calibration_restart
+    fn calibrate(&self, q: Quantiles, s: f64, restart: bool) -> Quantiles {
+        if restart {
+            self.meta.calibration_restart.apply(q, s)
         } else {
-            self.meta.calibration
-        };
-        Quantiles([q.0[0] * c[0], q.0[1] * c[1], q.0[2] * c[2]]).sanitized()
+            self.meta.calibration.apply(q, s)
+        }
     }
 
     /// Save to `path` (see the module docs for the format).
@@ -205,7 +259,12 @@ impl LearnedForecaster {
         let net = QuantileMlp::new(meta.net, &device)
             .try_load_record(record)
             .map_err(|e| bad(format!("weights do not fit the network: {e:?}")))?;
-        Ok(LearnedForecaster { net, device, meta })
+        Ok(LearnedForecaster {
+            net,
+            device,
+            meta,
+            online_gamma: ONLINE_GAMMA,
+        })
     }
 }
 
@@ -218,6 +277,40 @@ impl Forecaster for LearnedForecaster {
         self.forecast_batch(std::slice::from_ref(h), horizon)
             .pop()
             .unwrap_or(Quantiles([0.0; 3]))
+    }
+
+    /// Batch forecasts, then an [`OnlineCalibrator`] per series (when
+    /// `online_gamma > 0`): decision `i` uses the outcomes of the earlier
+    /// decisions whose target hour ended by its decision time.
+    fn forecast_sequence(
+        &self,
+        hs: &[History<'_>],
+        horizon: Horizon,
+        outcomes: &[&[f64]],
+    ) -> Vec<Quantiles> {
+        let base = self.forecast_batch(hs, horizon);
+        if self.online_gamma <= 0.0 {
+            return base;
+        }
+        let mut cal = OnlineCalibrator::new(self.online_gamma);
+        let mut pending: std::collections::VecDeque<(i64, Quantiles, &[f64])> =
+            std::collections::VecDeque::new();
+        let mut out = Vec::with_capacity(base.len());
+        for ((h, q), ys) in hs.iter().zip(base).zip(outcomes) {
+            while let Some(&(ready, fq, fy)) = pending.front() {
+                if ready > h.last_slot() {
+                    break;
+                }
+                for &y in fy {
+                    cal.update(&fq, y);
+                }
+                pending.pop_front();
+            }
+            let adj = cal.adjust(q);
+            out.push(adj);
+            pending.push_back((h.decision_slot + 12, adj, ys));
+        }
+        out
     }
 
     /// The model is trained for the next hour (and, with cut histories, for
@@ -236,7 +329,10 @@ impl Forecaster for LearnedForecaster {
                 self.predict_raw(x, &scales)
                     .into_iter()
                     .zip(chunk)
-                    .map(|(q, h)| self.calibrate(q, h.decision_slot - h.last_slot() >= GAP_SLOTS)),
+                    .zip(&scales)
+                    .map(|((q, h), &s)| {
+                        self.calibrate(q, s, h.decision_slot - h.last_slot() >= GAP_SLOTS)
+                    }),
             );
         }
         out

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelsError, Result};
 use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, narrow, to_z};
 use crate::forecast::{History, LEVELS, Quantiles};
-use crate::metrics::equal_coverage_factor;
-use crate::model::{LearnedForecaster, ModelMeta};
+use crate::metrics::{equal_coverage_factor, pinball};
+use crate::model::{Calibration, LearnedForecaster, ModelMeta, shrink};
 use crate::nn::{NetSpec, QuantileMlp, pinball_loss, tensor2};
 use crate::task::{GAP_SLOTS, MIN_TARGETS, next_hour_cases, post_restart_cases};
 use crate::trace::{Dataset, Grid, Part, SLOTS_PER_HOUR, SplitSpec, Statics};
@@ -39,20 +39,28 @@ pub struct TrainConfig {
     pub max_examples_per_dataset: usize,
     /// Random seed.
     pub seed: u64,
+    /// Training decisions every this many slots (12 = every full hour;
+    /// smaller gives more, correlated, examples).
+    pub stride_slots: i64,
+    /// How much worse (relative) the calibration pinball loss may get when
+    /// a shrink exponent is chosen for less slack.
+    pub shrink_pinball_tolerance: f64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            hidden: 64,
+            hidden: 128,
             epochs: 30,
             batch: 512,
             lr: 2e-3,
             max_seconds: 360.0,
             split: SplitSpec::default(),
             restart_share: 0.2,
-            max_examples_per_dataset: 60_000,
+            max_examples_per_dataset: 200_000,
             seed: 7,
+            stride_slots: 3,
+            shrink_pinball_tolerance: 0.01,
         }
     }
 }
@@ -72,10 +80,10 @@ pub struct TrainReport {
     pub train_seconds: f64,
     /// Calibration-split loss per epoch.
     pub calibration_loss: Vec<f64>,
-    /// Calibration factors (regular, restart).
-    pub calibration: [f64; 3],
-    /// Calibration factors after a gap.
-    pub calibration_restart: [f64; 3],
+    /// Calibration of regular forecasts.
+    pub calibration: Calibration,
+    /// Calibration after a gap.
+    pub calibration_restart: Calibration,
 }
 
 /// Small deterministic RNG (xorshift64*).
@@ -193,6 +201,7 @@ fn train_specs<'a>(
     grid: &'a Grid,
     statics: Statics,
     restart_share: f64,
+    stride: i64,
     rng: &mut Rng,
 ) -> Vec<Spec<'a>> {
     let mut out = Vec::new();
@@ -208,7 +217,7 @@ fn train_specs<'a>(
     let mut t = first.div_euclid(12) * 12 + 12;
     while t < grid.last_slot() {
         let Some(vis) = grid.index_of(t).map(|i| i + 1) else {
-            t += 12;
+            t += stride;
             continue;
         };
         if present_at[vis - 1] >= 72 {
@@ -230,7 +239,7 @@ fn train_specs<'a>(
                 }
             }
         }
-        t += 12;
+        t += stride;
     }
     out
 }
@@ -296,9 +305,13 @@ pub fn train(
             let part = cfg.split.part(&s.split_key);
             for (_, g) in &s.metrics {
                 match part {
-                    Part::Train => {
-                        tr.extend(train_specs(g, s.statics, cfg.restart_share, &mut rng))
-                    }
+                    Part::Train => tr.extend(train_specs(
+                        g,
+                        s.statics,
+                        cfg.restart_share,
+                        cfg.stride_slots.max(1),
+                        &mut rng,
+                    )),
                     Part::Calibration => ca.extend(calibration_specs(g, s.statics, &mut rng)),
                     Part::Test => {}
                 }
@@ -412,20 +425,17 @@ pub fn train(
             feature_version: FEATURE_VERSION,
             feature_names: feature_names(),
             net: spec,
-            calibration: [1.0; 3],
-            calibration_restart: [1.0; 3],
+            calibration: Calibration::default(),
+            calibration_restart: Calibration::default(),
             split: cfg.split,
             trained_on: datasets.iter().map(|d| d.name.clone()).collect(),
             payload_fnv1a: 0,
         },
     );
-    let (cal, cal_r) = calibration_factors(&model, &cal_ex);
+    let (cal, cal_r) = calibration_factors(&model, &cal_ex, cfg.shrink_pinball_tolerance, progress);
     model.meta.calibration = cal;
     model.meta.calibration_restart = cal_r;
-    progress(&format!(
-        "calibration factors p50/p90/p99: {:.3} {:.3} {:.3}; after a gap: {:.3} {:.3} {:.3}",
-        cal[0], cal[1], cal[2], cal_r[0], cal_r[1], cal_r[2]
-    ));
+    progress(&format!("calibration: {cal:?}; after a gap: {cal_r:?}"));
     let report = TrainReport {
         train_examples: n,
         calibration_examples: cal_ex.len(),
@@ -488,9 +498,17 @@ fn eval_loss(net: &QuantileMlp, ex: &Examples, device: &Device) -> f64 {
     sum / wsum.max(1.0)
 }
 
-/// Per-level factors that make the calibration coverage exactly `p`, for
-/// regular and for after-gap examples (1.0 where a group is empty).
-fn calibration_factors(model: &LearnedForecaster, ex: &Examples) -> ([f64; 3], [f64; 3]) {
+/// Fit the per level calibration (shrink exponent and factor) for regular
+/// and for after-gap examples on the calibration split. For each level the
+/// factor makes the calibration coverage exactly `p`; the exponent is the
+/// one (from a grid) with the least relative slack at that coverage whose
+/// pinball loss is within `tol` of the unshrunk one.
+fn calibration_factors(
+    model: &LearnedForecaster,
+    ex: &Examples,
+    tol: f64,
+    progress: &mut dyn FnMut(&str),
+) -> (Calibration, Calibration) {
     let n = ex.len();
     let raw: Vec<Quantiles> = (0..n)
         .collect::<Vec<_>>()
@@ -504,27 +522,85 @@ fn calibration_factors(model: &LearnedForecaster, ex: &Examples) -> ([f64; 3], [
             model.predict_raw(x, &scales)
         })
         .collect();
-    let group = |restart: bool| {
-        let mut out = [1.0; 3];
+    let mut group = |restart: bool| {
+        let mut out = Calibration::default();
         for (k, &p) in LEVELS.iter().enumerate() {
             let mut ys = Vec::new();
             let mut qs = Vec::new();
-            for ((q, targets), _) in raw
+            let mut ss = Vec::new();
+            for (((q, targets), _), &s) in raw
                 .iter()
                 .zip(&ex.raw_targets)
                 .zip(&ex.restart)
-                .filter(|(_, r)| **r == restart)
+                .zip(&ex.scale)
+                .filter(|((_, r), _)| **r == restart)
             {
                 for &y in targets {
                     ys.push(y);
                     qs.push(q.0[k]);
+                    ss.push(s);
                 }
             }
-            if let Some(c) = equal_coverage_factor(&ys, qs.into_iter(), p).filter(|&c| c > 0.0) {
-                out[k] = c;
+            if ys.is_empty() {
+                continue;
+            }
+            let betas: &[f64] = if k == 0 {
+                &[1.0]
+            } else {
+                &[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 1.1, 1.2]
+            };
+            let mut results = Vec::new();
+            for &beta in betas {
+                let shrunk: Vec<f64> = qs
+                    .iter()
+                    .zip(&ss)
+                    .map(|(&q, &s)| shrink(q, s, beta))
+                    .collect();
+                let Some(c) =
+                    equal_coverage_factor(&ys, shrunk.iter().copied(), p).filter(|&c| c > 0.0)
+                else {
+                    continue;
+                };
+                let (mut pin, mut slack, mut ycov) = (0.0, 0.0, 0.0);
+                for (&y, &q) in ys.iter().zip(&shrunk) {
+                    let q = c * q;
+                    pin += pinball(p, y, q);
+                    if y <= q {
+                        slack += q - y;
+                        ycov += y;
+                    }
+                }
+                results.push((beta, c, pin / ys.len() as f64, slack / ycov.max(1e-12)));
+            }
+            let Some(&(_, _, pin1, _)) = results.first() else {
+                continue;
+            };
+            let best = results
+                .iter()
+                .filter(|r| r.2 <= pin1 * (1.0 + tol))
+                .min_by(|a, b| a.3.total_cmp(&b.3))
+                .copied();
+            progress(&format!(
+                "calibration p{} {}: {}",
+                p * 100.0,
+                if restart { "after gap" } else { "regular" },
+                results
+                    .iter()
+                    .map(|r| format!(
+                        "beta {:.1}: c {:.3} pinball {:.4} rel.slack {:.4}",
+                        r.0, r.1, r.2, r.3
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+            if let Some((beta, c, _, _)) = best {
+                out.factor[k] = c;
+                out.shrink[k] = beta;
             }
         }
         out
     };
-    (group(false), group(true))
+    let a = group(false);
+    let b = group(true);
+    (a, b)
 }

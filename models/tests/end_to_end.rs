@@ -72,6 +72,38 @@ fn train_save_load_eval_on_real_trace_slice() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
 }
 
+#[test]
+fn online_calibration_uses_only_outcomes_before_each_decision() {
+    let ds = load_trace(&slice()).unwrap();
+    let g = &ds.series[3].metrics[0].1;
+    let cases = models::next_hour_cases(g);
+    let hs: Vec<models::History<'_>> = cases
+        .iter()
+        .map(|c| models::History {
+            values: &g.values[..c.visible_len],
+            first_slot: g.first_slot,
+            decision_slot: c.decision_slot,
+            statics: ds.series[3].statics,
+        })
+        .collect();
+    let mut m = LearnedForecaster::untrained(8);
+    m.online_gamma = 0.05;
+    let outcomes: Vec<&[f64]> = cases.iter().map(|c| c.targets.as_slice()).collect();
+    let a = m.forecast_sequence(&hs, models::Horizon::NextHour, &outcomes);
+    // Change the outcomes of the last decision: no forecast may change.
+    let big = vec![1e6; 12];
+    let mut changed = outcomes.clone();
+    *changed.last_mut().unwrap() = &big;
+    let b = m.forecast_sequence(&hs, models::Horizon::NextHour, &changed);
+    assert_eq!(a, b);
+    // Change the first decision's outcomes: the second forecast changes.
+    let mut changed = outcomes.clone();
+    changed[0] = &big;
+    let c = m.forecast_sequence(&hs, models::Horizon::NextHour, &changed);
+    assert_eq!(a[0], c[0]);
+    assert_ne!(a[1], c[1]);
+}
+
 fn saved_model(dir: &Path) -> (PathBuf, Vec<u8>) {
     let p = dir.join("m.bin");
     LearnedForecaster::untrained(8).save(&p).expect("save");
