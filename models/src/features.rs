@@ -5,7 +5,7 @@
 //! model serves CPU percent, memory KiB and network KiB/s alike. Targets are
 //! transformed the same way; quantiles survive monotone transforms.
 
-use crate::forecast::{History, empirical_quantile, ewma_mean_var};
+use crate::forecast::{History, ewma_mean_var};
 use crate::trace::{SLOTS_PER_DAY, SLOTS_PER_HOUR, STEP_S};
 
 /// Version of the feature definition; stored in model files.
@@ -200,29 +200,18 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
         }
     }
 
-    // Distribution summaries.
-    let mut day_sorted = day.clone();
-    day_sorted.sort_by(f64::total_cmp);
-    let hour = h.last_present(SLOTS_PER_HOUR);
-    let mut hour_sorted = hour.clone();
-    hour_sorted.sort_by(f64::total_cmp);
+    // Distribution summaries (selection, not a full sort: same values).
+    let mut day_buf = day.clone();
+    for x in select_quantiles(&mut day_buf, &[0.5, 0.9, 0.99, 1.0]) {
+        put(g(x), &mut o);
+    }
+    let mut hour = h.last_present(SLOTS_PER_HOUR);
+    for x in select_quantiles(&mut hour, &[0.5, 0.9, 1.0]) {
+        put(g(x), &mut o);
+    }
     let mut week = h.last_present(7 * SLOTS_PER_DAY);
-    week.sort_by(f64::total_cmp);
-    let q = |v: &[f64], p: f64| {
-        if v.is_empty() {
-            0.0
-        } else {
-            empirical_quantile(v, p)
-        }
-    };
-    for p in [0.5, 0.9, 0.99, 1.0] {
-        put(g(q(&day_sorted, p)), &mut o);
-    }
-    for p in [0.5, 0.9, 1.0] {
-        put(g(q(&hour_sorted, p)), &mut o);
-    }
-    for p in [0.5, 0.9, 0.99] {
-        put(g(q(&week, p)), &mut o);
+    for x in select_quantiles(&mut week, &[0.5, 0.9, 0.99]) {
+        put(g(x), &mut o);
     }
     let tail = &vals[n.saturating_sub(SLOTS_PER_DAY)..];
     let (m, v) = ewma_mean_var(tail).unwrap_or((0.0, 0.0));
@@ -287,9 +276,34 @@ pub fn features(h: &History<'_>, out: &mut [f32]) -> f64 {
     s
 }
 
+/// Empirical quantiles (as [`empirical_quantile`] of the sorted values) by
+/// selection; `ps` ascending. Empty input gives zeros. Reorders `v`.
+fn select_quantiles(v: &mut [f64], ps: &[f64]) -> Vec<f64> {
+    let n = v.len();
+    if n == 0 {
+        return vec![0.0; ps.len()];
+    }
+    let mut lo = 0usize;
+    ps.iter()
+        .map(|&p| {
+            let k = ((p * n as f64) - 1e-9).ceil().clamp(1.0, n as f64);
+            // k is an integer in [1, n], so the cast is exact.
+            #[allow(clippy::cast_possible_truncation)]
+            let k = k as usize - 1;
+            // Earlier selections left everything below `lo` no larger.
+            let k = k.max(lo);
+            let (_, x, _) = v[lo..].select_nth_unstable_by(k - lo, f64::total_cmp);
+            let x = *x;
+            lo = k;
+            x
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forecast::empirical_quantile;
     use crate::trace::Statics;
 
     #[test]
@@ -317,6 +331,29 @@ mod tests {
         assert!((sb / sa - 1000.0).abs() < 1e-6);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn select_quantiles_equal_sorted_empirical_quantiles() {
+        let mut state = 12345u64;
+        for n in [1usize, 2, 12, 288, 1000] {
+            let v: Vec<f64> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % 50) as f64
+                })
+                .collect();
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            let ps = [0.5, 0.9, 0.99, 1.0];
+            let mut buf = v.clone();
+            let got = select_quantiles(&mut buf, &ps);
+            for (p, g) in ps.iter().zip(got) {
+                assert_eq!(g, empirical_quantile(&sorted, *p), "n {n} p {p}");
+            }
         }
     }
 

@@ -320,11 +320,24 @@ impl Forecaster for LearnedForecaster {
         let mut out = Vec::with_capacity(hs.len());
         for chunk in hs.chunks(4096) {
             let mut x = vec![0.0f32; chunk.len() * N_FEATURES];
-            let scales: Vec<f64> = chunk
-                .iter()
-                .zip(x.chunks_mut(N_FEATURES))
-                .map(|(h, row)| features(h, row))
-                .collect();
+            let mut scales = vec![0.0f64; chunk.len()];
+            let fill = |hs: &[History<'_>], x: &mut [f32], sc: &mut [f64]| {
+                for ((h, row), s) in hs.iter().zip(x.chunks_mut(N_FEATURES)).zip(sc) {
+                    *s = features(h, row);
+                }
+            };
+            if chunk.len() >= 256 {
+                // Two threads: the feature work dominates a large batch.
+                let half = chunk.len() / 2;
+                let (xa, xb) = x.split_at_mut(half * N_FEATURES);
+                let (sa, sb) = scales.split_at_mut(half);
+                std::thread::scope(|s| {
+                    s.spawn(|| fill(&chunk[..half], xa, sa));
+                    fill(&chunk[half..], xb, sb);
+                });
+            } else {
+                fill(chunk, &mut x, &mut scales);
+            }
             out.extend(
                 self.predict_raw(x, &scales)
                     .into_iter()
