@@ -426,8 +426,8 @@ mod tests {
             let y = 2.0 * ((i * 7919) % 1000) as f64 / 1000.0;
             let q = cal.adjust(Quantiles([1.0, 1.0, 1.0]));
             if i >= n / 2 {
-                for k in 0..3 {
-                    covered[k] += usize::from(y <= q.0[k]);
+                for (c, qk) in covered.iter_mut().zip(q.0) {
+                    *c += usize::from(y <= qk);
                 }
             }
             cal.update(&q, y);

@@ -60,8 +60,8 @@ impl Calibration {
     /// Apply to raw quantiles with scale `s`.
     pub fn apply(&self, q: Quantiles, s: f64) -> Quantiles {
         let mut out = [0.0; 3];
-        for k in 0..3 {
-            out[k] = self.factor[k] * shrink(q.0[k], s, self.shrink[k]);
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.factor[k] * shrink(q.0[k], s, self.shrink[k]);
         }
         Quantiles(out).sanitized()
     }
