@@ -1,11 +1,18 @@
 //! The `prescient` command line.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use prescient::{HooksServer, ServerConfig};
+use vmm_hooks::error_chain;
 
 mod forecast_cli;
 
-use clap::{Parser, Subcommand};
-
+/// Prescient: a KVM host companion that prepares the host before VM demand arrives.
 #[derive(Debug, Parser)]
-#[command(name = "prescient", about = "KVM host companion")]
+#[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,36 +20,277 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the companion daemon: listen for VMM lifecycle hooks.
+    Serve(ServeArgs),
+    /// Record a real program's start-up memory touches as a labvm trace.
+    TraceCapture(TraceCaptureArgs),
+    /// Benchmarks that compare strategies side by side.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Train the forecasting model on trace files and score it on held-out series.
     Train(forecast_cli::TrainArgs),
     /// Score the baselines (and a model) on trace files.
     Eval(forecast_cli::EvalArgs),
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time to ready of lab guests on KVM under each pre-fault strategy.
+    Bootstrap(BootstrapBenchArgs),
+    /// Latency of serving boot plans from a store with many boots.
+    Store(StoreBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BootstrapBenchArgs {
+    /// The labvm binary (default: next to this program).
+    #[arg(long)]
+    labvm: Option<PathBuf>,
+    /// Repetitions of each strategy.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Pause before each run, ms (the same for every strategy).
+    #[arg(long, default_value_t = 2500)]
+    pause_ms: u64,
+    /// Profile and plan granularity, KiB.
+    #[arg(long, default_value_t = 4)]
+    chunk_kib: u64,
+    /// The recorded start-up trace.
+    #[arg(long, default_value = "data/traces/python-sympy-import.trace")]
+    trace: PathBuf,
+    /// Only these workloads (names as in the table).
+    #[arg(long)]
+    only: Vec<String>,
+    /// Where JSON and the SVG plot go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreBenchArgs {
+    /// Boots to store.
+    #[arg(long, default_value_t = 10_000)]
+    boots: u64,
+    /// Bootstrap keys they spread over.
+    #[arg(long, default_value_t = 100)]
+    keys: u64,
+    /// Plans served per case.
+    #[arg(long, default_value_t = 1000)]
+    lookups: u32,
+    /// Where the temporary store goes.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+}
+
+fn bench(cmd: BenchCommand) -> ExitCode {
+    use prescient::bench;
+    match cmd {
+        BenchCommand::Bootstrap(a) => {
+            let labvm = a.labvm.clone().unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("labvm")))
+                    .unwrap_or_else(|| PathBuf::from("labvm"))
+            });
+            let mut workloads = bench::BootstrapBench::default_workloads(&a.trace);
+            if !a.only.is_empty() {
+                workloads.retain(|w| a.only.contains(&w.name));
+            }
+            let b = bench::BootstrapBench {
+                labvm,
+                reps: a.reps.max(1),
+                pause: std::time::Duration::from_millis(a.pause_ms),
+                chunk: a.chunk_kib.max(4) * 1024,
+                workloads,
+                out: a.out.clone(),
+            };
+            match b
+                .run()
+                .and_then(|r| bench::write_bootstrap_outputs(&a.out, &r).map(|f| (r, f)))
+            {
+                Ok((results, (json, svg))) => {
+                    println!("{}", bench::bootstrap_table(&results, b.reps, b.chunk));
+                    println!("JSON: {}\nplot: {}", json.display(), svg.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Store(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            match bench::store_bench(&a.dir, a.boots, a.keys, a.lookups) {
+                Ok(rows) => {
+                    println!("{}", bench::store_table(&rows));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct TraceCaptureArgs {
+    /// Where to write the trace.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling interval in microseconds.
+    #[arg(long, default_value_t = 500)]
+    interval_us: u64,
+    /// Stop the program after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    limit_s: u64,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn trace_capture(args: TraceCaptureArgs) -> ExitCode {
+    let interval = std::time::Duration::from_micros(args.interval_us.max(50));
+    let result = prescient::capture(
+        &args.command,
+        interval,
+        std::time::Duration::from_secs(args.limit_s),
+    )
+    .and_then(|c| c.write(&args.out, interval).map(|()| c));
+    match result {
+        Ok(c) => {
+            println!(
+                "{} pages ({:.1} MiB) first touched over {:.0} ms in {} samples; exit status {:?}; trace written to {}",
+                c.touches.len(),
+                c.touches.len() as f64 / 256.0,
+                c.wall_ms,
+                c.samples,
+                c.status,
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The hooks socket VMMs connect to.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// Append every received event to this file as JSON lines.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// Also allow this user id to connect (root and the daemon's own user always may).
+    #[arg(long)]
+    allow_uid: Vec<u32>,
+    /// The profile store (an SQLite file, created if missing).
+    #[arg(long, default_value = "/var/lib/prescient/prescient.db")]
+    store: PathBuf,
+    /// Run without a profile store (plans stay empty).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let r = match cli.command {
-        Command::Train(a) => forecast_cli::run_train(a),
-        Command::Eval(a) => forecast_cli::run_eval(a),
-    };
-    match r {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = ServerConfig::new(args.socket);
+    config.event_log = args.event_log;
+    config.allowed_uids = args.allow_uid;
+    if !args.no_store {
+        if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("prescient: cannot create {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        config.store = Some(args.store);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
         Err(e) => {
-            let mut msg = format!("error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
+            eprintln!("prescient: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match HooksServer::bind(config) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                return ExitCode::FAILURE;
             }
-            tracing::error!("{msg}");
-            std::process::ExitCode::FAILURE
+        };
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = tx.send(true);
+        });
+        server.serve(rx).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::TraceCapture(args) => trace_capture(args),
+        Command::Bench(cmd) => bench(cmd),
+        Command::Train(args) => forecast(forecast_cli::run_train(args)),
+        Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+    }
+}
+
+fn forecast(r: Result<(), models::ModelsError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
         }
     }
 }

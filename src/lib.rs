@@ -1,0 +1,20 @@
+//! Prescient, the companion daemon and command line.
+//!
+//! The daemon listens on the hooks socket (see `vmm_hooks::proto`), receives
+//! each VM's lifecycle events from its VMM and answers before-boot events
+//! with a boot plan. This crate holds the daemon's parts; the binary
+//! `prescient` wires them to a command line.
+
+pub mod bench;
+mod server;
+mod store;
+mod trace_capture;
+mod working_set;
+
+pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
+pub use trace_capture::{Capture, CaptureError, Touch, capture};
+pub use working_set::{
+    ChunkPrediction, FrequencyModel, MEMORY_BOOTS, PlanPolicy, WorkingSetModel, plan_from,
+    recall_precision,
+};

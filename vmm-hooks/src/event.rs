@@ -1,0 +1,446 @@
+//! Lifecycle events, plans, reports and the in-process hook trait.
+
+use serde::{Deserialize, Serialize};
+
+/// Who a VM is: its id on this host and the digests that key its profiles.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VmIdentity {
+    /// Unique on this host (e.g. a libvirt domain name or `labvm-<pid>`).
+    pub vm_id: String,
+    /// Digest of the software image (for lab guests: of the guest program).
+    pub image_digest: String,
+    /// Digest of the bootstrap package (for lab guests: of the workload
+    /// and its parameters or trace).
+    pub package_digest: String,
+}
+
+/// The VM's shape, as created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Which VMM runs it (e.g. `labvm 0.1.0`).
+    pub vmm: String,
+    /// Priority (higher wins); 0 by default.
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether the companion may interrupt it.
+    #[serde(default)]
+    pub interruptible: bool,
+}
+
+/// A range of guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum StopStatus {
+    /// The guest exited with this status.
+    Exited {
+        /// The guest's status.
+        status: u64,
+    },
+    /// The host stopped it.
+    Stopped,
+    /// It failed; the message says why.
+    Failed {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Phases of a live migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum MigratePhase {
+    /// Pre-copy started.
+    Started,
+    /// The VM runs on the destination.
+    Completed,
+    /// The migration failed; the VM stays on the source.
+    Aborted,
+}
+
+/// What happened to a VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The VM exists (memory allocated, vCPUs created), nothing runs yet.
+    Created {
+        /// Its shape.
+        spec: VmSpec,
+    },
+    /// The vCPU threads exist and wait; the companion may answer with a plan.
+    BeforeBoot {
+        /// Kernel thread id of each vCPU thread, by vCPU index.
+        vcpu_tids: Vec<i32>,
+        /// Guest RAM.
+        ram: GuestRange,
+    },
+    /// The guest signalled ready.
+    Ready {
+        /// From the start request to ready, in milliseconds.
+        time_to_ready_ms: f64,
+    },
+    /// What the bootstrap really did.
+    BootReport(BootReport),
+    /// The VM was paused.
+    Paused,
+    /// The VM was resumed.
+    Resumed,
+    /// The VM was interrupted (its state saved, its resources released).
+    Interrupted {
+        /// Why.
+        reason: String,
+    },
+    /// An interrupted VM was started again.
+    Restarted,
+    /// A snapshot was taken.
+    Snapshot,
+    /// The VM was restored from a snapshot.
+    Restore,
+    /// A live-migration phase.
+    Migrate {
+        /// Which phase.
+        phase: MigratePhase,
+    },
+    /// The VM is gone.
+    Stopped {
+        /// How it ended.
+        status: StopStatus,
+    },
+}
+
+impl EventKind {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Created { .. } => "created",
+            EventKind::BeforeBoot { .. } => "before-boot",
+            EventKind::Ready { .. } => "ready",
+            EventKind::BootReport(_) => "boot-report",
+            EventKind::Paused => "paused",
+            EventKind::Resumed => "resumed",
+            EventKind::Interrupted { .. } => "interrupted",
+            EventKind::Restarted => "restarted",
+            EventKind::Snapshot => "snapshot",
+            EventKind::Restore => "restore",
+            EventKind::Migrate { .. } => "migrate",
+            EventKind::Stopped { .. } => "stopped",
+        }
+    }
+}
+
+/// One lifecycle event of one VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The VM.
+    pub vm: VmIdentity,
+    /// Position in this VM's event sequence, from 0.
+    pub seq: u64,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What the companion asks the VMM to do before boot. Empty means boot as
+/// usual (lazy faulting, no profiling).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootPlan {
+    /// What made the plan (e.g. a profile key and model), for the record.
+    #[serde(default)]
+    pub made_by: String,
+    /// Guest memory to pre-fault, if any.
+    #[serde(default)]
+    pub prefault: Option<PrefaultPlan>,
+    /// Whether (and how finely) to record this bootstrap's memory touches.
+    #[serde(default)]
+    pub profile: Option<ProfileRequest>,
+}
+
+impl BootPlan {
+    /// The plan that changes nothing.
+    pub fn empty() -> Self {
+        BootPlan::default()
+    }
+
+    /// An empty plan that says who made it.
+    pub fn made_by(who: impl Into<String>) -> Self {
+        BootPlan {
+            made_by: who.into(),
+            ..BootPlan::default()
+        }
+    }
+
+    /// Sets the pre-fault part.
+    pub fn with_prefault(mut self, p: PrefaultPlan) -> Self {
+        self.prefault = Some(p);
+        self
+    }
+
+    /// Asks for a profile of this bootstrap.
+    pub fn with_profile(mut self, p: ProfileRequest) -> Self {
+        self.profile = Some(p);
+        self
+    }
+
+    /// True when the plan asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.prefault
+            .as_ref()
+            .is_none_or(|p| p.ranges.is_empty() && p.mode != PrefaultMode::Full)
+            && self.profile.is_none()
+    }
+}
+
+/// When and how the VMM pre-faults guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PrefaultMode {
+    /// Nothing is pre-faulted: the guest faults its memory in itself.
+    #[default]
+    Lazy,
+    /// The planned ranges are populated before the vCPUs start.
+    Before,
+    /// A prefetch thread populates the planned ranges in predicted
+    /// first-touch order while the guest boots, and extends to the next
+    /// likely chunks when the guest touches memory outside the plan.
+    Concurrent,
+    /// All of guest RAM is populated before the vCPUs start (like QEMU's
+    /// `-mem-prealloc`); the ranges are ignored.
+    Full,
+}
+
+impl PrefaultMode {
+    /// The mode's name as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefaultMode::Lazy => "lazy",
+            PrefaultMode::Before => "before",
+            PrefaultMode::Concurrent => "concurrent",
+            PrefaultMode::Full => "full",
+        }
+    }
+}
+
+/// Guest memory to pre-fault, in order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PrefaultPlan {
+    /// How.
+    pub mode: PrefaultMode,
+    /// Ranges to populate, in predicted first-touch order.
+    pub ranges: Vec<GuestRange>,
+    /// Further ranges, most likely first, that the prefetch thread takes on
+    /// when the guest touches memory outside `ranges` (concurrent mode).
+    #[serde(default)]
+    pub extend: Vec<GuestRange>,
+    /// Ask for transparent huge pages on the guest mapping first.
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Concurrent mode: the share (percent) of the planned bytes populated
+    /// before the vCPUs start, so the guest's first touches find memory
+    /// ready and the prefetch thread starts ahead of it.
+    #[serde(default = "default_head_start")]
+    pub head_start_pct: u32,
+}
+
+fn default_head_start() -> u32 {
+    25
+}
+
+impl PrefaultPlan {
+    /// A plan of `mode` over `ranges`.
+    pub fn new(mode: PrefaultMode, ranges: Vec<GuestRange>) -> Self {
+        PrefaultPlan {
+            mode,
+            ranges,
+            extend: Vec::new(),
+            hugepages: false,
+            head_start_pct: default_head_start(),
+        }
+    }
+
+    /// Bytes the planned ranges cover.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+}
+
+/// The companion asks the VMM to record which guest memory chunks the
+/// bootstrap writes, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRequest {
+    /// Chunk size in bytes (a power of two, at least 4096).
+    pub chunk_size: u64,
+    /// How often to read the dirty log, in milliseconds.
+    pub interval_ms: u64,
+}
+
+impl Default for ProfileRequest {
+    fn default() -> Self {
+        ProfileRequest {
+            chunk_size: 2 << 20,
+            interval_ms: 10,
+        }
+    }
+}
+
+/// Chunks first written within one interval of a bootstrap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TouchWindow {
+    /// Milliseconds from the start request to the end of this interval.
+    pub at_ms: f64,
+    /// Runs of consecutive chunk indices, as `[first, count]`.
+    pub runs: Vec<[u64; 2]>,
+}
+
+/// Which chunks of guest memory a bootstrap wrote, and when (KVM dirty log).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootProfile {
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// First writes, interval by interval, in time order.
+    pub windows: Vec<TouchWindow>,
+}
+
+impl BootProfile {
+    /// An empty profile.
+    pub fn new(chunk_size: u64, ram_bytes: u64) -> Self {
+        BootProfile {
+            chunk_size,
+            ram_bytes,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Every touched chunk with the time of its window, in time order.
+    pub fn touches(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        self.windows.iter().flat_map(|w| {
+            w.runs.iter().flat_map(move |&[first, count]| {
+                (first..first.saturating_add(count)).map(move |c| (c, w.at_ms))
+            })
+        })
+    }
+
+    /// Number of touched chunks.
+    pub fn touched_chunks(&self) -> u64 {
+        self.windows
+            .iter()
+            .flat_map(|w| w.runs.iter())
+            .map(|r| r[1])
+            .sum()
+    }
+}
+
+/// What applying the pre-fault plan did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PrefaultReport {
+    /// The mode used.
+    pub mode: PrefaultMode,
+    /// Bytes populated (planned and extended).
+    pub bytes: u64,
+    /// Bytes populated beyond the plan because the guest strayed from it.
+    pub extended_bytes: u64,
+    /// Milliseconds spent populating.
+    pub ms: f64,
+    /// Why the plan was abandoned for lazy faulting, if it was.
+    pub rolled_back: Option<String>,
+}
+
+/// What a bootstrap really did, measured by the VMM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootReport {
+    /// From the start request to ready, in milliseconds.
+    pub time_to_ready_ms: f64,
+    /// CPU time of all vCPU threads until ready, in milliseconds.
+    pub vcpu_cpu_ms: f64,
+    /// Minor page faults of the VMM process until ready.
+    pub minor_faults: u64,
+    /// Major page faults of the VMM process until ready.
+    pub major_faults: u64,
+    /// Resident set of the VMM process at ready, in KiB.
+    pub rss_kib: u64,
+    /// Guest RAM resident in host memory at ready, in KiB.
+    #[serde(default)]
+    pub guest_resident_kib: u64,
+    /// Whether a non-empty plan was applied (false: none, or rolled back).
+    pub plan_applied: bool,
+    /// What pre-faulting did, if the plan asked for it.
+    #[serde(default)]
+    pub prefault: Option<PrefaultReport>,
+    /// The memory profile, if the plan asked for one.
+    #[serde(default)]
+    pub profile: Option<BootProfile>,
+}
+
+impl BootReport {
+    /// A report with the given time to ready and everything else zero.
+    pub fn new(time_to_ready_ms: f64) -> Self {
+        BootReport {
+            time_to_ready_ms,
+            ..BootReport::default()
+        }
+    }
+}
+
+/// The companion's answer to an event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum HookReply {
+    /// Noted.
+    Ack,
+    /// The plan for a before-boot event.
+    Plan(BootPlan),
+}
+
+impl HookReply {
+    /// The plan in this reply, or the empty plan.
+    pub fn into_plan(self) -> BootPlan {
+        match self {
+            HookReply::Plan(p) => p,
+            HookReply::Ack => BootPlan::empty(),
+        }
+    }
+}
+
+/// A companion linked into the VMM. One method; the event says what happened.
+///
+/// Implementations must return promptly: the VMM calls them on its control
+/// path. They must not fail the VM: on trouble, log and answer
+/// [`HookReply::Ack`] (or an empty plan).
+pub trait LifecycleHook: Send {
+    /// Handles one event.
+    fn on_event(&mut self, event: &Event) -> HookReply;
+}
+
+/// The hook used when no companion is configured: acknowledges everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCompanion;
+
+impl LifecycleHook for NoCompanion {
+    fn on_event(&mut self, _event: &Event) -> HookReply {
+        HookReply::Ack
+    }
+}

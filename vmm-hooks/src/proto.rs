@@ -1,0 +1,338 @@
+//! The hooks socket protocol, version 1.
+//!
+//! A Unix stream socket carries frames in both directions. A frame is a
+//! 12-byte header followed by a JSON body:
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "PRSC"
+//! 4       2     protocol version, little-endian (1)
+//! 6       2     flags, little-endian (0; reserved)
+//! 8       4     body length in bytes, little-endian (at most MAX_BODY, 16 MiB)
+//! 12      len   body: one Message as JSON (UTF-8)
+//! ```
+//!
+//! Sequence: the VMM connects and sends `hello`; then for each lifecycle
+//! event it sends `event` and waits for exactly one `reply` (an ack, or a
+//! plan for `before-boot`) before sending the next, so events arrive in
+//! order. A side that receives a bad frame (wrong magic or version, a body
+//! over the limit, malformed JSON, a truncated frame) sends `error` if it
+//! can, logs, and closes the connection. Either side may close at any time;
+//! the VMM then carries on without a companion.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, HookReply};
+
+/// Protocol version spoken here.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"PRSC";
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 12;
+/// Largest body accepted, in bytes.
+pub const MAX_BODY: u32 = 16 << 20;
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+#[non_exhaustive]
+pub enum Message {
+    /// First message of a VMM: who it is.
+    Hello {
+        /// The VMM and its version, e.g. `labvm 0.1.0`.
+        peer: String,
+    },
+    /// A lifecycle event (VMM to companion).
+    Event(Event),
+    /// The answer to an event (companion to VMM).
+    Reply(HookReply),
+    /// The sender rejects what it received and closes the connection.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// What can go wrong on the wire.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// The peer closed the connection inside a frame.
+    #[error("truncated frame: connection closed after {got} of {want} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes the frame needed.
+        want: usize,
+    },
+    /// The frame does not start with the magic.
+    #[error("bad frame magic {0:02x?} (not a Prescient hooks peer?)")]
+    BadMagic([u8; 4]),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {got} (this side speaks {PROTOCOL_VERSION})")]
+    Version {
+        /// The peer's version.
+        got: u16,
+    },
+    /// The body is longer than allowed.
+    #[error("frame body of {len} bytes exceeds the limit of {MAX_BODY}")]
+    TooLarge {
+        /// Announced length.
+        len: u32,
+    },
+    /// The body is not a valid message.
+    #[error("malformed message body")]
+    Body(#[source] serde_json::Error),
+    /// The peer did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The socket failed.
+    #[error("socket I/O")]
+    Io(#[source] io::Error),
+    /// The peer answered with an error message.
+    #[error("peer rejected the message: {0}")]
+    Rejected(String),
+    /// The peer sent a message that does not fit the sequence.
+    #[error("unexpected {0} message")]
+    Unexpected(&'static str),
+}
+
+impl ProtoError {
+    fn from_io(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtoError::Timeout,
+            _ => ProtoError::Io(e),
+        }
+    }
+}
+
+impl Message {
+    /// The message's type, as on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Event(_) => "event",
+            Message::Reply(_) => "reply",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+/// Checks a header; returns the body length.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<u32, ProtoError> {
+    let magic = [h[0], h[1], h[2], h[3]];
+    if magic != MAGIC {
+        return Err(ProtoError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtoError::Version { got: version });
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if len > MAX_BODY {
+        return Err(ProtoError::TooLarge { len });
+    }
+    Ok(len)
+}
+
+/// Decodes a body.
+pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
+    serde_json::from_slice(body).map_err(ProtoError::Body)
+}
+
+/// Encodes a message as one frame.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
+    let body = serde_json::to_vec(msg).map_err(ProtoError::Body)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_BODY)
+        .ok_or(ProtoError::TooLarge {
+            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        })?;
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&0u16.to_le_bytes());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Writes one message.
+pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<(), ProtoError> {
+    let frame = encode(msg)?;
+    w.write_all(&frame).map_err(ProtoError::from_io)?;
+    w.flush().map_err(ProtoError::from_io)
+}
+
+/// Reads one message.
+pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    read_full(r, &mut header, true)?;
+    let len = parse_header(&header)?;
+    let mut body = vec![0u8; len as usize];
+    read_full(r, &mut body, false)?;
+    decode_body(&body)
+}
+
+/// Fills `buf`; a clean end of stream before the first byte is `Closed`
+/// when `at_boundary`, and `Truncated` anywhere else.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ProtoError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && at_boundary => return Err(ProtoError::Closed),
+            Ok(0) => {
+                return Err(ProtoError::Truncated {
+                    got,
+                    want: buf.len(),
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtoError::from_io(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{BootPlan, EventKind, GuestRange, VmIdentity};
+    use proptest::prelude::*;
+
+    fn event(kind: EventKind) -> Message {
+        Message::Event(Event {
+            vm: VmIdentity {
+                vm_id: "vm-1".into(),
+                image_digest: "img".into(),
+                package_digest: "pkg".into(),
+            },
+            seq: 3,
+            at_unix_ms: 1_700_000_000_000,
+            kind,
+        })
+    }
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let msgs = [
+            Message::Hello {
+                peer: "labvm 0.1.0".into(),
+            },
+            event(EventKind::BeforeBoot {
+                vcpu_tids: vec![10, 11],
+                ram: GuestRange {
+                    start: 0,
+                    len: 1 << 30,
+                },
+            }),
+            event(EventKind::Ready {
+                time_to_ready_ms: 12.5,
+            }),
+            Message::Reply(HookReply::Plan(BootPlan::empty())),
+            Message::Reply(HookReply::Ack),
+            Message::Error {
+                message: "no".into(),
+            },
+        ];
+        for m in msgs {
+            let frame = encode(&m).unwrap();
+            let back = read_message(&mut frame.as_slice()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn bad_magic_version_and_length_are_rejected() {
+        let good = encode(&Message::Reply(HookReply::Ack)).unwrap();
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtoError::BadMagic(_))
+        ));
+        let mut bad = good.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtoError::Version { got: 9 })
+        ));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_message(&mut bad.as_slice()),
+            Err(ProtoError::TooLarge { len: u32::MAX })
+        ));
+    }
+
+    #[test]
+    fn truncated_frames_and_clean_close_are_told_apart() {
+        let good = encode(&Message::Reply(HookReply::Ack)).unwrap();
+        assert!(matches!(
+            read_message(&mut &good[..0]),
+            Err(ProtoError::Closed)
+        ));
+        assert!(matches!(
+            read_message(&mut &good[..5]),
+            Err(ProtoError::Truncated { got: 5, want: 12 })
+        ));
+        assert!(matches!(
+            read_message(&mut &good[..good.len() - 1]),
+            Err(ProtoError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_body_is_a_body_error() {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&MAGIC);
+        frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        frame.extend_from_slice(&0u16.to_le_bytes());
+        frame.extend_from_slice(&4u32.to_le_bytes());
+        frame.extend_from_slice(b"{{{{");
+        assert!(matches!(
+            read_message(&mut frame.as_slice()),
+            Err(ProtoError::Body(_))
+        ));
+    }
+
+    proptest! {
+        // The decoder never panics, whatever the bytes.
+        #[test]
+        fn decoder_survives_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = read_message(&mut bytes.as_slice());
+        }
+
+        // A valid header followed by arbitrary (possibly short) body bytes.
+        #[test]
+        fn decoder_survives_arbitrary_bodies(len in 0u32..512, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&MAGIC);
+            frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            frame.extend_from_slice(&0u16.to_le_bytes());
+            frame.extend_from_slice(&len.to_le_bytes());
+            frame.extend_from_slice(&body);
+            let r = read_message(&mut frame.as_slice());
+            if (len as usize) > body.len() {
+                prop_assert!(matches!(r, Err(ProtoError::Truncated { .. })), "{r:?}");
+            }
+        }
+
+        // Every prefix of a valid frame is reported as closed or truncated.
+        #[test]
+        fn every_prefix_is_truncated(cut in 0usize..200) {
+            let frame = encode(&event(EventKind::Paused)).unwrap();
+            let cut = cut.min(frame.len() - 1);
+            let r = read_message(&mut &frame[..cut]);
+            prop_assert!(matches!(r, Err(ProtoError::Closed | ProtoError::Truncated { .. })), "{r:?}");
+        }
+    }
+}

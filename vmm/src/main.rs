@@ -1,0 +1,271 @@
+//! `labvm`: run a lab guest (or, where hardware virtualisation exists, Linux).
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use labvm::{
+    HookReporter, LabVm, LabVmConfig, StopReason, Trace, VMM_NAME, Workload, lab_identity,
+};
+use vmm_hooks::{LifecycleHook, NoCompanion, SocketHook, SocketHookConfig, error_chain};
+
+/// labvm: Prescient's reference VMM.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH[:COMPUTE_PCT],
+    /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready.
+    #[arg(long, default_value = "seq:64")]
+    workload: String,
+    /// Seconds the guest may take to signal ready.
+    #[arg(long, default_value_t = 30.0)]
+    deadline: f64,
+    /// For dirty workloads: seconds to run after ready (default: until Ctrl-C).
+    #[arg(long)]
+    run_for: Option<f64>,
+    /// Write the run report as JSON here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// The companion's hooks socket (e.g. /run/prescient/hooks.sock). The VM
+    /// runs whether or not a companion answers there.
+    #[arg(long)]
+    hooks_socket: Option<PathBuf>,
+    /// Milliseconds each hook event may wait for the companion.
+    #[arg(long, default_value_t = 500)]
+    hooks_timeout_ms: u64,
+    /// Apply this boot plan (JSON, as the companion sends it) instead of the
+    /// companion's.
+    #[arg(long)]
+    plan_file: Option<PathBuf>,
+    /// Seed of the per-boot variation of rand workloads (default: from the clock).
+    #[arg(long)]
+    nonce: Option<u64>,
+    /// Pre-warmed instance: apply the plan before the start request (time
+    /// to ready then counts from after it).
+    #[arg(long)]
+    prewarm: bool,
+    /// This VM's id on the host (default: labvm-PID).
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// Boot this Linux bzImage instead of a lab guest (needs hardware
+    /// virtualisation; refused on PVM hosts).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = labvm::linux::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// For --kernel: stop the guest after this many seconds.
+    #[arg(long, requires = "kernel")]
+    timeout: Option<f64>,
+}
+
+fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
+    let config = labvm::linux::LinuxConfig {
+        kernel,
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+        ram_mib: cli.mem,
+        vcpus: cli.vcpus,
+        timeout: cli.timeout.map(Duration::from_secs_f64),
+    };
+    match labvm::linux::boot(&config, Box::new(std::io::stdout()), &stop_requested) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_workload(spec: &str) -> Result<Workload, String> {
+    let mut parts = spec.split(':');
+    let kind = parts.next().unwrap_or_default();
+    let num = |s: Option<&str>, what: &str| -> Result<Option<u64>, String> {
+        s.map(|s| {
+            s.parse()
+                .map_err(|_| format!("bad {what} {s:?} in workload {spec:?}"))
+        })
+        .transpose()
+    };
+    let need =
+        |v: Option<u64>, what: &str| v.ok_or_else(|| format!("workload {spec:?} needs {what}"));
+    let w = match kind {
+        "seq" => Workload::Sequential {
+            touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
+        },
+        "rand" => Workload::Random {
+            touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
+            seed: num(parts.next(), "seed")?.unwrap_or(1),
+            vary_pct: u32::try_from(num(parts.next(), "vary percentage")?.unwrap_or(0))
+                .map_err(|_| format!("bad vary percentage in workload {spec:?}"))?,
+            nonce: boot_nonce(),
+        },
+        "trace" => {
+            // trace:PATH or trace:PATH:COMPUTE_PCT (a path may hold colons).
+            let rest = spec.strip_prefix("trace:").unwrap_or_default();
+            let (path, pct) = match rest.rsplit_once(':') {
+                Some((p, pct)) if !pct.is_empty() && pct.bytes().all(|b| b.is_ascii_digit()) => (
+                    p,
+                    pct.parse::<u32>()
+                        .map_err(|_| format!("bad compute percentage in {spec:?}"))?,
+                ),
+                _ => (rest, 100),
+            };
+            return Trace::load(std::path::Path::new(path))
+                .map(|mut t| {
+                    t.compute_pct = pct;
+                    Workload::Trace(t)
+                })
+                .map_err(|e| e.to_string());
+        }
+        "dirty" => Workload::Dirty {
+            pages_per_sec: need(num(parts.next(), "pages per second")?, "pages per second")?,
+            region_mib: num(parts.next(), "region MiB")?.unwrap_or(64),
+            heartbeat_ms: 100,
+        },
+        "fault-ud" => Workload::FaultInvalidOpcode,
+        "fault-pf" => Workload::FaultPageFault,
+        "never-ready" => Workload::NeverReady,
+        _ => return Err(format!("unknown workload {spec:?}")),
+    };
+    if parts.next().is_some() {
+        return Err(format!("too many fields in workload {spec:?}"));
+    }
+    Ok(w)
+}
+
+/// A per-boot seed for the varying part of `rand` workloads.
+fn boot_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // The low 64 bits of the nanosecond clock are what varies.
+    u64::try_from(t & u128::from(u64::MAX)).unwrap_or(0) ^ (u64::from(std::process::id()) << 32)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
+            eprintln!("labvm: cannot install a handler for signal {sig}: {e}");
+        }
+    }
+    if let Some(kernel) = cli.kernel.clone() {
+        return boot_linux(&cli, kernel);
+    }
+    let workload = match parse_workload(&cli.workload) {
+        Ok(Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce,
+        }) => Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce: cli.nonce.unwrap_or(nonce),
+        },
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("labvm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut config = LabVmConfig::new(cli.mem, workload);
+    config.vcpus = cli.vcpus;
+    config.ready_deadline = Duration::from_secs_f64(cli.deadline);
+    config.run_for = cli.run_for.map(Duration::from_secs_f64);
+    config.prewarm = cli.prewarm;
+    if let Some(path) = &cli.plan_file {
+        match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<vmm_hooks::BootPlan>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(plan) => config.plan = Some(plan),
+            Err(e) => {
+                eprintln!("labvm: cannot use plan file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut vm = match LabVm::create(config, started) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let mut hook: Box<dyn LifecycleHook> = match &cli.hooks_socket {
+        Some(path) => {
+            let mut c = SocketHookConfig::new(path, VMM_NAME);
+            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
+            Box::new(SocketHook::new(c))
+        }
+        None => Box::new(NoCompanion),
+    };
+    let vm_id = cli
+        .vm_id
+        .clone()
+        .unwrap_or_else(|| format!("labvm-{}", std::process::id()));
+    let identity = lab_identity(&vm_id, &vm);
+    let stop: &dyn Fn() -> bool = &stop_requested;
+    let mut reporter = HookReporter::new(hook.as_mut(), identity).with_stop(stop);
+    reporter.created(&vm);
+    let result = vm.run(&mut reporter);
+    reporter.stopped(&result);
+    match result {
+        Ok(report) => {
+            match report.time_to_ready {
+                Some(t) => println!("ready after {:.1} ms", t.as_secs_f64() * 1e3),
+                None => println!("guest never signalled ready"),
+            }
+            if let Some(path) = &cli.report_json {
+                let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, json) {
+                    eprintln!("labvm: cannot write {}: {e}", path.display());
+                }
+            }
+            match report.stop {
+                StopReason::Exited(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
+                StopReason::Stopped => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
