@@ -140,7 +140,7 @@ fn emit(report: &EvalReport, json: Option<&Path>, plot: Option<&Path>) -> Result
         progress(&format!("wrote {}", j.display()));
     }
     if let Some(p) = plot {
-        write_plot_svg(p, &report.plots, &["model", "prev_24h", "ewma_sd"])?;
+        write_plot_svg(p, &report.plots, &["model", "prev_24h"])?;
         progress(&format!("wrote {}", p.display()));
     }
     Ok(())

@@ -173,9 +173,14 @@ pub fn write_plot_svg(path: &Path, plots: &[PlotSeries], show: &[&str]) -> Resul
                     let xb = x(dec.decision_slot as f64 + 12.5);
                     let _ = write!(d, "M{xa:.1},{:.1}L{xb:.1},{:.1}", y(v), y(v));
                 }
+                let dash = if dash.is_empty() {
+                    String::new()
+                } else {
+                    format!(r#" stroke-dasharray="{dash}""#)
+                };
                 let _ = writeln!(
                     svg,
-                    r#"<path d="{d}" stroke="{color}" stroke-opacity="{opacity}" stroke-dasharray="{dash}" fill="none" stroke-width="1.5"/>"#
+                    r#"<path d="{d}" stroke="{color}" stroke-opacity="{opacity}"{dash} fill="none" stroke-width="1.5"/>"#
                 );
             }
             let _ = writeln!(
