@@ -37,6 +37,9 @@ pub(crate) struct TrainArgs {
     /// Random seed.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Example weight = (series scale / file mean scale)^this.
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_power: f64,
     /// Training decisions every this many 5-minute slots.
     #[arg(long, default_value_t = 3)]
     pub stride: i64,
@@ -157,6 +160,7 @@ pub(crate) fn run_train(args: TrainArgs) -> Result<(), ModelsError> {
         seed: args.seed,
         shrink_pinball_tolerance: args.shrink_tolerance,
         stride_slots: args.stride,
+        weight_power: args.weight_power,
         ..TrainConfig::default()
     };
     let t = Instant::now();

@@ -39,6 +39,8 @@ pub struct TrainConfig {
     pub max_examples_per_dataset: usize,
     /// Random seed.
     pub seed: u64,
+    /// Example weight = (scale / dataset mean scale)^weight_power.
+    pub weight_power: f64,
     /// Training decisions every this many slots (12 = every full hour;
     /// smaller gives more, correlated, examples).
     pub stride_slots: i64,
@@ -60,6 +62,7 @@ impl Default for TrainConfig {
             max_examples_per_dataset: 200_000,
             seed: 7,
             stride_slots: 3,
+            weight_power: 1.0,
             shrink_pinball_tolerance: 0.01,
         }
     }
@@ -331,7 +334,11 @@ pub fn train(
         let mean_s = ex.scale.iter().sum::<f64>() / ex.len().max(1) as f64;
         let mut ex = ex;
         for (w, s) in ex.w.iter_mut().zip(&ex.scale) {
-            *w = narrow((s / mean_s.max(1e-12)).clamp(0.02, 50.0));
+            *w = narrow(
+                (s / mean_s.max(1e-12))
+                    .powf(cfg.weight_power)
+                    .clamp(0.02, 50.0),
+            );
         }
         append(&mut train_ex, ex);
         train_specs_all.extend(tr);
