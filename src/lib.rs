@@ -5,6 +5,20 @@
 //! with a boot plan. This crate holds the daemon's parts; the binary
 //! `prescient` wires them to a command line.
 
+pub mod bench;
+mod config;
+mod metrics;
 mod server;
+mod store;
+mod trace_capture;
+mod working_set;
 
+pub use config::{Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
+pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
+pub use trace_capture::{Capture, CaptureError, Touch, capture};
+pub use working_set::{
+    ChunkPrediction, FrequencyModel, MEMORY_BOOTS, PlanPolicy, WorkingSetModel, plan_from,
+    recall_precision,
+};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prescient::{HooksServer, ServerConfig};
+use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
@@ -20,19 +20,255 @@ struct Cli {
 enum Command {
     /// Run the companion daemon: listen for VMM lifecycle hooks.
     Serve(ServeArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig(CheckConfigArgs),
+    /// Record a real program's start-up memory touches as a labvm trace.
+    TraceCapture(TraceCaptureArgs),
+    /// Benchmarks that compare strategies side by side.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time to ready of lab guests on KVM under each pre-fault strategy.
+    Bootstrap(BootstrapBenchArgs),
+    /// Latency of serving boot plans from a store with many boots.
+    Store(StoreBenchArgs),
+    /// Simulated VM lifecycles through the hooks socket at a fixed rate.
+    Load(LoadBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadBenchArgs {
+    /// Lifecycles (created, before-boot, ready, boot-report, stopped) per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Client connections.
+    #[arg(long, default_value_t = 16)]
+    clients: u32,
+    /// Where the socket, store and event log go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct BootstrapBenchArgs {
+    /// The labvm binary (default: next to this program).
+    #[arg(long)]
+    labvm: Option<PathBuf>,
+    /// Repetitions of each strategy.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Pause before each run, ms (the same for every strategy).
+    #[arg(long, default_value_t = 2500)]
+    pause_ms: u64,
+    /// Profile and plan granularity, KiB.
+    #[arg(long, default_value_t = 4)]
+    chunk_kib: u64,
+    /// The recorded start-up trace.
+    #[arg(long, default_value = "data/traces/python-sympy-import.trace")]
+    trace: PathBuf,
+    /// Only these workloads (names as in the table).
+    #[arg(long)]
+    only: Vec<String>,
+    /// Where JSON and the SVG plot go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreBenchArgs {
+    /// Boots to store.
+    #[arg(long, default_value_t = 10_000)]
+    boots: u64,
+    /// Bootstrap keys they spread over.
+    #[arg(long, default_value_t = 100)]
+    keys: u64,
+    /// Plans served per case.
+    #[arg(long, default_value_t = 1000)]
+    lookups: u32,
+    /// Where the temporary store goes.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+}
+
+fn bench(cmd: BenchCommand) -> ExitCode {
+    use prescient::bench;
+    match cmd {
+        BenchCommand::Bootstrap(a) => {
+            let labvm = a.labvm.clone().unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("labvm")))
+                    .unwrap_or_else(|| PathBuf::from("labvm"))
+            });
+            let mut workloads = bench::BootstrapBench::default_workloads(&a.trace);
+            if !a.only.is_empty() {
+                workloads.retain(|w| a.only.contains(&w.name));
+            }
+            let b = bench::BootstrapBench {
+                labvm,
+                reps: a.reps.max(1),
+                pause: std::time::Duration::from_millis(a.pause_ms),
+                chunk: a.chunk_kib.max(4) * 1024,
+                workloads,
+                out: a.out.clone(),
+            };
+            match b
+                .run()
+                .and_then(|r| bench::write_bootstrap_outputs(&a.out, &r).map(|f| (r, f)))
+            {
+                Ok((results, (json, svg))) => {
+                    println!("{}", bench::bootstrap_table(&results, b.reps, b.chunk));
+                    println!("JSON: {}\nplot: {}", json.display(), svg.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Load(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients) {
+                Ok(r) => {
+                    println!("{}", bench::load_table(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Store(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            match bench::store_bench(&a.dir, a.boots, a.keys, a.lookups) {
+                Ok(rows) => {
+                    println!("{}", bench::store_table(&rows));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct TraceCaptureArgs {
+    /// Where to write the trace.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling interval in microseconds.
+    #[arg(long, default_value_t = 500)]
+    interval_us: u64,
+    /// Stop the program after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    limit_s: u64,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn trace_capture(args: TraceCaptureArgs) -> ExitCode {
+    let interval = std::time::Duration::from_micros(args.interval_us.max(50));
+    let result = prescient::capture(
+        &args.command,
+        interval,
+        std::time::Duration::from_secs(args.limit_s),
+    )
+    .and_then(|c| c.write(&args.out, interval).map(|()| c));
+    match result {
+        Ok(c) => {
+            println!(
+                "{} pages ({:.1} MiB) first touched over {:.0} ms in {} samples; exit status {:?}; trace written to {}",
+                c.touches.len(),
+                c.touches.len() as f64 / 256.0,
+                c.wall_ms,
+                c.samples,
+                c.status,
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// The hooks socket VMMs connect to.
-    #[arg(long, default_value = "/run/prescient/hooks.sock")]
-    socket: PathBuf,
+    /// The configuration file (TOML; see deploy/prescient.toml). Flags below
+    /// override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The hooks socket VMMs connect to [default: /run/prescient/hooks.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// Append every received event to this file as JSON lines.
     #[arg(long)]
     event_log: Option<PathBuf>,
     /// Also allow this user id to connect (root and the daemon's own user always may).
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// The profile store (an SQLite file, created if missing)
+    /// [default: /var/lib/prescient/prescient.db].
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Run without a profile store (plans stay empty).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckConfigArgs {
+    /// The configuration file.
+    path: PathBuf,
+}
+
+/// The configuration: the file (or the defaults), then the flags.
+fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> {
+    let mut c = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(s) = &args.socket {
+        c.daemon.socket = s.clone();
+    }
+    if args.event_log.is_some() {
+        c.daemon.event_log = args.event_log.clone();
+    }
+    c.daemon.allow_uids.extend(&args.allow_uid);
+    if let Some(s) = &args.store {
+        c.store.path = s.clone();
+        c.store.enabled = true;
+    }
+    if args.no_store {
+        c.store.enabled = false;
+    }
+    if args.metrics_listen.is_some() {
+        c.daemon.metrics_listen = args.metrics_listen;
+    }
+    Ok(c)
 }
 
 fn init_logging() {
@@ -46,9 +282,27 @@ fn init_logging() {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let mut config = ServerConfig::new(args.socket);
-    config.event_log = args.event_log;
-    config.allowed_uids = args.allow_uid;
+    let c = match effective_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let mut config = ServerConfig::new(c.daemon.socket.clone());
+    config.event_log = c.daemon.event_log.clone();
+    config.allowed_uids = c.daemon.allow_uids.clone();
+    config.policy = c.store_policy();
+    if c.store.enabled {
+        if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("prescient: cannot create {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        config.store = Some(c.store.path.clone());
+    }
+    let metrics = std::sync::Arc::clone(&config.metrics);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -69,6 +323,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = c.daemon.metrics_listen {
+            let rx = rx.clone();
+            let listener = tokio::spawn(prescient::serve_metrics(addr, metrics, rx));
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = listener.await {
+                    tracing::error!("metrics endpoint on {addr} failed: {e}");
+                }
+            });
+        }
         tokio::spawn(async move {
             wait_for_shutdown_signal().await;
             tracing::info!("shutting down");
@@ -103,5 +366,17 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(a) => match Config::load(&a.path) {
+            Ok(c) => {
+                println!("{}", toml::to_string_pretty(&c).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                ExitCode::from(2)
+            }
+        },
+        Command::TraceCapture(args) => trace_capture(args),
+        Command::Bench(cmd) => bench(cmd),
     }
 }

@@ -16,6 +16,9 @@ use tokio::sync::{Semaphore, watch};
 use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
 use vmm_hooks::{BootPlan, Event, EventKind, HookReply, error_chain};
 
+use crate::metrics::Metrics;
+use crate::store::{ProfileKey, ProfileStore, StoreError, StorePolicy};
+
 /// What can go wrong running the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,6 +38,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The profile store could not be opened.
+    #[error("cannot open the profile store")]
+    Store(#[from] StoreError),
     /// The event log could not be opened.
     #[error("cannot open event log {path}")]
     EventLog {
@@ -59,6 +65,12 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// Most VMM connections served at once.
     pub max_connections: usize,
+    /// The profile store (SQLite file); without one, plans are empty.
+    pub store: Option<PathBuf>,
+    /// What the store keeps and how it plans.
+    pub policy: StorePolicy,
+    /// Where the daemon counts what it does.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ServerConfig {
@@ -70,6 +82,9 @@ impl ServerConfig {
             allowed_uids: Vec::new(),
             frame_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            store: None,
+            policy: StorePolicy::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -90,6 +105,7 @@ struct State {
     /// Last sequence number seen per VM, to spot lost or reordered events.
     last_seq: HashMap<String, u64>,
     log: Option<BufWriter<File>>,
+    store: Option<ProfileStore>,
 }
 
 /// The hooks server.
@@ -103,6 +119,11 @@ pub struct HooksServer {
 impl HooksServer {
     /// Binds the socket (mode 0600) and opens the event log.
     pub fn bind(config: ServerConfig) -> Result<Self, ServeError> {
+        // Everything that can fail on bad configuration is checked before
+        // the socket appears.
+        if let Some(p) = &config.store {
+            drop(ProfileStore::open(p, config.policy.clone())?);
+        }
         let path = config.socket.clone();
         prepare_socket_path(&path)?;
         let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind {
@@ -128,12 +149,24 @@ impl HooksServer {
             )),
             None => None,
         };
+        let store = match &config.store {
+            Some(p) => {
+                let s = ProfileStore::open(p, config.policy.clone())?;
+                tracing::info!(store = %p.display(), boots = s.boot_rows().unwrap_or(0), "profile store open");
+                Some(s)
+            }
+            None => {
+                tracing::warn!("no profile store configured: boot plans stay empty");
+                None
+            }
+        };
         tracing::info!(socket = %path.display(), "listening for VMM hooks");
         Ok(HooksServer {
             config,
             listener,
             state: Arc::new(Mutex::new(State {
                 log,
+                store,
                 ..State::default()
             })),
         })
@@ -157,13 +190,16 @@ impl HooksServer {
                     };
                     let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
                         tracing::warn!("too many VMM connections; refusing one");
+                        Metrics::inc(&self.config.metrics.rejected, "too-many-connections");
                         continue;
                     };
                     let state = Arc::clone(&self.state);
                     let config = self.config.clone();
                     let rx = shutdown.clone();
                     tokio::spawn(async move {
+                        config.metrics.connections.inc();
                         handle_connection(stream, &config, own_uid, &state, rx).await;
+                        config.metrics.connections.dec();
                         drop(permit);
                     });
                 }
@@ -256,6 +292,7 @@ async fn handle_connection(
                     "bad frame from VMM ({}); disconnecting",
                     error_chain(&e)
                 );
+                Metrics::inc(&config.metrics.rejected, reject_reason(&e));
                 let _ = send(
                     &mut stream,
                     &Message::Error {
@@ -272,9 +309,10 @@ async fn handle_connection(
                 peer = p;
                 continue;
             }
-            Message::Event(event) => record(state, &peer, event),
+            Message::Event(event) => record(state, &config.metrics, &peer, event),
             other => {
                 let name = other.type_name();
+                Metrics::inc(&config.metrics.rejected, "unexpected-message");
                 tracing::error!(peer, "unexpected {name} message from VMM; disconnecting");
                 let _ = send(
                     &mut stream,
@@ -297,8 +335,22 @@ async fn handle_connection(
     }
 }
 
+/// The metric label of a rejected frame.
+fn reject_reason(e: &ProtoError) -> &'static str {
+    match e {
+        ProtoError::BadMagic(_) => "bad-magic",
+        ProtoError::Version { .. } => "version",
+        ProtoError::TooLarge { .. } => "too-large",
+        ProtoError::Body(_) => "malformed",
+        ProtoError::Truncated { .. } => "truncated",
+        ProtoError::Timeout => "timeout",
+        _ => "io",
+    }
+}
+
 /// Logs and records one event; answers it.
-fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
+fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> HookReply {
+    Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -323,12 +375,41 @@ fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
     }
     st.last_seq.insert(vm.clone(), event.seq);
     tracing::info!(vm, seq = event.seq, event = event.kind.name(), "VM event");
-    let reply = match event.kind {
-        EventKind::BeforeBoot { .. } => HookReply::Plan(BootPlan::made_by(concat!(
-            "prescient ",
-            env!("CARGO_PKG_VERSION"),
-            ": no profile for this key yet (boot as usual)"
-        ))),
+    let key = ProfileKey {
+        image: event.vm.image_digest.clone(),
+        package: event.vm.package_digest.clone(),
+    };
+    let reply = match &event.kind {
+        EventKind::BeforeBoot { .. } => {
+            let plan = plan_for(st.store.as_ref(), &key);
+            let kind = match (&plan.prefault, &plan.profile) {
+                (Some(_), _) => "prefault",
+                (None, Some(_)) => "profile-only",
+                (None, None) => "empty",
+            };
+            Metrics::inc(&metrics.plans, kind);
+            HookReply::Plan(plan)
+        }
+        EventKind::Ready { time_to_ready_ms } => {
+            metrics.time_to_ready.observe(time_to_ready_ms / 1e3);
+            HookReply::Ack
+        }
+        EventKind::BootReport(report) => {
+            if let Some(store) = st.store.as_mut() {
+                let at = i64::try_from(event.at_unix_ms).unwrap_or(i64::MAX);
+                match store.record_boot(&key, &vm, at, report) {
+                    Ok(id) => {
+                        metrics.boots_recorded.inc();
+                        tracing::debug!(vm, id, "boot recorded");
+                    }
+                    Err(e) => {
+                        metrics.store_errors.inc();
+                        tracing::error!(vm, "cannot record the boot: {}", error_chain(&e));
+                    }
+                }
+            }
+            HookReply::Ack
+        }
         EventKind::Stopped { .. } => {
             st.last_seq.remove(&vm);
             HookReply::Ack
@@ -350,6 +431,19 @@ fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
         }
     }
     reply
+}
+
+/// The boot plan for a key, or an empty one (boot as usual) without a
+/// readable store.
+fn plan_for(store: Option<&ProfileStore>, key: &ProfileKey) -> BootPlan {
+    const WHO: &str = concat!("prescient ", env!("CARGO_PKG_VERSION"));
+    let Some(store) = store else {
+        return BootPlan::made_by(format!("{WHO}: no profile store (boot as usual)"));
+    };
+    store.boot_plan(key).unwrap_or_else(|e| {
+        tracing::error!("cannot read the profile store: {}", error_chain(&e));
+        BootPlan::made_by(format!("{WHO}: profile store unreadable (boot as usual)"))
+    })
 }
 
 fn unix_ms() -> u64 {

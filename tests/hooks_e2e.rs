@@ -2,96 +2,22 @@
 //! over the hooks socket; plus hostile socket peers against the same server.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
 use std::io::{Read, Write};
+
+use common::Server;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use labvm::testing::kvm_or_skip;
 use labvm::{HookReporter, LabVm, LabVmConfig, StopReason, VMM_NAME, Workload, lab_identity};
-use prescient::EventRecord;
 use vmm_hooks::proto::{self, MAGIC, Message, PROTOCOL_VERSION};
 use vmm_hooks::{
     Event, EventKind, HookReply, LifecycleHook, SocketHook, SocketHookConfig, VmIdentity,
 };
-
-/// A `prescient serve` child process; killed (SIGTERM) on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hooks.sock");
-        let log = dir.path().join("events.jsonl");
-        let child = Command::new(env!("CARGO_BIN_EXE_prescient"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--event-log")
-            .arg(&log)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server {
-            child,
-            socket,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn events(&self) -> Vec<EventRecord> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// SIGTERM, wait, return stderr.
-    fn stop(mut self) -> String {
-        // SAFETY: kill with a valid pid of our own child and a valid signal.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "serve exited with {status}: {err}");
-        assert!(!self.socket.exists(), "socket left behind after shutdown");
-        err
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_lab_vm(hook: &mut dyn LifecycleHook, vm_id: &str) -> StopReason {
     let mut config = LabVmConfig::new(
@@ -117,7 +43,7 @@ fn hw_kvm_labvm_events_reach_prescient_serve_in_order() {
     if !kvm_or_skip("hw_kvm_labvm_events_reach_prescient_serve_in_order") {
         return;
     }
-    let server = Server::start();
+    let server = Server::start_with(false);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&server.socket)
         .unwrap()
@@ -200,7 +126,7 @@ fn is_error(m: Option<Message>, needle: &str) -> bool {
 
 #[test]
 fn serve_disconnects_bad_peers_and_keeps_serving() {
-    let mut server = Server::start();
+    let mut server = Server::start_with(false);
     let s = server.socket.clone();
     assert!(is_error(
         poke(&s, b"GET / HTTP/1.1\r\n\r\n", false),
@@ -246,9 +172,9 @@ fn serve_disconnects_bad_peers_and_keeps_serving() {
 
 #[test]
 fn serve_refuses_to_replace_a_live_socket_or_a_regular_file() {
-    let server = Server::start();
+    let server = Server::start_with(false);
     let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-store", "--socket"])
         .arg(&server.socket)
         .output()
         .unwrap();
@@ -258,7 +184,7 @@ fn serve_refuses_to_replace_a_live_socket_or_a_regular_file() {
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, "x").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-store", "--socket"])
         .arg(&file)
         .output()
         .unwrap();

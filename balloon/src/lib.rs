@@ -11,5 +11,6 @@
 mod prefault;
 
 pub use prefault::{
-    HostMapping, PrefaultError, PrefetchStats, Prefetcher, populate, populate_plan, validate_ranges,
+    HostMapping, PrefaultError, PrefetchStats, Prefetcher, populate, populate_plan, resident_bytes,
+    validate_ranges,
 };

@@ -136,6 +136,18 @@ impl HostMapping {
     }
 }
 
+/// Bytes of guest RAM resident in host memory now (mincore over the mapping).
+pub fn resident_bytes(map: &HostMapping) -> Option<u64> {
+    let mut total = 0u64;
+    let mut start = 0u64;
+    while start < map.len {
+        let len = STEP.min(map.len - start);
+        total += map.resident(start, len)?.iter().filter(|&&b| b).count() as u64 * PAGE;
+        start += len;
+    }
+    Some(total)
+}
+
 /// Makes `[start, start+len)` of guest RAM resident and writable now
 /// (`MADV_POPULATE_WRITE`), optionally asking for huge pages first.
 pub fn populate(
@@ -184,8 +196,11 @@ pub struct PrefetchStats {
     pub extended_bytes: u64,
     /// Time spent populating.
     pub busy: Duration,
-    /// Misses seen: chunks the guest made resident that the plan did not name.
+    /// Misses seen: pages the guest made resident that the plan did not name.
     pub misses: u64,
+    /// Bytes of planned steps skipped because the guest had already made
+    /// most of them resident (it caught up with the thread).
+    pub skipped_bytes: u64,
     /// The first error, after which the thread stopped (the guest goes on faulting lazily).
     pub error: Option<String>,
 }
@@ -203,20 +218,35 @@ pub struct Prefetcher {
 const STEP: u64 = 2 << 20;
 
 impl Prefetcher {
-    /// Starts prefetching `ranges` (validated first), then `extend` on misses.
+    /// Validates `ranges` and `extend`, populates the first `head_bytes` of
+    /// `ranges` now (before the guest runs), then starts a thread for the
+    /// rest and, on misses, `extend`.
     pub fn spawn(
         map: HostMapping,
         ranges: Vec<GuestRange>,
         extend: Vec<GuestRange>,
         hugepages: bool,
+        head_bytes: u64,
     ) -> Result<Self, PrefaultError> {
         validate_ranges(&map, &ranges)?;
         validate_ranges(&map, &extend)?;
+        // Snapshot before anything is populated: what is resident now was
+        // put there by the VMM, not by the guest.
+        let expected = Residency::snapshot(&map);
+        let t = Instant::now();
+        let (head, rest) = split_at_bytes(&ranges, head_bytes);
+        let head_done = populate_plan(&map, &head, hugepages)?;
+        let head_time = t.elapsed();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("prefetch".into())
-            .spawn(move || prefetch(&map, &ranges, &extend, hugepages, &flag))
+            .spawn(move || {
+                let mut stats = prefetch(&map, expected, &ranges, &rest, &extend, hugepages, &flag);
+                stats.planned_bytes += head_done;
+                stats.busy += head_time;
+                stats
+            })
             .map_err(PrefaultError::Thread)?;
         Ok(Prefetcher {
             stop,
@@ -251,6 +281,31 @@ impl Drop for Prefetcher {
     }
 }
 
+/// The first `bytes` of `ranges` (in order) and what is left.
+fn split_at_bytes(ranges: &[GuestRange], bytes: u64) -> (Vec<GuestRange>, Vec<GuestRange>) {
+    let (mut head, mut rest) = (Vec::new(), Vec::new());
+    let mut left = bytes / PAGE * PAGE;
+    for r in ranges {
+        if left >= r.len {
+            head.push(*r);
+            left -= r.len;
+        } else if left > 0 {
+            head.push(GuestRange {
+                start: r.start,
+                len: left,
+            });
+            rest.push(GuestRange {
+                start: r.start + left,
+                len: r.len - left,
+            });
+            left = 0;
+        } else {
+            rest.push(*r);
+        }
+    }
+    (head, rest)
+}
+
 /// Splits ranges into steps of at most STEP bytes, in order.
 fn steps(ranges: &[GuestRange]) -> impl Iterator<Item = GuestRange> + '_ {
     ranges.iter().flat_map(|r| {
@@ -267,21 +322,19 @@ fn steps(ranges: &[GuestRange]) -> impl Iterator<Item = GuestRange> + '_ {
 
 fn prefetch(
     map: &HostMapping,
+    mut expected: Residency,
     ranges: &[GuestRange],
+    todo: &[GuestRange],
     extend: &[GuestRange],
     hugepages: bool,
     stop: &AtomicBool,
 ) -> PrefetchStats {
     let mut stats = PrefetchStats::default();
-    // Chunks already resident before the guest runs (written by the VMM
-    // while loading it) are not the guest's misses.
-    let mut seen_miss: Vec<bool> = (0..map.len.div_ceil(STEP))
-        .map(|c| {
-            let start = c * STEP;
-            map.resident(start, STEP.min(map.len - start))
-                .is_some_and(|v| v.iter().any(|&b| b))
-        })
-        .collect();
+    // Pages that are resident because of the VMM (loading the guest) or of
+    // the plan are expected; any other resident page is a guest miss.
+    for r in ranges {
+        expected.mark(*r);
+    }
     let work = |r: GuestRange, stats: &mut PrefetchStats| -> bool {
         let t = Instant::now();
         let res = populate(map, r, hugepages);
@@ -294,61 +347,102 @@ fn prefetch(
             }
         }
     };
-    for r in steps(ranges) {
-        if stop.load(Ordering::Relaxed) || !work(r, &mut stats) {
+    for r in steps(todo) {
+        if stop.load(Ordering::Relaxed) {
+            return stats;
+        }
+        // Where the guest got first, faulting again only competes with it
+        // for the same page-table locks: skip ahead.
+        let done = map
+            .resident(r.start, r.len)
+            .map_or(0, |v| v.iter().filter(|&&b| b).count() as u64);
+        if done * PAGE * 2 > r.len {
+            stats.skipped_bytes += r.len;
+            continue;
+        }
+        if !work(r, &mut stats) {
             return stats;
         }
         stats.planned_bytes += r.len;
     }
-    // The plan is done: watch for chunks the guest makes resident outside it.
-    let planned: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.start + r.len)).collect();
-    let in_plan = |a: u64| planned.iter().any(|&(s, e)| a >= s && a < e);
-    let mut extend_iter = steps(extend).filter(|r| !in_plan(r.start));
+    // The plan is done: each time the guest writes outside it, take on the
+    // next most likely range the plan left out.
+    let mut queue = extend.iter().copied();
     while !stop.load(Ordering::Relaxed) {
-        let mut new_misses = Vec::new();
-        let mut chunk = 0u64;
-        while chunk * STEP < map.len {
-            let start = chunk * STEP;
-            let len = STEP.min(map.len - start);
-            let idx = usize::try_from(chunk).unwrap_or(usize::MAX);
-            if !in_plan(start) && !seen_miss.get(idx).copied().unwrap_or(true) {
-                // A chunk counts as a miss once some of its pages are resident.
-                if map
-                    .resident(start, len)
-                    .is_some_and(|v| v.iter().any(|&b| b))
-                {
-                    seen_miss[idx] = true;
-                    new_misses.push(start);
-                }
-            }
-            chunk += 1;
-        }
-        stats.misses += new_misses.len() as u64;
-        for m in new_misses {
-            // Sequential locality: the chunk after a miss is likely next.
-            let next = m + STEP;
-            if next < map.len && !in_plan(next) {
-                let idx = usize::try_from(next / STEP).unwrap_or(usize::MAX);
-                let len = STEP.min(map.len - next);
-                if !work(GuestRange { start: next, len }, &mut stats) {
+        let misses = expected.new_misses(map);
+        stats.misses += misses;
+        for _ in 0..misses {
+            let Some(r) = queue.next() else { break };
+            expected.mark(r);
+            for step in steps(std::slice::from_ref(&r)) {
+                if stop.load(Ordering::Relaxed) {
                     return stats;
                 }
-                stats.extended_bytes += len;
-                if let Some(s) = seen_miss.get_mut(idx) {
-                    *s = true;
-                }
-            }
-            // And the most likely ranges the plan left out.
-            if let Some(r) = extend_iter.next() {
-                if !work(r, &mut stats) {
+                if !work(step, &mut stats) {
                     return stats;
                 }
-                stats.extended_bytes += r.len;
+                stats.extended_bytes += step.len;
             }
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     stats
+}
+
+/// Which pages of guest RAM are expected to be resident.
+struct Residency {
+    pages: Vec<bool>,
+}
+
+impl Residency {
+    /// What is resident now.
+    fn snapshot(map: &HostMapping) -> Self {
+        let mut pages = Vec::with_capacity(usize::try_from(map.len / PAGE).unwrap_or(0));
+        let mut start = 0;
+        while start < map.len {
+            let len = STEP.min(map.len - start);
+            match map.resident(start, len) {
+                Some(v) => pages.extend(v),
+                None => pages.extend(std::iter::repeat_n(
+                    true,
+                    usize::try_from(len / PAGE).unwrap_or(0),
+                )),
+            }
+            start += len;
+        }
+        Residency { pages }
+    }
+
+    fn mark(&mut self, r: GuestRange) {
+        let first = usize::try_from(r.start / PAGE).unwrap_or(usize::MAX);
+        let n = usize::try_from(r.len.div_ceil(PAGE)).unwrap_or(0);
+        for p in self.pages.iter_mut().skip(first).take(n) {
+            *p = true;
+        }
+    }
+
+    /// Counts resident pages not expected, and expects them from now on.
+    fn new_misses(&mut self, map: &HostMapping) -> u64 {
+        let mut misses = 0;
+        let mut start = 0;
+        while start < map.len {
+            let len = STEP.min(map.len - start);
+            let first = usize::try_from(start / PAGE).unwrap_or(usize::MAX);
+            if let Some(v) = map.resident(start, len) {
+                for (i, resident) in v.into_iter().enumerate() {
+                    if let Some(e) = self.pages.get_mut(first + i)
+                        && resident
+                        && !*e
+                    {
+                        *e = true;
+                        misses += 1;
+                    }
+                }
+            }
+            start += len;
+        }
+        misses
+    }
 }
 
 #[cfg(test)]
@@ -467,7 +561,9 @@ mod tests {
             start: 24 * MIB,
             len: 2 * MIB,
         }];
-        let p = Prefetcher::spawn(m, plan, extend, false).unwrap();
+        let p = Prefetcher::spawn(m, plan, extend, false, MIB).unwrap();
+        // The head start is populated before spawn returns.
+        assert_eq!(resident_pages(&m, 8 * MIB, MIB), 256);
         // Wait for the plan, then touch a page outside it, as a guest would.
         let t = Instant::now();
         while resident_pages(&m, 8 * MIB, 4 * MIB) < 1024 {
@@ -478,9 +574,7 @@ mod tests {
         let page = unsafe { a.ptr.add(16 << 20) };
         // SAFETY: `page` points into the live, writable mapping owned by `a`.
         unsafe { page.write_volatile(1) };
-        while resident_pages(&m, 18 * MIB, 2 * MIB) < 512
-            || resident_pages(&m, 24 * MIB, 2 * MIB) < 512
-        {
+        while resident_pages(&m, 24 * MIB, 2 * MIB) < 512 {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "no extension after a miss"
@@ -489,9 +583,46 @@ mod tests {
         }
         let stats = p.stop();
         assert_eq!(stats.planned_bytes, 4 * MIB);
-        assert_eq!(stats.extended_bytes, 4 * MIB);
+        assert_eq!(stats.extended_bytes, 2 * MIB);
         assert_eq!(stats.misses, 1);
+        // Nothing else was populated: the plan, the extension, the one page.
+        assert_eq!(resident_pages(&m, 0, 32 * MIB), 1024 + 512 + 1);
         assert!(stats.error.is_none());
+    }
+
+    #[test]
+    fn head_start_splits_the_plan_in_order() {
+        let r = [
+            GuestRange {
+                start: 0,
+                len: 3 * MIB,
+            },
+            GuestRange {
+                start: 10 * MIB,
+                len: MIB,
+            },
+        ];
+        let (h, t) = split_at_bytes(&r, 3 * MIB + 4096);
+        assert_eq!(
+            h,
+            vec![
+                r[0],
+                GuestRange {
+                    start: 10 * MIB,
+                    len: 4096
+                }
+            ]
+        );
+        assert_eq!(
+            t,
+            vec![GuestRange {
+                start: 10 * MIB + 4096,
+                len: MIB - 4096
+            }]
+        );
+        let (h, t) = split_at_bytes(&r, 0);
+        assert!(h.is_empty());
+        assert_eq!(t, r.to_vec());
     }
 
     #[test]

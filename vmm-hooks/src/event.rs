@@ -253,6 +253,15 @@ pub struct PrefaultPlan {
     /// Ask for transparent huge pages on the guest mapping first.
     #[serde(default)]
     pub hugepages: bool,
+    /// Concurrent mode: the share (percent) of the planned bytes populated
+    /// before the vCPUs start, so the guest's first touches find memory
+    /// ready and the prefetch thread starts ahead of it.
+    #[serde(default = "default_head_start")]
+    pub head_start_pct: u32,
+}
+
+fn default_head_start() -> u32 {
+    25
 }
 
 impl PrefaultPlan {
@@ -263,6 +272,7 @@ impl PrefaultPlan {
             ranges,
             extend: Vec::new(),
             hugepages: false,
+            head_start_pct: default_head_start(),
         }
     }
 
@@ -371,6 +381,9 @@ pub struct BootReport {
     pub major_faults: u64,
     /// Resident set of the VMM process at ready, in KiB.
     pub rss_kib: u64,
+    /// Guest RAM resident in host memory at ready, in KiB.
+    #[serde(default)]
+    pub guest_resident_kib: u64,
     /// Whether a non-empty plan was applied (false: none, or rolled back).
     pub plan_applied: bool,
     /// What pre-faulting did, if the plan asked for it.

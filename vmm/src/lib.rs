@@ -17,6 +17,7 @@
 //! labvm does not decide policy: it applies plans the companion sends.
 
 mod boot;
+mod cpu;
 mod guest;
 mod hooks;
 mod labdev;

@@ -476,32 +476,7 @@ fn run_vcpu(
 fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), LinuxError> {
     let kvm_err = |op| move |source| LinuxError::Kvm { op, source };
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x08,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment {
-        selector: 0x10,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    let code = crate::cpu::flat_long_mode_segments(&mut sregs, 0, 0x08, 0x10);
     sregs.tr = kvm_segment {
         selector: 0x18,
         type_: 0xb,

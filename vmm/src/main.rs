@@ -23,7 +23,7 @@ struct Cli {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
-    /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH,
+    /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH[:COMPUTE_PCT],
     /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready.
     #[arg(long, default_value = "seq:64")]
     workload: String,
@@ -47,6 +47,9 @@ struct Cli {
     /// companion's.
     #[arg(long)]
     plan_file: Option<PathBuf>,
+    /// Seed of the per-boot variation of rand workloads (default: from the clock).
+    #[arg(long)]
+    nonce: Option<u64>,
     /// Pre-warmed instance: apply the plan before the start request (time
     /// to ready then counts from after it).
     #[arg(long)]
@@ -111,9 +114,21 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
             nonce: boot_nonce(),
         },
         "trace" => {
-            let path = spec.strip_prefix("trace:").unwrap_or_default();
+            // trace:PATH or trace:PATH:COMPUTE_PCT (a path may hold colons).
+            let rest = spec.strip_prefix("trace:").unwrap_or_default();
+            let (path, pct) = match rest.rsplit_once(':') {
+                Some((p, pct)) if !pct.is_empty() && pct.bytes().all(|b| b.is_ascii_digit()) => (
+                    p,
+                    pct.parse::<u32>()
+                        .map_err(|_| format!("bad compute percentage in {spec:?}"))?,
+                ),
+                _ => (rest, 100),
+            };
             return Trace::load(std::path::Path::new(path))
-                .map(Workload::Trace)
+                .map(|mut t| {
+                    t.compute_pct = pct;
+                    Workload::Trace(t)
+                })
                 .map_err(|e| e.to_string());
         }
         "dirty" => Workload::Dirty {
@@ -171,6 +186,17 @@ fn main() -> ExitCode {
         return boot_linux(&cli, kernel);
     }
     let workload = match parse_workload(&cli.workload) {
+        Ok(Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce,
+        }) => Workload::Random {
+            touch_mib,
+            seed,
+            vary_pct,
+            nonce: cli.nonce.unwrap_or(nonce),
+        },
         Ok(w) => w,
         Err(e) => {
             eprintln!("labvm: {e}");

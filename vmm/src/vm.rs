@@ -449,8 +449,9 @@ impl LabVm {
             report.minor_faults = minor;
             report.major_faults = major;
         }
-        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
         report.prefault = applied.finish();
+        report.rss_kib = sys::process_rss_bytes().unwrap_or(0) / 1024;
+        report.guest_resident_kib = balloon::resident_bytes(&self.mapping()).unwrap_or(0) / 1024;
         report.plan_applied = plan_applied
             && report
                 .prefault
@@ -484,6 +485,17 @@ impl LabVm {
                 }
             }
             let mut st = lock(&shared.state);
+            // Ready is handled before the outcome: a guest may signal ready
+            // and exit before this thread wakes, and its boot still counts.
+            if let Some(at) = st.ready_at.filter(|_| !told_ready) {
+                told_ready = true;
+                let tids = st.tids.clone();
+                drop(st);
+                let elapsed = at.saturating_duration_since(self.started);
+                let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
+                observer.ready(elapsed, &report);
+                continue;
+            }
             if let Some(outcome) = st.outcome.take() {
                 return outcome;
             }
@@ -516,20 +528,13 @@ impl LabVm {
                 Some(_) => tick,
             }
             .min(tick);
-            st = shared
-                .cv
-                .wait_timeout(st, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-            let newly_ready = st.ready_at.filter(|_| !told_ready);
-            let tids = st.tids.clone();
-            drop(st);
-            if let Some(at) = newly_ready {
-                told_ready = true;
-                let elapsed = at.saturating_duration_since(self.started);
-                let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
-                observer.ready(elapsed, &report);
-            }
+            drop(
+                shared
+                    .cv
+                    .wait_timeout(st, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0),
+            );
             if observer.should_stop() {
                 return Ok(StopReason::Stopped);
             }
@@ -769,32 +774,7 @@ fn fault_error(id: u32, vector: u64, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Vm
 fn setup_vcpu(vcpu: &VcpuFd, index: u64, header: ProgramHeader) -> Result<(), VmmError> {
     let kvm = |op| move |source| VmmError::Kvm { op, source };
     let mut sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector: gdt::USER_CS,
-        type_: 0xB,
-        present: 1,
-        dpl: 3,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment {
-        selector: gdt::USER_DS,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    crate::cpu::flat_long_mode_segments(&mut sregs, 3, gdt::USER_CS, gdt::USER_DS);
     sregs.tr = kvm_segment {
         base: layout::TSS_BASE + index * layout::TSS_STRIDE,
         limit: 0x67,

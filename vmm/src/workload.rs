@@ -89,7 +89,8 @@ impl Workload {
                 0 => format!("rand-{touch_mib}M-s{seed}"),
                 v => format!("rand-{touch_mib}M-s{seed}-v{v}"),
             },
-            Workload::Trace(t) => format!("trace-{}", t.name),
+            Workload::Trace(t) if t.compute_pct == 100 => format!("trace-{}", t.name),
+            Workload::Trace(t) => format!("trace-{}-c{}", t.name, t.compute_pct),
             Workload::Dirty { pages_per_sec, .. } => format!("dirty-{pages_per_sec}pps"),
             Workload::FaultInvalidOpcode => "fault-ud".into(),
             Workload::FaultPageFault => "fault-pf".into(),
@@ -136,6 +137,14 @@ pub struct Trace {
     pub name: String,
     /// The touches, offsets relative to the workload area.
     pub runs: Vec<TouchRun>,
+    /// Percentage of the recorded compute to replay (100: as recorded;
+    /// 0: the touch order alone).
+    #[serde(default = "hundred")]
+    pub compute_pct: u32,
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 impl Trace {
@@ -191,6 +200,7 @@ impl Trace {
         Ok(Trace {
             name: name.to_string(),
             runs,
+            compute_pct: 100,
         })
     }
 
@@ -296,7 +306,8 @@ impl WorkloadPlan {
                 for (k, run) in t.runs.iter().enumerate() {
                     lists[k % nl].push(TouchRun {
                         gpa: area_start + run.gpa,
-                        ..*run
+                        pages: run.pages,
+                        compute_us: run.compute_us * u64::from(t.compute_pct) / 100,
                     });
                 }
             }

@@ -1,0 +1,121 @@
+//! Helpers shared by the end-to-end tests: a real `prescient serve` process.
+#![allow(dead_code, clippy::unwrap_used)] // each test crate uses part of this
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prescient::EventRecord;
+
+/// A `prescient serve` child process in its own temporary directory, with
+/// an event log and, unless asked otherwise, a profile store. Killed on drop.
+pub struct Server {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub store: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `prescient serve` with a store and an event log.
+    pub fn start() -> Server {
+        Server::start_with(true)
+    }
+
+    /// Starts it with or without a profile store.
+    pub fn start_with(store: bool) -> Server {
+        Server::start_args(store, &[])
+    }
+
+    /// Starts it with or without a store and with extra arguments.
+    pub fn start_args(store: bool, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("hooks.sock");
+        let log = dir.path().join("events.jsonl");
+        let store_path = dir.path().join("store.db");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_prescient"));
+        cmd.args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--event-log")
+            .arg(&log);
+        if store {
+            cmd.arg("--store").arg(&store_path);
+        } else {
+            cmd.arg("--no-store");
+        }
+        cmd.args(extra);
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server {
+            child,
+            socket,
+            log,
+            store: store_path,
+            _dir: dir,
+        }
+    }
+
+    /// The events the server logged so far.
+    pub fn events(&self) -> Vec<EventRecord> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGTERM, wait for a clean exit, return what it logged.
+    pub fn stop(mut self) -> String {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill with the pid of our own live child and a valid signal.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let err = self.stderr();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "serve exited with {status}: {err}");
+        assert!(!self.socket.exists(), "socket left behind after shutdown");
+        err
+    }
+
+    /// SIGKILL (no shutdown path runs), return what it logged.
+    pub fn kill(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stderr()
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
