@@ -6,6 +6,7 @@
 //! `prescient` wires them to a command line.
 
 pub mod bench;
+pub mod libvirt;
 mod server;
 mod store;
 mod trace_capture;
