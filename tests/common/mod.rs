@@ -27,6 +27,11 @@ impl Server {
 
     /// Starts it with or without a profile store.
     pub fn start_with(store: bool) -> Server {
+        Server::start_with_args(store, &[])
+    }
+
+    /// Starts it with or without a profile store, with more arguments.
+    pub fn start_with_args(store: bool, extra: &[&std::ffi::OsStr]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("hooks.sock");
         let log = dir.path().join("events.jsonl");
@@ -41,6 +46,7 @@ impl Server {
         } else {
             cmd.arg("--no-store");
         }
+        cmd.args(extra);
         let child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
