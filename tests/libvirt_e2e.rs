@@ -149,7 +149,8 @@ impl Libvirtd {
              mount --bind '{d}/lib' /var/lib/libvirt
              mount --bind '{d}/log' /var/log/libvirt
              mount --bind '{d}/cache' /var/cache/libvirt
-             '{virtlogd}' -d -p '{d}/virtlogd.pid'
+             # Already running after a libvirtd restart: keep that one.
+             '{virtlogd}' -d -p '{d}/virtlogd.pid' || true
              exec '{libvirtd}' -p '{d}/libvirtd.pid'",
             virtlogd = tools.virtlogd.display(),
             libvirtd = tools.libvirtd.display(),
@@ -188,6 +189,20 @@ impl Libvirtd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops libvirtd (its domains keep running) and starts it again; it
+    /// reconnects to them and runs the `reconnect` hook for each.
+    fn restart(&mut self, tools: &Tools) {
+        let mut c = self.child.take().unwrap();
+        let pid = i32::try_from(c.id()).unwrap();
+        // SAFETY: kill with the pid of our own child (libvirtd).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = wait_for(Duration::from_secs(60), "libvirtd to stop", || {
+            c.try_wait().unwrap()
+        });
+        eprintln!("libvirtd stopped ({status}); starting it again");
+        self.start(tools);
     }
 
     fn log(&self) -> String {
@@ -348,6 +363,33 @@ fn vcpu_affinity(pid: i32) -> Vec<(String, String)> {
     v
 }
 
+/// vCPU thread ids of a QEMU process (by name, from /proc).
+fn vcpu_tids(pid: i32) -> Vec<(String, i32)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let comm = std::fs::read_to_string(p.join("comm")).ok()?;
+            let tid = p.file_name()?.to_str()?.parse().ok()?;
+            comm.starts_with("CPU ")
+                .then(|| (comm.trim().to_string(), tid))
+        })
+        .collect()
+}
+
+/// Lets a thread run on every CPU in `cpus` again.
+fn unpin(tid: i32, cpus: &[usize]) {
+    // SAFETY: all zeros is the empty cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c is a CPU this process may use, below 1024: inside the set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: set is initialised and its size is passed; the kernel only reads it.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     let test = "hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon";
@@ -476,6 +518,37 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     });
     eprintln!("usage: {usage:?}");
 
+    // libvirtd restarts with the domain running: the `reconnect` hook makes
+    // the daemon act again. Undo the pinning first so that we see it redone.
+    for (_, tid) in vcpu_tids(qemu_pid) {
+        unpin(tid, &own);
+    }
+    if own.len() > 1 {
+        let affinity = vcpu_affinity(qemu_pid);
+        assert!(
+            affinity.iter().all(|(_, a)| *a != pin_cpu.to_string()),
+            "{affinity:?}"
+        );
+    }
+    libvirtd.restart(&tools);
+    wait_for(ACT_HANG, "the daemon to act again after reconnect", || {
+        let n = records(&record)
+            .iter()
+            .filter(|r| matches!(r, AgentRecord::Acted { vm, .. } if *vm == name))
+            .count();
+        (n >= 2).then_some(())
+    });
+    let affinity = vcpu_affinity(qemu_pid);
+    assert!(
+        affinity.iter().all(|(_, a)| *a == pin_cpu.to_string()),
+        "{affinity:?}"
+    );
+    assert_eq!(
+        libvirtd.qemu_pid(&name),
+        qemu_pid,
+        "the domain kept running"
+    );
+
     // The hook calls reached the daemon in libvirt's order, with the XML.
     let events = server.events();
     let mine: Vec<_> = events.iter().filter(|r| r.event.vm.vm_id == name).collect();
@@ -491,7 +564,8 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
         [
             LibvirtOperation::Prepare,
             LibvirtOperation::Start,
-            LibvirtOperation::Started
+            LibvirtOperation::Started,
+            LibvirtOperation::Reconnect,
         ],
         "{mine:#?}"
     );
@@ -520,7 +594,7 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
             .filter(|r| r.event.vm.vm_id == name)
             .map(|r| r.event.kind.name().to_string())
             .collect();
-        (ops.len() >= 5).then_some(ops)
+        (ops.len() >= 6).then_some(ops)
     });
     assert_eq!(
         ops,
@@ -528,6 +602,7 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
             "libvirt-prepare",
             "libvirt-start",
             "libvirt-started",
+            "libvirt-reconnect",
             "libvirt-stopped",
             "libvirt-release"
         ]
@@ -550,11 +625,16 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
         let mut stdin = hook.stdin.take().unwrap();
         let _ = stdin.write_all(domain_xml(&name, &tools, &console, pin_cpu).as_bytes());
     }
-    let status = wait_for(
-        Duration::from_secs(30),
-        "the hook to return with the daemon down",
-        || hook.try_wait().unwrap(),
-    );
+    let status = loop {
+        if let Some(s) = hook.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the hook hung with the daemon down"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let took = t.elapsed();
     let mut out = String::new();
     hook.stdout
