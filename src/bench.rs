@@ -77,11 +77,12 @@ pub struct BootstrapBench {
 }
 
 /// The strategies compared.
-const STRATEGIES: [&str; 7] = [
+const STRATEGIES: [&str; 8] = [
     "lazy",
     "lazy+dirty-log",
     "predicted-before",
     "predicted-concurrent",
+    "predicted-concurrent-thp",
     "full-prealloc",
     "oracle-before",
     "prewarmed",
@@ -309,6 +310,11 @@ impl BootstrapBench {
                     false,
                 ),
                 (
+                    "predicted-concurrent-thp",
+                    plan_of(thp(predicted(PrefaultMode::Concurrent))),
+                    false,
+                ),
+                (
                     "full-prealloc",
                     plan_of(PrefaultPlan::new(PrefaultMode::Full, Vec::new())),
                     false,
@@ -368,6 +374,12 @@ fn profile_pages(p: &BootProfile) -> Vec<u64> {
     p.touches()
         .flat_map(|(c, _)| (c * per)..((c + 1) * per))
         .collect()
+}
+
+/// The same plan with transparent huge pages asked for.
+fn thp(mut p: PrefaultPlan) -> PrefaultPlan {
+    p.hugepages = true;
+    p
 }
 
 /// Pre-fault exactly what the run wrote, in its first-touch order, before boot.
@@ -550,7 +562,7 @@ pub fn bootstrap_svg(results: &[WorkloadResult]) -> String {
         );
     }
     for (k, name) in STRATEGIES.iter().enumerate() {
-        let x = left + (k as f64) * 125.0;
+        let x = left + (k as f64) * 112.0;
         let _ = write!(
             s,
             r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{name}</text>"#,
@@ -728,6 +740,16 @@ mod tests {
     }
 
     #[test]
+    fn load_bench_loses_no_event_at_a_small_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = load_bench(dir.path(), 20, 1, 2).unwrap();
+        assert!(r.events_sent > 0);
+        assert_eq!(r.failures, 0);
+        assert_eq!(r.events_logged, r.events_sent);
+        assert_eq!(r.boots_stored * 5, r.events_sent);
+    }
+
+    #[test]
     fn store_bench_serves_plans_from_a_filled_store() {
         let dir = tempfile::tempdir().unwrap();
         let rows = store_bench(dir.path(), 200, 10, 5).unwrap();
@@ -738,4 +760,205 @@ mod tests {
         );
         assert!(store_table(&rows).contains("sparse key"));
     }
+}
+
+/// `prescient bench load`: simulated VM lifecycles driven through the hooks
+/// socket of a daemon started in this process (with a store and an event
+/// log), at a fixed offered rate, by several client connections.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadResult {
+    /// Lifecycles per second offered.
+    pub offered_per_s: f64,
+    /// Lifecycles completed per second.
+    pub achieved_per_s: f64,
+    /// Seconds the load ran.
+    pub seconds: f64,
+    /// Events sent and acknowledged.
+    pub events_sent: u64,
+    /// Events the daemon logged.
+    pub events_logged: u64,
+    /// Boots the store holds afterwards.
+    pub boots_stored: u64,
+    /// Event round-trip latency percentiles (p50, p99, p99.9, max), ms.
+    pub latency_ms: [f64; 4],
+    /// Exchanges that failed (timeouts, errors).
+    pub failures: u64,
+}
+
+/// Runs the load benchmark.
+pub fn load_bench(
+    dir: &Path,
+    per_s: u32,
+    seconds: u32,
+    clients: u32,
+) -> Result<LoadResult, BenchError> {
+    use std::os::unix::net::UnixStream;
+    use vmm_hooks::proto::{self, Message};
+    use vmm_hooks::{Event, EventKind, StopStatus, VmIdentity, VmSpec};
+
+    let socket = dir.join("load.sock");
+    let log = dir.join("load-events.jsonl");
+    let store = dir.join("load-store.db");
+    for p in [&socket, &log, &store] {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut config = crate::ServerConfig::new(&socket);
+    config.event_log = Some(log.clone());
+    config.store = Some(store.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Io(e.to_string()))?;
+    let server = {
+        let _in_runtime = runtime.enter();
+        crate::HooksServer::bind(config).map_err(|e| BenchError::Io(vmm_hooks::error_chain(&e)))?
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let serving = runtime.spawn(server.serve(rx));
+
+    let clients = clients.max(1);
+    let per_client = f64::from(per_s) / f64::from(clients);
+    let duration = Duration::from_secs(u64::from(seconds));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || -> (Vec<f64>, u64, u64, u64) {
+                let mut lat = Vec::new();
+                let (mut sent, mut failures, mut lifecycles) = (0u64, 0u64, 0u64);
+                let Ok(mut s) = UnixStream::connect(&socket) else {
+                    return (lat, 0, 1, 0);
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                if proto::write_message(
+                    &mut s,
+                    &Message::Hello {
+                        peer: format!("load-{c}"),
+                    },
+                )
+                .is_err()
+                {
+                    return (lat, 0, 1, 0);
+                }
+                let interval = Duration::from_secs_f64(1.0 / per_client.max(1e-3));
+                let mut next = Instant::now();
+                while start.elapsed() < duration {
+                    let vm = VmIdentity {
+                        vm_id: format!("load-{c}-{lifecycles}"),
+                        image_digest: format!("image-{}", lifecycles % 50),
+                        package_digest: "pkg".into(),
+                    };
+                    let kinds = [
+                        EventKind::Created {
+                            spec: VmSpec {
+                                vcpus: 2,
+                                memory_mib: 1024,
+                                vmm: "load".into(),
+                                priority: 0,
+                                interruptible: false,
+                            },
+                        },
+                        EventKind::BeforeBoot {
+                            vcpu_tids: vec![1, 2],
+                            ram: GuestRange {
+                                start: 0,
+                                len: 1 << 30,
+                            },
+                        },
+                        EventKind::Ready {
+                            time_to_ready_ms: 100.0,
+                        },
+                        EventKind::BootReport(BootReport::new(100.0)),
+                        EventKind::Stopped {
+                            status: StopStatus::Stopped,
+                        },
+                    ];
+                    for (seq, kind) in kinds.into_iter().enumerate() {
+                        let e = Event {
+                            vm: vm.clone(),
+                            seq: seq as u64,
+                            at_unix_ms: 0,
+                            kind,
+                        };
+                        let t = Instant::now();
+                        let ok = proto::write_message(&mut s, &Message::Event(e)).is_ok()
+                            && matches!(proto::read_message(&mut s), Ok(Message::Reply(_)));
+                        if ok {
+                            sent += 1;
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        } else {
+                            failures += 1;
+                        }
+                    }
+                    lifecycles += 1;
+                    next += interval;
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(d);
+                    }
+                }
+                (lat, sent, failures, lifecycles)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let (mut sent, mut failures, mut lifecycles) = (0, 0, 0);
+    for h in handles {
+        let (l, s, f, n) = h
+            .join()
+            .map_err(|_| BenchError::Io("a load client panicked".into()))?;
+        lat.extend(l);
+        sent += s;
+        failures += f;
+        lifecycles += n;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let _ = tx.send(true);
+    let _ = runtime.block_on(serving);
+    let events_logged = std::fs::read_to_string(&log)
+        .map(|t| t.lines().count() as u64)
+        .unwrap_or(0);
+    let boots_stored = ProfileStore::open(&store, StorePolicy::default())?.boot_rows()?;
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: usize| {
+        lat.get((lat.len() * p / 1000).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(LoadResult {
+        offered_per_s: f64::from(per_s),
+        achieved_per_s: lifecycles as f64 / elapsed,
+        seconds: elapsed,
+        events_sent: sent,
+        events_logged,
+        boots_stored,
+        latency_ms: [
+            pct(500),
+            pct(990),
+            pct(999),
+            lat.last().copied().unwrap_or(f64::NAN),
+        ],
+        failures,
+    })
+}
+
+/// The load benchmark as a table.
+pub fn load_table(r: &LoadResult) -> String {
+    format!(
+        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+        r.offered_per_s,
+        r.achieved_per_s,
+        r.seconds,
+        r.events_sent,
+        r.events_logged,
+        r.events_sent.saturating_sub(r.events_logged),
+        r.boots_stored,
+        r.failures,
+        r.latency_ms[0],
+        r.latency_ms[1],
+        r.latency_ms[2],
+        r.latency_ms[3]
+    )
 }

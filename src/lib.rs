@@ -6,12 +6,16 @@
 //! `prescient` wires them to a command line.
 
 pub mod bench;
+mod config;
 pub mod libvirt;
+mod metrics;
 mod server;
 mod store;
 mod trace_capture;
 mod working_set;
 
+pub use config::{Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
+pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
 pub use trace_capture::{Capture, CaptureError, Touch, capture};

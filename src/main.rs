@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prescient::{HooksServer, ServerConfig};
+use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the companion daemon: listen for VMM lifecycle hooks.
     Serve(ServeArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig(CheckConfigArgs),
     /// Record a real program's start-up memory touches as a labvm trace.
     TraceCapture(TraceCaptureArgs),
     /// Benchmarks that compare strategies side by side.
@@ -132,6 +134,24 @@ enum BenchCommand {
     Bootstrap(BootstrapBenchArgs),
     /// Latency of serving boot plans from a store with many boots.
     Store(StoreBenchArgs),
+    /// Simulated VM lifecycles through the hooks socket at a fixed rate.
+    Load(LoadBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadBenchArgs {
+    /// Lifecycles (created, before-boot, ready, boot-report, stopped) per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Client connections.
+    #[arg(long, default_value_t = 16)]
+    clients: u32,
+    /// Where the socket, store and event log go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,6 +232,22 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 }
             }
         }
+        BenchCommand::Load(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients) {
+                Ok(r) => {
+                    println!("{}", bench::load_table(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         BenchCommand::Store(a) => {
             if let Err(e) = std::fs::create_dir_all(&a.dir) {
                 eprintln!("prescient: cannot create {}: {e}", a.dir.display());
@@ -277,42 +313,108 @@ fn trace_capture(args: TraceCaptureArgs) -> ExitCode {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// The hooks socket VMMs connect to.
-    #[arg(long, default_value = "/run/prescient/hooks.sock")]
-    socket: PathBuf,
+    /// The configuration file (TOML; see deploy/prescient.toml). Flags below
+    /// override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The hooks socket VMMs connect to [default: /run/prescient/hooks.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// Append every received event to this file as JSON lines.
     #[arg(long)]
     event_log: Option<PathBuf>,
     /// Also allow this user id to connect (root and the daemon's own user always may).
     #[arg(long)]
     allow_uid: Vec<u32>,
-    /// The profile store (an SQLite file, created if missing).
-    #[arg(long, default_value = "/var/lib/prescient/prescient.db")]
-    store: PathBuf,
+    /// The profile store (an SQLite file, created if missing)
+    /// [default: /var/lib/prescient/prescient.db].
+    #[arg(long)]
+    store: Option<PathBuf>,
     /// Run without a profile store (plans stay empty).
     #[arg(long, conflicts_with = "store")]
     no_store: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Only record libvirt hook calls; do not act on the domains.
     #[arg(long)]
     no_libvirt: bool,
-    /// The libvirt connection URI the daemon uses after a domain started.
-    #[arg(long, default_value = "qemu:///system")]
-    libvirt_uri: String,
-    /// libvirt's run directory (QEMU pid files are in qemu/ below it).
-    #[arg(long, default_value = "/run/libvirt")]
-    libvirt_run_dir: PathBuf,
+    /// The libvirt connection URI the daemon uses after a domain started
+    /// [default: qemu:///system].
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// libvirt's run directory (QEMU pid files are in qemu/ below it)
+    /// [default: /run/libvirt].
+    #[arg(long)]
+    libvirt_run_dir: Option<PathBuf>,
     /// Host CPUs for libvirt vCPU threads when a domain names none (default: the daemon's own).
     #[arg(long)]
     libvirt_cpus: Option<String>,
-    /// How often running libvirt domains are sampled, ms.
-    #[arg(long, default_value_t = 10_000)]
-    libvirt_sample_ms: u64,
+    /// How often running libvirt domains are sampled, ms [default: 10000].
+    #[arg(long)]
+    libvirt_sample_ms: Option<u64>,
     /// Append what the daemon does to libvirt domains here (JSON lines).
     #[arg(long)]
     libvirt_record: Option<PathBuf>,
-    /// The virsh program.
-    #[arg(long, default_value = "virsh")]
-    virsh: PathBuf,
+    /// The virsh program [default: virsh].
+    #[arg(long)]
+    virsh: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckConfigArgs {
+    /// The configuration file.
+    path: PathBuf,
+}
+
+/// The configuration: the file (or the defaults), then the flags.
+fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> {
+    let mut c = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(s) = &args.socket {
+        c.daemon.socket = s.clone();
+    }
+    if args.event_log.is_some() {
+        c.daemon.event_log = args.event_log.clone();
+    }
+    c.daemon.allow_uids.extend(&args.allow_uid);
+    if let Some(s) = &args.store {
+        c.store.path = s.clone();
+        c.store.enabled = true;
+    }
+    if args.no_store {
+        c.store.enabled = false;
+    }
+    if args.metrics_listen.is_some() {
+        c.daemon.metrics_listen = args.metrics_listen;
+    }
+    let l = &mut c.libvirt;
+    if args.no_libvirt {
+        l.act = false;
+    }
+    if let Some(u) = &args.libvirt_uri {
+        l.uri = u.clone();
+    }
+    if let Some(d) = &args.libvirt_run_dir {
+        l.run_dir = d.clone();
+    }
+    if args.libvirt_cpus.is_some() {
+        l.cpus = args.libvirt_cpus.clone();
+    }
+    if let Some(ms) = args.libvirt_sample_ms {
+        l.sample_interval_ms = ms;
+    }
+    if args.libvirt_record.is_some() {
+        l.record = args.libvirt_record.clone();
+    }
+    if let Some(v) = &args.virsh {
+        l.virsh = v.clone();
+    }
+    // Flags are checked like the file.
+    c.validate(std::path::Path::new("(command line)"))?;
+    Ok(c)
 }
 
 fn init_logging() {
@@ -326,36 +428,28 @@ fn init_logging() {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let mut config = ServerConfig::new(args.socket);
-    config.event_log = args.event_log;
-    config.allowed_uids = args.allow_uid;
-    if !args.no_libvirt {
-        let mut lv = prescient::libvirt::AgentConfig::system();
-        lv.virsh.program = args.virsh;
-        lv.virsh.uri = args.libvirt_uri;
-        lv.run_dir = args.libvirt_run_dir;
-        lv.sample_interval = std::time::Duration::from_millis(args.libvirt_sample_ms.max(100));
-        lv.record_file = args.libvirt_record;
-        if let Some(list) = &args.libvirt_cpus {
-            match prescient::libvirt::parse_cpu_list(list) {
-                Ok(c) => lv.cpus = Some(c),
-                Err(e) => {
-                    eprintln!("prescient: --libvirt-cpus: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
+    let c = match effective_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            return ExitCode::from(2);
         }
-        config.libvirt = Some(lv);
-    }
-    if !args.no_store {
-        if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty())
+    };
+    let mut config = ServerConfig::new(c.daemon.socket.clone());
+    config.event_log = c.daemon.event_log.clone();
+    config.allowed_uids = c.daemon.allow_uids.clone();
+    config.policy = c.store_policy();
+    config.libvirt = c.libvirt_agent();
+    if c.store.enabled {
+        if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)
         {
             eprintln!("prescient: cannot create {}: {e}", dir.display());
             return ExitCode::FAILURE;
         }
-        config.store = Some(args.store);
+        config.store = Some(c.store.path.clone());
     }
+    let metrics = std::sync::Arc::clone(&config.metrics);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -376,6 +470,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = c.daemon.metrics_listen {
+            let rx = rx.clone();
+            let listener = tokio::spawn(prescient::serve_metrics(addr, metrics, rx));
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = listener.await {
+                    tracing::error!("metrics endpoint on {addr} failed: {e}");
+                }
+            });
+        }
         tokio::spawn(async move {
             wait_for_shutdown_signal().await;
             tracing::info!("shutting down");
@@ -432,6 +535,16 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(a) => match Config::load(&a.path) {
+            Ok(c) => {
+                println!("{}", toml::to_string_pretty(&c).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                ExitCode::from(2)
+            }
+        },
         Command::TraceCapture(args) => trace_capture(args),
         Command::Bench(cmd) => bench(cmd),
         Command::LibvirtHook(args) => libvirt_hook(args),

@@ -17,6 +17,7 @@ use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
 use vmm_hooks::{BootPlan, Event, EventKind, HookReply, error_chain};
 
 use crate::libvirt::{AgentConfig, LibvirtAgent, LibvirtError};
+use crate::metrics::Metrics;
 use crate::store::{ProfileKey, ProfileStore, StoreError, StorePolicy};
 
 /// What can go wrong running the server.
@@ -75,6 +76,8 @@ pub struct ServerConfig {
     /// Act on libvirt domains after their `started` hook (pin vCPUs, set
     /// the balloon, sample usage); `None`: only record libvirt hook calls.
     pub libvirt: Option<AgentConfig>,
+    /// Where the daemon counts what it does.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ServerConfig {
@@ -89,6 +92,7 @@ impl ServerConfig {
             store: None,
             policy: StorePolicy::default(),
             libvirt: None,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -200,13 +204,16 @@ impl HooksServer {
                     };
                     let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
                         tracing::warn!("too many VMM connections; refusing one");
+                        Metrics::inc(&self.config.metrics.rejected, "too-many-connections");
                         continue;
                     };
                     let state = Arc::clone(&self.state);
                     let config = self.config.clone();
                     let rx = shutdown.clone();
                     tokio::spawn(async move {
+                        config.metrics.connections.inc();
                         handle_connection(stream, &config, own_uid, &state, rx).await;
+                        config.metrics.connections.dec();
                         drop(permit);
                     });
                 }
@@ -305,6 +312,7 @@ async fn handle_connection(
                     "bad frame from VMM ({}); disconnecting",
                     error_chain(&e)
                 );
+                Metrics::inc(&config.metrics.rejected, reject_reason(&e));
                 let _ = send(
                     &mut stream,
                     &Message::Error {
@@ -321,9 +329,10 @@ async fn handle_connection(
                 peer = p;
                 continue;
             }
-            Message::Event(event) => record(state, &peer, event),
+            Message::Event(event) => record(state, &config.metrics, &peer, event),
             other => {
                 let name = other.type_name();
+                Metrics::inc(&config.metrics.rejected, "unexpected-message");
                 tracing::error!(peer, "unexpected {name} message from VMM; disconnecting");
                 let _ = send(
                     &mut stream,
@@ -346,8 +355,22 @@ async fn handle_connection(
     }
 }
 
+/// The metric label of a rejected frame.
+fn reject_reason(e: &ProtoError) -> &'static str {
+    match e {
+        ProtoError::BadMagic(_) => "bad-magic",
+        ProtoError::Version { .. } => "version",
+        ProtoError::TooLarge { .. } => "too-large",
+        ProtoError::Body(_) => "malformed",
+        ProtoError::Truncated { .. } => "truncated",
+        ProtoError::Timeout => "timeout",
+        _ => "io",
+    }
+}
+
 /// Logs and records one event; answers it.
-fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
+fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> HookReply {
+    Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -383,13 +406,32 @@ fn record(state: &Mutex<State>, peer: &str, event: Event) -> HookReply {
         package: event.vm.package_digest.clone(),
     };
     let reply = match &event.kind {
-        EventKind::BeforeBoot { .. } => HookReply::Plan(plan_for(st.store.as_ref(), &key)),
+        EventKind::BeforeBoot { .. } => {
+            let plan = plan_for(st.store.as_ref(), &key);
+            let kind = match (&plan.prefault, &plan.profile) {
+                (Some(_), _) => "prefault",
+                (None, Some(_)) => "profile-only",
+                (None, None) => "empty",
+            };
+            Metrics::inc(&metrics.plans, kind);
+            HookReply::Plan(plan)
+        }
+        EventKind::Ready { time_to_ready_ms } => {
+            metrics.time_to_ready.observe(time_to_ready_ms / 1e3);
+            HookReply::Ack
+        }
         EventKind::BootReport(report) => {
             if let Some(store) = st.store.as_mut() {
                 let at = i64::try_from(event.at_unix_ms).unwrap_or(i64::MAX);
                 match store.record_boot(&key, &vm, at, report) {
-                    Ok(id) => tracing::debug!(vm, id, "boot recorded"),
-                    Err(e) => tracing::error!(vm, "cannot record the boot: {}", error_chain(&e)),
+                    Ok(id) => {
+                        metrics.boots_recorded.inc();
+                        tracing::debug!(vm, id, "boot recorded");
+                    }
+                    Err(e) => {
+                        metrics.store_errors.inc();
+                        tracing::error!(vm, "cannot record the boot: {}", error_chain(&e));
+                    }
                 }
             }
             HookReply::Ack

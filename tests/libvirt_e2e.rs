@@ -400,19 +400,19 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     let record = libvirtd.path("prescient-libvirt.jsonl");
     let run_dir = libvirtd.path("run");
     let uri = libvirtd.uri();
-    let server = Server::start_with_args(
+    let server = Server::start_args(
         false,
         &[
-            "--libvirt-uri".as_ref(),
-            uri.as_ref(),
-            "--libvirt-run-dir".as_ref(),
-            run_dir.as_os_str(),
-            "--libvirt-record".as_ref(),
-            record.as_os_str(),
-            "--libvirt-sample-ms".as_ref(),
-            "300".as_ref(),
-            "--virsh".as_ref(),
-            tools.virsh.as_os_str(),
+            "--libvirt-uri",
+            &uri,
+            "--libvirt-run-dir",
+            run_dir.to_str().unwrap(),
+            "--libvirt-record",
+            record.to_str().unwrap(),
+            "--libvirt-sample-ms",
+            "300",
+            "--virsh",
+            tools.virsh.to_str().unwrap(),
         ],
     );
 

@@ -85,7 +85,7 @@ fn run_hook(socket: &Path, args: &[&str], stdin: &str) -> HookRun {
 fn libvirt_hook_events_arrive_in_order_with_xml_and_bad_xml_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("libvirt.jsonl");
-    let server = Server::start_with_args(false, &["--libvirt-record".as_ref(), record.as_os_str()]);
+    let server = Server::start_args(false, &["--libvirt-record", record.to_str().unwrap()]);
     let calls = [
         ("prepare", "begin", XML.to_string()),
         ("start", "begin", XML.to_string()),

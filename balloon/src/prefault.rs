@@ -196,8 +196,11 @@ pub struct PrefetchStats {
     pub extended_bytes: u64,
     /// Time spent populating.
     pub busy: Duration,
-    /// Misses seen: chunks the guest made resident that the plan did not name.
+    /// Misses seen: pages the guest made resident that the plan did not name.
     pub misses: u64,
+    /// Bytes of planned steps skipped because the guest had already made
+    /// most of them resident (it caught up with the thread).
+    pub skipped_bytes: u64,
     /// The first error, after which the thread stopped (the guest goes on faulting lazily).
     pub error: Option<String>,
 }
@@ -215,20 +218,35 @@ pub struct Prefetcher {
 const STEP: u64 = 2 << 20;
 
 impl Prefetcher {
-    /// Starts prefetching `ranges` (validated first), then `extend` on misses.
+    /// Validates `ranges` and `extend`, populates the first `head_bytes` of
+    /// `ranges` now (before the guest runs), then starts a thread for the
+    /// rest and, on misses, `extend`.
     pub fn spawn(
         map: HostMapping,
         ranges: Vec<GuestRange>,
         extend: Vec<GuestRange>,
         hugepages: bool,
+        head_bytes: u64,
     ) -> Result<Self, PrefaultError> {
         validate_ranges(&map, &ranges)?;
         validate_ranges(&map, &extend)?;
+        // Snapshot before anything is populated: what is resident now was
+        // put there by the VMM, not by the guest.
+        let expected = Residency::snapshot(&map);
+        let t = Instant::now();
+        let (head, rest) = split_at_bytes(&ranges, head_bytes);
+        let head_done = populate_plan(&map, &head, hugepages)?;
+        let head_time = t.elapsed();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("prefetch".into())
-            .spawn(move || prefetch(&map, &ranges, &extend, hugepages, &flag))
+            .spawn(move || {
+                let mut stats = prefetch(&map, expected, &ranges, &rest, &extend, hugepages, &flag);
+                stats.planned_bytes += head_done;
+                stats.busy += head_time;
+                stats
+            })
             .map_err(PrefaultError::Thread)?;
         Ok(Prefetcher {
             stop,
@@ -263,6 +281,31 @@ impl Drop for Prefetcher {
     }
 }
 
+/// The first `bytes` of `ranges` (in order) and what is left.
+fn split_at_bytes(ranges: &[GuestRange], bytes: u64) -> (Vec<GuestRange>, Vec<GuestRange>) {
+    let (mut head, mut rest) = (Vec::new(), Vec::new());
+    let mut left = bytes / PAGE * PAGE;
+    for r in ranges {
+        if left >= r.len {
+            head.push(*r);
+            left -= r.len;
+        } else if left > 0 {
+            head.push(GuestRange {
+                start: r.start,
+                len: left,
+            });
+            rest.push(GuestRange {
+                start: r.start + left,
+                len: r.len - left,
+            });
+            left = 0;
+        } else {
+            rest.push(*r);
+        }
+    }
+    (head, rest)
+}
+
 /// Splits ranges into steps of at most STEP bytes, in order.
 fn steps(ranges: &[GuestRange]) -> impl Iterator<Item = GuestRange> + '_ {
     ranges.iter().flat_map(|r| {
@@ -279,15 +322,16 @@ fn steps(ranges: &[GuestRange]) -> impl Iterator<Item = GuestRange> + '_ {
 
 fn prefetch(
     map: &HostMapping,
+    mut expected: Residency,
     ranges: &[GuestRange],
+    todo: &[GuestRange],
     extend: &[GuestRange],
     hugepages: bool,
     stop: &AtomicBool,
 ) -> PrefetchStats {
     let mut stats = PrefetchStats::default();
     // Pages that are resident because of the VMM (loading the guest) or of
-    // this thread are expected; any other resident page is a guest miss.
-    let mut expected = Residency::snapshot(map);
+    // the plan are expected; any other resident page is a guest miss.
     for r in ranges {
         expected.mark(*r);
     }
@@ -303,8 +347,20 @@ fn prefetch(
             }
         }
     };
-    for r in steps(ranges) {
-        if stop.load(Ordering::Relaxed) || !work(r, &mut stats) {
+    for r in steps(todo) {
+        if stop.load(Ordering::Relaxed) {
+            return stats;
+        }
+        // Where the guest got first, faulting again only competes with it
+        // for the same page-table locks: skip ahead.
+        let done = map
+            .resident(r.start, r.len)
+            .map_or(0, |v| v.iter().filter(|&&b| b).count() as u64);
+        if done * PAGE * 2 > r.len {
+            stats.skipped_bytes += r.len;
+            continue;
+        }
+        if !work(r, &mut stats) {
             return stats;
         }
         stats.planned_bytes += r.len;
@@ -505,7 +561,9 @@ mod tests {
             start: 24 * MIB,
             len: 2 * MIB,
         }];
-        let p = Prefetcher::spawn(m, plan, extend, false).unwrap();
+        let p = Prefetcher::spawn(m, plan, extend, false, MIB).unwrap();
+        // The head start is populated before spawn returns.
+        assert_eq!(resident_pages(&m, 8 * MIB, MIB), 256);
         // Wait for the plan, then touch a page outside it, as a guest would.
         let t = Instant::now();
         while resident_pages(&m, 8 * MIB, 4 * MIB) < 1024 {
@@ -530,6 +588,41 @@ mod tests {
         // Nothing else was populated: the plan, the extension, the one page.
         assert_eq!(resident_pages(&m, 0, 32 * MIB), 1024 + 512 + 1);
         assert!(stats.error.is_none());
+    }
+
+    #[test]
+    fn head_start_splits_the_plan_in_order() {
+        let r = [
+            GuestRange {
+                start: 0,
+                len: 3 * MIB,
+            },
+            GuestRange {
+                start: 10 * MIB,
+                len: MIB,
+            },
+        ];
+        let (h, t) = split_at_bytes(&r, 3 * MIB + 4096);
+        assert_eq!(
+            h,
+            vec![
+                r[0],
+                GuestRange {
+                    start: 10 * MIB,
+                    len: 4096
+                }
+            ]
+        );
+        assert_eq!(
+            t,
+            vec![GuestRange {
+                start: 10 * MIB + 4096,
+                len: MIB - 4096
+            }]
+        );
+        let (h, t) = split_at_bytes(&r, 0);
+        assert!(h.is_empty());
+        assert_eq!(t, r.to_vec());
     }
 
     #[test]

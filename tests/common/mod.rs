@@ -27,11 +27,11 @@ impl Server {
 
     /// Starts it with or without a profile store.
     pub fn start_with(store: bool) -> Server {
-        Server::start_with_args(store, &[])
+        Server::start_args(store, &[])
     }
 
-    /// Starts it with or without a profile store, with more arguments.
-    pub fn start_with_args(store: bool, extra: &[&std::ffi::OsStr]) -> Server {
+    /// Starts it with or without a store and with extra arguments.
+    pub fn start_args(store: bool, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("hooks.sock");
         let log = dir.path().join("events.jsonl");

@@ -435,6 +435,15 @@ pub struct PrefaultPlan {
     /// Ask for transparent huge pages on the guest mapping first.
     #[serde(default)]
     pub hugepages: bool,
+    /// Concurrent mode: the share (percent) of the planned bytes populated
+    /// before the vCPUs start, so the guest's first touches find memory
+    /// ready and the prefetch thread starts ahead of it.
+    #[serde(default = "default_head_start")]
+    pub head_start_pct: u32,
+}
+
+fn default_head_start() -> u32 {
+    25
 }
 
 impl PrefaultPlan {
@@ -445,6 +454,7 @@ impl PrefaultPlan {
             ranges,
             extend: Vec::new(),
             hugepages: false,
+            head_start_pct: default_head_start(),
         }
     }
 

@@ -170,11 +170,13 @@ pub(crate) fn apply(map: HostMapping, plan: &PrefaultPlan) -> Applied {
             plan.hugepages,
         ),
         PrefaultMode::Concurrent => {
+            let head = plan.bytes() * u64::from(plan.head_start_pct.min(100)) / 100;
             return match Prefetcher::spawn(
                 map,
                 plan.ranges.clone(),
                 plan.extend.clone(),
                 plan.hugepages,
+                head,
             ) {
                 Ok(p) => Applied::Prefetching(plan.mode, p),
                 Err(e) => {

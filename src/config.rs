@@ -1,0 +1,459 @@
+//! The daemon's TOML configuration, validated whole before anything
+//! touches the host. Every key has a default; unknown keys are errors (a
+//! typo must not silently fall back to a default).
+//!
+//! ```toml
+//! [daemon]
+//! socket = "/run/prescient/hooks.sock"
+//! event_log = "/var/log/prescient/events.jsonl"   # optional
+//! allow_uids = []
+//! metrics_listen = "127.0.0.1:9464"              # optional: Prometheus /metrics
+//!
+//! [store]
+//! path = "/var/lib/prescient/prescient.db"         # or enabled = false
+//! retain_boots = 200
+//! initial_profiles = 3
+//! sample_every = 10
+//! profile_chunk_kib = 2048
+//! profile_interval_ms = 10
+//!
+//! [plan]
+//! threshold = 0.5
+//! mode = "concurrent"      # lazy | before | concurrent | full
+//! hugepages = false
+//! min_boots = 1
+//!
+//! [libvirt]
+//! act = true                   # false: only record libvirt hook calls
+//! uri = "qemu:///system"
+//! run_dir = "/run/libvirt"
+//! virsh = "virsh"
+//! cpus = "2-7"                 # optional: CPUs for vCPU threads (default: the daemon's own)
+//! sample_interval_ms = 10000
+//! record = "/var/log/prescient/libvirt.jsonl"   # optional
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmm_hooks::{PrefaultMode, ProfileRequest};
+
+use crate::libvirt::{AgentConfig, parse_cpu_list};
+use crate::store::StorePolicy;
+use crate::working_set::PlanPolicy;
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {key} = {value}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `plan.threshold`.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        reason: &'static str,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The daemon.
+    pub daemon: DaemonConfig,
+    /// The profile store.
+    pub store: StoreConfig,
+    /// Boot plans.
+    pub plan: PlanConfig,
+    /// libvirt domains.
+    pub libvirt: LibvirtConfig,
+}
+
+/// `[libvirt]`: what the daemon does to libvirt domains after their
+/// `started` hook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Pin vCPU threads, set balloons and sample usage (false: only record
+    /// the hook calls).
+    pub act: bool,
+    /// The connection URI for `virsh`.
+    pub uri: String,
+    /// libvirt's run directory (QEMU pid files are in `qemu/` below it).
+    pub run_dir: PathBuf,
+    /// The `virsh` program.
+    pub virsh: PathBuf,
+    /// Host CPUs for vCPU threads when a domain names none (a list like
+    /// `2-7`); unset: the daemon's own CPUs.
+    pub cpus: Option<String>,
+    /// How often running domains are sampled, ms (100 to 3600000).
+    pub sample_interval_ms: u64,
+    /// Append what the daemon does to domains here (JSON lines), if set.
+    pub record: Option<PathBuf>,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        let a = AgentConfig::system();
+        LibvirtConfig {
+            act: true,
+            uri: a.virsh.uri,
+            run_dir: a.run_dir,
+            virsh: a.virsh.program,
+            cpus: None,
+            sample_interval_ms: u64::try_from(a.sample_interval.as_millis()).unwrap_or(10_000),
+            record: None,
+        }
+    }
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// The hooks socket.
+    pub socket: PathBuf,
+    /// Event log (JSON lines), if any.
+    pub event_log: Option<PathBuf>,
+    /// Users allowed on the socket besides root and the daemon's own.
+    pub allow_uids: Vec<u32>,
+    /// Address of the Prometheus `/metrics` endpoint, if any.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: PathBuf::from("/run/prescient/hooks.sock"),
+            event_log: None,
+            allow_uids: Vec::new(),
+            metrics_listen: None,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Whether to keep a store (without one, plans stay empty).
+    pub enabled: bool,
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// Boot rows kept per key.
+    pub retain_boots: u32,
+    /// First boots of a key always profiled.
+    pub initial_profiles: u32,
+    /// Then one boot in this many (0: never).
+    pub sample_every: u32,
+    /// Profile granularity, KiB (a power of two, 4 to 1048576).
+    pub profile_chunk_kib: u64,
+    /// Dirty-log polling interval while profiling, ms (1 to 1000).
+    pub profile_interval_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let p = StorePolicy::default();
+        StoreConfig {
+            enabled: true,
+            path: PathBuf::from("/var/lib/prescient/prescient.db"),
+            retain_boots: p.retain_boots,
+            initial_profiles: p.initial_profiles,
+            sample_every: p.sample_every,
+            profile_chunk_kib: p.profile.chunk_size / 1024,
+            profile_interval_ms: p.profile.interval_ms,
+        }
+    }
+}
+
+/// `[plan]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Chunks at or above this touch probability are pre-faulted (0 < t <= 1).
+    pub threshold: f64,
+    /// How the VMM pre-faults.
+    pub mode: PrefaultMode,
+    /// Ask for transparent huge pages.
+    pub hugepages: bool,
+    /// Profiles needed before any plan is made.
+    pub min_boots: u32,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        let p = PlanPolicy::default();
+        PlanConfig {
+            threshold: p.threshold,
+            mode: p.mode,
+            hugepages: p.hugepages,
+            min_boots: p.min_boots,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates text (`path` names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks every value (`path` names the source in errors).
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key, value: String, reason| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            value,
+            reason,
+        };
+        let s = &self.store;
+        if !(s.profile_chunk_kib.is_power_of_two() && (4..=1 << 20).contains(&s.profile_chunk_kib))
+        {
+            return Err(bad(
+                "store.profile_chunk_kib",
+                s.profile_chunk_kib.to_string(),
+                "must be a power of two from 4 to 1048576",
+            ));
+        }
+        if !(1..=1000).contains(&s.profile_interval_ms) {
+            return Err(bad(
+                "store.profile_interval_ms",
+                s.profile_interval_ms.to_string(),
+                "must be 1 to 1000",
+            ));
+        }
+        if s.retain_boots == 0 {
+            return Err(bad(
+                "store.retain_boots",
+                "0".into(),
+                "must keep at least one boot",
+            ));
+        }
+        let p = &self.plan;
+        if !(p.threshold > 0.0 && p.threshold <= 1.0) {
+            return Err(bad(
+                "plan.threshold",
+                p.threshold.to_string(),
+                "must be above 0 and at most 1",
+            ));
+        }
+        if self.daemon.socket.as_os_str().is_empty() {
+            return Err(bad("daemon.socket", String::new(), "must name a path"));
+        }
+        let l = &self.libvirt;
+        if let Some(cpus) = &l.cpus
+            && parse_cpu_list(cpus).is_err()
+        {
+            return Err(bad(
+                "libvirt.cpus",
+                cpus.clone(),
+                "must be a CPU list like 0-3,8 (CPUs 0 to 1023)",
+            ));
+        }
+        if !(100..=3_600_000).contains(&l.sample_interval_ms) {
+            return Err(bad(
+                "libvirt.sample_interval_ms",
+                l.sample_interval_ms.to_string(),
+                "must be 100 to 3600000",
+            ));
+        }
+        if l.uri.is_empty() {
+            return Err(bad("libvirt.uri", String::new(), "must name a libvirt URI"));
+        }
+        if s.enabled && s.path.as_os_str().is_empty() {
+            return Err(bad(
+                "store.path",
+                String::new(),
+                "must name a file (or set enabled = false)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The libvirt agent this configuration asks for (`None`: only record
+    /// libvirt hook calls).
+    pub fn libvirt_agent(&self) -> Option<AgentConfig> {
+        let l = &self.libvirt;
+        if !l.act {
+            return None;
+        }
+        let mut a = AgentConfig::system();
+        a.virsh.uri = l.uri.clone();
+        a.virsh.program = l.virsh.clone();
+        a.run_dir = l.run_dir.clone();
+        // Checked by `validate`; a list that does not parse means the defaults.
+        a.cpus = l.cpus.as_deref().and_then(|c| parse_cpu_list(c).ok());
+        a.sample_interval = std::time::Duration::from_millis(l.sample_interval_ms);
+        a.record_file = l.record.clone();
+        Some(a)
+    }
+
+    /// The store policy this configuration asks for.
+    pub fn store_policy(&self) -> StorePolicy {
+        StorePolicy {
+            retain_boots: self.store.retain_boots,
+            initial_profiles: self.store.initial_profiles,
+            sample_every: self.store.sample_every,
+            profile: ProfileRequest {
+                chunk_size: self.store.profile_chunk_kib * 1024,
+                interval_ms: self.store.profile_interval_ms,
+            },
+            plan: PlanPolicy {
+                threshold: self.plan.threshold,
+                mode: self.plan.mode,
+                hugepages: self.plan.hugepages,
+                min_boots: self.plan.min_boots,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.store_policy(), StorePolicy::default());
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = parse(include_str!("../deploy/prescient.toml")).unwrap();
+        assert!(c.daemon.metrics_listen.is_some());
+        assert_eq!(c.store_policy(), StorePolicy::default());
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let c = parse(
+            r#"
+            [daemon]
+            socket = "/tmp/x.sock"
+            allow_uids = [1000]
+            metrics_listen = "127.0.0.1:9464"
+            [store]
+            path = "/tmp/s.db"
+            profile_chunk_kib = 4
+            sample_every = 0
+            [plan]
+            threshold = 0.75
+            mode = "before"
+            hugepages = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.daemon.allow_uids, vec![1000]);
+        assert_eq!(c.daemon.metrics_listen.unwrap().port(), 9464);
+        let p = c.store_policy();
+        assert_eq!(p.profile.chunk_size, 4096);
+        assert_eq!(p.plan.mode, PrefaultMode::Before);
+        assert!(p.plan.hugepages);
+    }
+
+    #[test]
+    fn libvirt_section_becomes_the_agent_config() {
+        let c = parse(
+            "[libvirt]\nuri = \"qemu:///system?socket=/tmp/s\"\ncpus = \"1,3\"\nsample_interval_ms = 500\nrecord = \"/tmp/r.jsonl\"\n",
+        )
+        .unwrap();
+        let a = c.libvirt_agent().unwrap();
+        assert_eq!(a.virsh.uri, "qemu:///system?socket=/tmp/s");
+        assert_eq!(a.cpus, Some(vec![1, 3]));
+        assert_eq!(a.sample_interval.as_millis(), 500);
+        assert_eq!(a.record_file.as_deref(), Some(Path::new("/tmp/r.jsonl")));
+        assert!(
+            parse("[libvirt]\nact = false\n")
+                .unwrap()
+                .libvirt_agent()
+                .is_none()
+        );
+        assert!(Config::default().libvirt_agent().is_some());
+    }
+
+    #[test]
+    fn typos_bad_types_and_bad_values_are_rejected_with_the_key() {
+        let e = parse("[plan]\nthreshhold = 0.5\n").unwrap_err().to_string();
+        assert!(e.contains("threshhold"), "{e}");
+        let e = parse("[plan]\nmode = \"eager\"\n").unwrap_err().to_string();
+        assert!(e.contains("eager") || e.contains("unknown variant"), "{e}");
+        let e = parse("[store]\nretain_boots = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retain_boots") || e.contains("invalid type"),
+            "{e}"
+        );
+        for (text, key) in [
+            ("[plan]\nthreshold = 0\n", "plan.threshold"),
+            ("[plan]\nthreshold = 1.5\n", "plan.threshold"),
+            (
+                "[store]\nprofile_chunk_kib = 3\n",
+                "store.profile_chunk_kib",
+            ),
+            (
+                "[store]\nprofile_interval_ms = 0\n",
+                "store.profile_interval_ms",
+            ),
+            ("[store]\nretain_boots = 0\n", "store.retain_boots"),
+            ("[daemon]\nsocket = \"\"\n", "daemon.socket"),
+            ("[libvirt]\ncpus = \"3-1\"\n", "libvirt.cpus"),
+            (
+                "[libvirt]\nsample_interval_ms = 5\n",
+                "libvirt.sample_interval_ms",
+            ),
+            ("[libvirt]\nuri = \"\"\n", "libvirt.uri"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = parse("[daemon]\nmetrics_listen = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics_listen") || e.contains("invalid"), "{e}");
+    }
+}
