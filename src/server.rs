@@ -170,7 +170,7 @@ impl HooksServer {
             }
         };
         let libvirt = match &config.libvirt {
-            Some(c) => Some(LibvirtAgent::start(c.clone())?),
+            Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,
         };
         tracing::info!(socket = %path.display(), "listening for VMM hooks");

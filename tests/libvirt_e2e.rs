@@ -363,6 +363,17 @@ fn vcpu_affinity(pid: i32) -> Vec<(String, String)> {
     v
 }
 
+/// The daemon's /metrics text.
+fn scrape(port: u16) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
 /// vCPU thread ids of a QEMU process (by name, from /proc).
 fn vcpu_tids(pid: i32) -> Vec<(String, i32)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -400,9 +411,17 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     let record = libvirtd.path("prescient-libvirt.jsonl");
     let run_dir = libvirtd.path("run");
     let uri = libvirtd.uri();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
     let server = Server::start_args(
         false,
         &[
+            "--metrics-listen",
+            &metrics_addr,
             "--libvirt-uri",
             &uri,
             "--libvirt-run-dir",
@@ -607,6 +626,21 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
             "libvirt-release"
         ]
     );
+
+    // What the daemon did is counted: two vCPUs pinned twice (started,
+    // reconnect), the balloon set twice, usage sampled.
+    let text = scrape(port);
+    for want in [
+        r#"prescient_libvirt_actions_total{kind="vcpu-pinned"} 4"#,
+        r#"prescient_libvirt_actions_total{kind="balloon-set"} 2"#,
+        r#"prescient_events_total{kind="libvirt-started"} "#,
+        r#"prescient_events_total{kind="libvirt-reconnect"} "#,
+    ] {
+        assert!(text.contains(want), "{want} not in:\n{text}");
+    }
+    assert!(text.contains(r#"prescient_libvirt_actions_total{kind="usage-sampled"}"#));
+    assert!(!text.contains(r#"kind="pin-failed""#), "{text}");
+    assert!(!text.contains(r#"kind="balloon-failed""#), "{text}");
 
     // The daemon goes down. The installed hook returns at once with 0 ...
     let socket = server.socket.clone();

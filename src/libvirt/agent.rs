@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,6 +29,7 @@ use vmm_hooks::{LibvirtDomain, LibvirtHookCall, error_chain};
 use super::LibvirtError;
 use super::domain::{parse_cpu_list, parse_domain};
 use super::sys::{self, Virsh};
+use crate::metrics::Metrics;
 
 /// How the agent acts.
 #[derive(Clone, Debug)]
@@ -214,8 +216,8 @@ impl std::fmt::Debug for Msg {
 }
 
 impl LibvirtAgent {
-    /// Starts the agent's thread.
-    pub fn start(config: AgentConfig) -> Result<Self, LibvirtError> {
+    /// Starts the agent's thread; it counts what it does in `metrics`.
+    pub fn start(config: AgentConfig, metrics: Arc<Metrics>) -> Result<Self, LibvirtError> {
         let default_cpus = match &config.cpus {
             Some(c) => c.clone(),
             None => sys::own_cpus()?,
@@ -233,7 +235,7 @@ impl LibvirtAgent {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("libvirt-agent".into())
-            .spawn(move || Worker::new(config, default_cpus).run(&rx))
+            .spawn(move || Worker::new(config, default_cpus, metrics).run(&rx))
             .map_err(|e| {
                 LibvirtError::Proc(format!("cannot start the libvirt agent thread: {e}"))
             })?;
@@ -267,15 +269,21 @@ struct Worker {
     config: AgentConfig,
     default_cpus: Vec<usize>,
     domains: HashMap<String, Running>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
-    fn new(config: AgentConfig, default_cpus: Vec<usize>) -> Self {
+    fn new(config: AgentConfig, default_cpus: Vec<usize>, metrics: Arc<Metrics>) -> Self {
         Worker {
             config,
             default_cpus,
             domains: HashMap::new(),
+            metrics,
         }
+    }
+
+    fn count(&self, action: &str) {
+        Metrics::inc(&self.metrics.libvirt_actions, action);
     }
 
     fn run(mut self, rx: &mpsc::Receiver<Msg>) {
@@ -366,8 +374,14 @@ impl Worker {
                 DomState::Locating { until, asked_qmp } => {
                     match locate(&self.config, &d.domain, now >= until, asked_qmp) {
                         Located::Found(pid, threads) => {
-                            let record =
-                                act(&self.config, &self.default_cpus, &d.domain, pid, &threads);
+                            let record = act(
+                                &self.config,
+                                &self.default_cpus,
+                                &self.metrics,
+                                &d.domain,
+                                pid,
+                                &threads,
+                            );
                             d.state = DomState::Running { pid };
                             d.next_sample = Instant::now();
                             self.write(&record);
@@ -393,7 +407,10 @@ impl Worker {
                 DomState::Running { pid } if now >= d.next_sample => {
                     d.next_sample = now + self.config.sample_interval;
                     match sample(&self.config, &vm, pid) {
-                        Some(r) => self.write(&r),
+                        Some(r) => {
+                            self.count("usage-sampled");
+                            self.write(&r);
+                        }
                         None => {
                             tracing::info!(vm, pid, "QEMU process gone; no longer sampled");
                             self.domains.remove(&vm);
@@ -406,6 +423,7 @@ impl Worker {
     }
 
     fn failed(&self, vm: &str, error: &str) {
+        self.count("domain-failed");
         tracing::error!(vm, "libvirt domain: {error}");
         self.write(&AgentRecord::Failed {
             vm: vm.to_string(),
@@ -477,6 +495,7 @@ fn locate(
 fn act(
     config: &AgentConfig,
     default_cpus: &[usize],
+    metrics: &Metrics,
     domain: &LibvirtDomain,
     pid: i32,
     threads: &[(u32, i32)],
@@ -487,7 +506,8 @@ fn act(
             for p in plan.iter_mut().filter(|p| !p.cpus.is_empty()) {
                 match sys::set_thread_cpus(p.tid, &p.cpus) {
                     Ok(()) => {
-                        tracing::info!(vm, vcpu = p.vcpu, tid = p.tid, cpus = ?p.cpus, "vCPU thread pinned")
+                        Metrics::inc(&metrics.libvirt_actions, "vcpu-pinned");
+                        tracing::info!(vm, vcpu = p.vcpu, tid = p.tid, cpus = ?p.cpus, "vCPU thread pinned");
                     }
                     Err(e) => {
                         tracing::warn!(
@@ -496,6 +516,7 @@ fn act(
                             tid = p.tid,
                             "cannot pin the vCPU thread: {e}"
                         );
+                        Metrics::inc(&metrics.libvirt_actions, "pin-failed");
                         p.note = Some(e.to_string());
                         p.cpus = sys::thread_cpus(p.tid).unwrap_or_default();
                     }
@@ -504,6 +525,7 @@ fn act(
             plan
         }
         Err(e) => {
+            Metrics::inc(&metrics.libvirt_actions, "pin-failed");
             tracing::error!(vm, "no vCPU placement: {e}");
             threads
                 .iter()
@@ -519,14 +541,19 @@ fn act(
     let target = balloon_target_kib(domain);
     let mut balloon_error = None;
     if domain.prescient.balloon_target_mib.is_some() && target.is_none() {
+        Metrics::inc(&metrics.libvirt_actions, "balloon-failed");
         balloon_error =
             Some("the domain has no balloon device (memballoon model none)".to_string());
     }
     if let Some(kib) = target {
         let size = format!("{kib}KiB");
         match config.virsh.run(&["setmem", &domain.name, &size, "--live"]) {
-            Ok(_) => tracing::info!(vm, target_kib = kib, "balloon target set"),
+            Ok(_) => {
+                Metrics::inc(&metrics.libvirt_actions, "balloon-set");
+                tracing::info!(vm, target_kib = kib, "balloon target set");
+            }
             Err(e) => {
+                Metrics::inc(&metrics.libvirt_actions, "balloon-failed");
                 tracing::error!(vm, target_kib = kib, "cannot set the balloon: {e}");
                 balloon_error = Some(e.to_string());
             }
@@ -655,7 +682,8 @@ mod tests {
         let mut config = AgentConfig::system();
         config.record_file = Some(rec.clone());
         config.cpus = Some(vec![0]);
-        let agent = LibvirtAgent::start(config).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let agent = LibvirtAgent::start(config, Arc::clone(&metrics)).unwrap();
         let call = LibvirtHookCall::new("started", "begin", "-", "<domain><oops".into());
         agent.notify("vm-x", &call);
         // Stopping the agent processes what was sent before.
@@ -671,5 +699,10 @@ mod tests {
         };
         assert_eq!(vm, "vm-x");
         assert!(error.contains("nothing done"), "{error}");
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"prescient_libvirt_actions_total{kind="domain-failed"} 1"#),
+            "{text}"
+        );
     }
 }
