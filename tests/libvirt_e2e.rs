@@ -703,5 +703,91 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     );
     let state = libvirtd.virsh_ok(&["domstate", &name_b]);
     assert_eq!(state.trim(), "running");
+
+    // A daemon that accepts and never answers: every hook call waits out
+    // its bound (2 s) and returns 0, and the domain starts all the same.
+    // (The stopped daemon's directory is gone: point the hook elsewhere,
+    // which the installer reports as an update.)
+    let silent_path = libvirtd.path("silent.sock");
+    let o = Command::new(env!("CARGO_BIN_EXE_prescient"))
+        .args(["install-libvirt-hook", "--hooks-dir"])
+        .arg(libvirtd.path("etc/hooks"))
+        .arg("--socket")
+        .arg(&silent_path)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("updated"));
+    let silent = SilentDaemon::bind(&silent_path);
+    let name_c = format!("{name}-c");
+    let console_c = libvirtd.path("console-c.log");
+    let xml_c = libvirtd.path("domain-c.xml");
+    std::fs::write(&xml_c, domain_xml(&name_c, &tools, &console_c, pin_cpu)).unwrap();
+    let t = Instant::now();
+    libvirtd.virsh_ok(&["create", xml_c.to_str().unwrap()]);
+    eprintln!(
+        "virsh create with a silent daemon took {:?} ({} hook connections held unanswered)",
+        t.elapsed(),
+        silent.accepted()
+    );
+    assert!(
+        silent.accepted() >= 3,
+        "prepare, start and started each connected"
+    );
+    wait_for(
+        BOOT_HANG,
+        "the third guest to boot with a silent daemon",
+        || console_says_ready(&console_c).then_some(()),
+    );
+    assert_eq!(libvirtd.virsh_ok(&["domstate", &name_c]).trim(), "running");
+    drop(silent);
     drop(libvirtd);
+}
+
+/// A hooks socket that accepts connections and never answers.
+struct SilentDaemon {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentDaemon {
+    fn bind(path: &Path) -> SilentDaemon {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let (s, a) = (stop.clone(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        SilentDaemon {
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentDaemon {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
