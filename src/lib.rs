@@ -8,6 +8,7 @@
 mod balloon_control;
 pub mod bench;
 mod config;
+pub mod libvirt;
 mod metrics;
 mod server;
 mod store;

@@ -39,6 +39,10 @@ pub struct Metrics {
     /// Balloon targets set by the companion, by kind (`pre-balloon`,
     /// `inflate`, `deflate`).
     pub balloon_targets: Family<KindLabel, Counter>,
+    /// What the daemon did to libvirt domains, by action (`vcpu-pinned`,
+    /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
+    /// `domain-failed`).
+    pub libvirt_actions: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,6 +63,7 @@ impl Metrics {
         let connections = Gauge::default();
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
+        let libvirt_actions = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -91,6 +96,11 @@ impl Metrics {
             "Balloon targets set from forecasts, by kind",
             balloon_targets.clone(),
         );
+        registry.register(
+            "libvirt_actions",
+            "Actions on libvirt domains after their started hook, by action",
+            libvirt_actions.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -101,6 +111,7 @@ impl Metrics {
             connections,
             time_to_ready,
             balloon_targets,
+            libvirt_actions,
         }
     }
 
