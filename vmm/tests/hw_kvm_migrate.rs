@@ -273,3 +273,60 @@ fn vmm_hooks_chain(e: &MigrateError) -> String {
     }
     s
 }
+
+#[test]
+fn hw_kvm_migrate_two_labvm_processes_over_loopback() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if !kvm_or_skip("hw_kvm_migrate_two_labvm_processes_over_loopback") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_labvm");
+    let mut dest = Command::new(bin)
+        .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
+        .arg("--report-json")
+        .arg(dir.path().join("dest.json"))
+        .arg("--migration-report")
+        .arg(dir.path().join("dest-mig.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("incoming: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let src = Command::new(bin)
+        .args(["--mem", "64", "--workload", "dirty:5000:16"])
+        .args(["--migrate-to", &addr, "--migrate-after", "0.3"])
+        .arg("--report-json")
+        .arg(dir.path().join("src.json"))
+        .arg("--migration-report")
+        .arg(dir.path().join("src-mig.json"))
+        .output()
+        .unwrap();
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dest.wait().unwrap().success());
+    let read = |n: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join(n)).unwrap()).unwrap()
+    };
+    let (s, sm, d, dm) = (
+        read("src.json"),
+        read("src-mig.json"),
+        read("dest.json"),
+        read("dest-mig.json"),
+    );
+    assert!(sm["error"].is_null(), "{sm}");
+    let switch = sm["counter"].as_u64().unwrap();
+    assert_eq!(s["counter"].as_u64(), Some(switch));
+    assert_eq!(dm["counter"].as_u64(), Some(switch));
+    assert!(d["counter"].as_u64().unwrap() > switch);
+}
