@@ -260,37 +260,17 @@ pub enum ProtocolError {
     Control(String),
 }
 
-/// CRC-32 (IEEE 802.3, reflected), bitwise with a small table.
+/// CRC-32 (IEEE 802.3), as in zlib.
 pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in (0u32..).zip(t.iter_mut()) {
-            let mut c = i;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    let mut c = !0u32;
-    for &b in data {
-        c = table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
+    crc32fast::hash(data)
 }
 
 fn header(kind: u8, payload: &[&[u8]]) -> [u8; HEADER_LEN] {
     let mut len = 0usize;
-    let mut crc_input = Vec::new();
+    let mut crc = crc32fast::Hasher::new();
     for p in payload {
         len += p.len();
-        crc_input.extend_from_slice(p);
+        crc.update(p);
     }
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
@@ -298,7 +278,7 @@ fn header(kind: u8, payload: &[&[u8]]) -> [u8; HEADER_LEN] {
     h[6] = kind;
     h[7] = 0;
     h[8..12].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
-    h[12..16].copy_from_slice(&crc32(&crc_input).to_le_bytes());
+    h[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
     h
 }
 

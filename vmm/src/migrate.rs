@@ -24,6 +24,9 @@ use crate::vm::{
 use crate::workload::Workload;
 use crate::{PAGE_SIZE, VmmError};
 
+/// Pages read at once when scanning all of guest memory (1 MiB).
+const SCAN_WINDOW_PAGES: u64 = 256;
+
 /// A 4 KiB page in bytes, as a length.
 const PAGE_BYTES: usize = 4096;
 
@@ -86,7 +89,10 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Guest paused to `Running` received, ms (source only).
     pub downtime_ms: f64,
-    /// Bytes of frames sent (source) or page bytes received (destination).
+    /// Guest paused to `Complete` sent (everything handed to the network),
+    /// ms: what QEMU reports as downtime (source only).
+    pub downtime_sent_ms: f64,
+    /// Bytes of frames sent (source only).
     pub bytes: u64,
     /// Pages sent with data.
     pub pages: u64,
@@ -239,7 +245,7 @@ fn send_pages(
     tr: &mut dyn Transport,
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
-    skip_zero: bool,
+    scan: Option<&[u64]>,
     report: &mut MigrationReport,
 ) -> Result<(u64, u64), MigrateError> {
     let max = usize::try_from(proto::MAX_RUN_PAGES).unwrap_or(1);
@@ -253,18 +259,43 @@ fn send_pages(
     let mut zero_start = 0u64;
     let mut zeros = 0u64;
     let mut tmp = vec![0u8; page];
+    // Full scans (round 0) read guest memory a window at a time.
+    let mut win: Vec<u8> = Vec::new();
+    let mut win_start = 0u64;
+    let mut win_pages = 0u64;
     let mut zero_frames = 0u64;
+    let read_err = |gpa: u64, e: vm_memory::GuestMemoryError| {
+        VmmError::GuestMemory(format!("reading guest memory at {gpa:#x}: {e}"))
+    };
     for p in pages {
-        mem.read_slice(&mut tmp, GuestAddress(p * PAGE_SIZE))
-            .map_err(|e| {
-                VmmError::GuestMemory(format!("reading page {:#x}: {e}", p * PAGE_SIZE))
-            })?;
-        if is_zero(&tmp) {
+        let data: &[u8] = if let Some(populated) = scan {
+            if p < win_start || p >= win_start + win_pages {
+                // The window covers populated pages only: reading an
+                // unpopulated one would fault it in for nothing.
+                let set = |q: u64| {
+                    populated
+                        .get(usize::try_from(q / 64).unwrap_or(usize::MAX))
+                        .is_some_and(|w| w & (1 << (q % 64)) != 0)
+                };
+                win_pages = (1..SCAN_WINDOW_PAGES).take_while(|&k| set(p + k)).count() as u64 + 1;
+                win.resize(usize::try_from(win_pages).unwrap_or(1) * page, 0);
+                mem.read_slice(&mut win, GuestAddress(p * PAGE_SIZE))
+                    .map_err(|e| read_err(p * PAGE_SIZE, e))?;
+                win_start = p;
+            }
+            let off = usize::try_from(p - win_start).unwrap_or(0) * page;
+            &win[off..off + page]
+        } else {
+            mem.read_slice(&mut tmp, GuestAddress(p * PAGE_SIZE))
+                .map_err(|e| read_err(p * PAGE_SIZE, e))?;
+            &tmp
+        };
+        if is_zero(data) {
             report.zero_pages += 1;
             if !buf.is_empty() {
                 flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
             }
-            if skip_zero {
+            if scan.is_some() {
                 continue;
             }
             if zeros > 0 && zero_start + zeros == p {
@@ -295,7 +326,7 @@ fn send_pages(
             flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
             run_start = p;
         }
-        buf.extend_from_slice(&tmp);
+        buf.extend_from_slice(data);
         sent_pages += 1;
     }
     flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
@@ -404,34 +435,69 @@ fn precopy_and_switch(
     // Clear what was logged before this point: everything is sent in round 0.
     vm.take_dirty_log()?;
     let t = Instant::now();
-    let (frames, bytes) = send_pages(tr, mem, 0..ram_pages, true, report)?;
+    // Pages never populated read as zeros: skip them without faulting them in.
+    let populated = match vm.populated_pages() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("cannot read /proc/self/pagemap ({e}); scanning every page");
+            vec![u64::MAX; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)]
+        }
+    };
+    let untouched = ram_pages
+        - populated
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>()
+            .min(ram_pages);
+    report.zero_pages += untouched;
+    let (frames, bytes) = send_pages(
+        tr,
+        mem,
+        dirty_pages(&populated).filter(|&p| p < ram_pages),
+        Some(&populated),
+        report,
+    )?;
     round(tr, 0, frames, false)?;
     let mut bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
     let mut n = 1u32;
     let mut pending = vm.take_dirty_log()?;
+    let mut prev_dirty = u64::MAX;
+    let target = opts.downtime.as_secs_f64();
     loop {
         let dirty: u64 = pending.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = (dirty * (PAGE_SIZE + 32)) as f64 / bw;
-        if est <= opts.downtime.as_secs_f64() || n >= opts.max_rounds {
+        // Under the target, one more round still pays while it halves the
+        // dirty set (the guest dirties less during a shorter round), down
+        // to an eighth of the target.
+        let fits = est <= target && (dirty.saturating_mul(2) > prev_dirty || est <= target / 8.0);
+        if fits || n >= opts.max_rounds {
             tracing::info!(round = n, dirty, est_ms = est * 1e3, "stop-and-copy");
             break;
         }
         let t = Instant::now();
-        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), false, report)?;
+        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, report)?;
         round(tr, n, frames, false)?;
         if bytes > 1 << 20 {
             bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
         }
         tracing::debug!(round = n, dirty, mb_s = bw / 1e6, "pre-copy round");
         n += 1;
+        prev_dirty = dirty;
         pending = vm.take_dirty_log()?;
     }
     report.bandwidth_mb_s = bw / 1e6;
 
     // Stop-and-copy: the guest is paused from here until Running or failure.
     let paused = Instant::now();
-    let states = vcpus.pause(opts.timeout)?;
-    let outcome = stop_and_copy(vm, vcpus, tr, &mut pending, &states, n, report);
+    let outcome = stop_and_copy(
+        vm,
+        vcpus,
+        tr,
+        &mut pending,
+        n,
+        (paused, opts.timeout),
+        report,
+    );
     report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.rounds = n + 1;
     match outcome {
@@ -448,15 +514,16 @@ fn stop_and_copy(
     vcpus: &VcpuControl<'_>,
     tr: &mut TcpTransport,
     pending: &mut [u64],
-    states: &[VcpuState],
     n: u32,
+    (paused, timeout): (Instant, Duration),
     report: &mut MigrationReport,
 ) -> Result<(), MigrateError> {
+    let states = vcpus.pause(timeout)?;
     let last = vm.take_dirty_log()?;
     for (p, l) in pending.iter_mut().zip(&last) {
         *p |= *l;
     }
-    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(pending), false, report)?;
+    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(pending), None, report)?;
     round(tr, n, frames, true)?;
     for (i, s) in states.iter().enumerate() {
         let state = serde_json::to_string(s)
@@ -470,6 +537,7 @@ fn stop_and_copy(
         .map_err(|e| MigrateError::Protocol(format!("encoding device state: {e}")))?;
     tr.send_control(&Control::Device { state: dev })?;
     tr.send_control(&Control::Complete)?;
+    report.downtime_sent_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.counter = counter(vm);
     expect(tr, "running", |c| matches!(c, Control::Running))
 }
@@ -694,35 +762,33 @@ fn load(
     Ok(())
 }
 
-/// Tells the source `Running` once the vCPUs run, then passes callbacks on.
+/// Tells the source `Running` as soon as the vCPUs run (the run marks a
+/// migrated guest ready at once), then passes callbacks on.
 struct Confirm<'a> {
     transport: &'a mut TcpTransport,
     inner: &'a mut dyn RunObserver,
-    sent: bool,
+    failed: bool,
 }
 
 impl RunObserver for Confirm<'_> {
     fn should_stop(&mut self) -> bool {
-        self.inner.should_stop()
+        self.failed || self.inner.should_stop()
     }
     fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
+        if let Err(e) = self.transport.send_control(&Control::Running) {
+            // The source did not hear that the guest runs here: it resumes
+            // the guest itself, so this copy must stop.
+            tracing::error!(
+                "cannot confirm to the source; stopping this copy: {}",
+                vmm_hooks::error_chain(&e)
+            );
+            self.failed = true;
+        }
+        self.transport.close();
         self.inner.ready(elapsed, report);
     }
     fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        if !self.sent {
-            self.sent = true;
-            if let Err(e) = self.transport.send_control(&Control::Running) {
-                // The source did not hear that the guest runs here: it
-                // resumes the guest itself, so this copy must stop.
-                tracing::error!(
-                    "cannot confirm to the source; stopping this copy: {}",
-                    vmm_hooks::error_chain(&e)
-                );
-                return true;
-            }
-            self.transport.close();
-        }
-        self.inner.tick(vm, vcpus)
+        self.failed || self.inner.tick(vm, vcpus)
     }
 }
 
@@ -732,7 +798,7 @@ impl Incoming {
         let mut confirm = Confirm {
             transport: &mut self.transport,
             inner: observer,
-            sent: false,
+            failed: false,
         };
         self.vm.run(&mut confirm)
     }

@@ -395,6 +395,11 @@ impl LabVm {
         Arc::clone(&self.mem)
     }
 
+    /// Which guest pages may hold data (see [`sys::populated_pages`]).
+    pub(crate) fn populated_pages(&self) -> std::io::Result<Vec<u64>> {
+        sys::populated_pages(self.host, (self.config.ram_mib << 20) / layout::PAGE_SIZE)
+    }
+
     /// Turns KVM dirty logging of guest RAM on or off.
     pub(crate) fn set_dirty_logging(&self, on: bool) -> Result<(), VmmError> {
         boot::set_dirty_logging(&self.vm, RAM_SLOT, self.host, self.config.ram_mib << 20, on)
