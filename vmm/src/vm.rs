@@ -587,6 +587,9 @@ impl LabVm {
         let offered = observer.before_boot(self, &tids);
         let plan = self.config.plan.clone().unwrap_or(offered);
         let mut bootstrap = self.prepare_boot(&plan);
+        // A migrated guest booted elsewhere: nothing to measure at ready,
+        // and the observer hears of it at once (the source waits for it).
+        bootstrap.resumed = resumed.is_some();
         if self.config.prewarm {
             // The instance is warm: the start request arrives now.
             self.started = Instant::now();
@@ -676,6 +679,7 @@ impl LabVm {
             applied: Some(applied),
             report: None,
             kvm_pre_fault,
+            resumed: false,
         }
     }
 
@@ -743,6 +747,10 @@ impl LabVm {
                 let tids = st.tids.clone();
                 drop(st);
                 let elapsed = at.saturating_duration_since(self.started);
+                if bootstrap.resumed {
+                    observer.ready(elapsed, &BootReport::new(0.0));
+                    continue;
+                }
                 let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
                 observer.ready(elapsed, &report);
                 continue;
@@ -804,6 +812,8 @@ struct Bootstrap {
     report: Option<BootReport>,
     /// Ranges for KVM_PRE_FAULT_MEMORY, where KVM supports it.
     kvm_pre_fault: Option<Vec<GuestRange>>,
+    /// The guest arrived by migration (past its boot).
+    resumed: bool,
 }
 
 #[derive(Debug)]
