@@ -313,6 +313,13 @@ pub fn encode_run(run: PageRun<'_>) -> Vec<u8> {
     }
 }
 
+/// The header and address of a `pages` frame for `data` (which follows
+/// them on the wire), without copying the data.
+pub fn pages_header(gpa: u64, data: &[u8]) -> ([u8; HEADER_LEN], [u8; 8]) {
+    let g = gpa.to_le_bytes();
+    (header(KIND_PAGES, &[&g, data]), g)
+}
+
 /// Encodes the `join` frame of a bulk connection.
 pub fn encode_join(session: u64, index: u32) -> Vec<u8> {
     let mut p = [0u8; 12];
@@ -453,6 +460,22 @@ mod tests {
         let (f, n) = decode_frame(&b).unwrap();
         assert_eq!(n, b.len());
         assert_eq!(f, Frame::Pages { gpa: 0x3000, data });
+    }
+
+    #[test]
+    fn pages_header_matches_the_encoded_frame() {
+        let data = vec![9u8; 4096];
+        let (h, g) = pages_header(0x5000, &data);
+        let mut b = h.to_vec();
+        b.extend_from_slice(&g);
+        b.extend_from_slice(&data);
+        assert_eq!(
+            b,
+            encode_run(PageRun::Data {
+                gpa: 0x5000,
+                data: &data
+            })
+        );
     }
 
     #[test]

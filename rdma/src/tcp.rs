@@ -15,6 +15,9 @@ use crate::{PageSink, Transport, TransportError};
 const QUEUE_DEPTH: usize = 8;
 
 enum Job {
+    /// Page data at a guest-physical address: the sender thread frames it
+    /// (checksum included), so that work is spread over the bulk threads.
+    Pages(u64, Vec<u8>),
     Frame(Vec<u8>),
     Flush(SyncSender<Result<(), String>>),
 }
@@ -177,6 +180,8 @@ impl TcpTransport {
         for i in 0..n.max(1) {
             let mut s = TcpStream::connect_timeout(&sa, self.timeout)
                 .map_err(io(&self.peer, "connect bulk"))?;
+            // A frame goes out as two writes (header, data): no Nagle wait.
+            s.set_nodelay(true).map_err(io(&self.peer, "configure"))?;
             s.write_all(&proto::encode_join(self.session, i))
                 .map_err(io(&self.peer, "join"))?;
             let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
@@ -207,6 +212,18 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
                     && let Err(e) = s.write_all(&f)
                 {
                     failed = Some(e.to_string());
+                }
+            }
+            Job::Pages(gpa, data) => {
+                if failed.is_none() {
+                    let (head, gpa) = proto::pages_header(gpa, &data);
+                    let mut first = [0u8; HEADER_LEN + 8];
+                    first[..HEADER_LEN].copy_from_slice(&head);
+                    first[HEADER_LEN..].copy_from_slice(&gpa);
+                    let r = s.write_all(&first).and_then(|()| s.write_all(&data));
+                    if let Err(e) = r {
+                        failed = Some(e.to_string());
+                    }
                 }
             }
             Job::Flush(ack) => {
@@ -439,11 +456,14 @@ impl Transport for TcpTransport {
                 what: "page run before the bulk connections were opened".into(),
             });
         }
-        let frame = proto::encode_run(run);
+        let job = match run {
+            PageRun::Data { gpa, data } => Job::Pages(gpa, data.to_vec()),
+            PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
+        };
         let i = self.next % self.senders.len();
         self.next = self.next.wrapping_add(1);
         self.senders[i]
-            .send(Job::Frame(frame))
+            .send(job)
             .map_err(|_| TransportError::Closed {
                 peer: self.peer.clone(),
             })
