@@ -467,9 +467,9 @@ fn precopy_and_switch(
         let dirty: u64 = pending.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = (dirty * (PAGE_SIZE + 32)) as f64 / bw;
         // Under the target, one more round still pays while it halves the
-        // dirty set (the guest dirties less during a shorter round), down
-        // to an eighth of the target.
-        let fits = est <= target && (dirty.saturating_mul(2) > prev_dirty || est <= target / 8.0);
+        // dirty set (the guest dirties less during a shorter round): the
+        // pause then holds only what the guest dirties in one short round.
+        let fits = est <= target && (dirty.saturating_mul(2) > prev_dirty || dirty == 0);
         if fits || n >= opts.max_rounds {
             tracing::info!(round = n, dirty, est_ms = est * 1e3, "stop-and-copy");
             break;
