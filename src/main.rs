@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
+mod forecast_cli;
+
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -27,6 +29,10 @@ enum Command {
     /// Benchmarks that compare strategies side by side.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Train the forecasting model on trace files and score it on held-out series.
+    Train(forecast_cli::TrainArgs),
+    /// Score the baselines (and a model) on trace files.
+    Eval(forecast_cli::EvalArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,5 +384,17 @@ fn main() -> ExitCode {
         },
         Command::TraceCapture(args) => trace_capture(args),
         Command::Bench(cmd) => bench(cmd),
+        Command::Train(args) => forecast(forecast_cli::run_train(args)),
+        Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+    }
+}
+
+fn forecast(r: Result<(), models::ModelsError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
     }
 }

@@ -330,3 +330,33 @@ fn hw_kvm_migrate_two_labvm_processes_over_loopback() {
     assert_eq!(dm["counter"].as_u64(), Some(switch));
     assert!(d["counter"].as_u64().unwrap() > switch);
 }
+
+#[test]
+fn hw_kvm_migrate_two_vcpus_parked_one_stays_parked_and_counter_continues() {
+    if !kvm_or_skip("hw_kvm_migrate_two_vcpus_parked_one_stays_parked_and_counter_continues") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let mut inc = receive(listener, Duration::from_secs(20)).unwrap();
+        inc.run(&mut Heartbeats { n: 5, from: None }).unwrap()
+    });
+    let mut config = dirty_config();
+    config.vcpus = 2;
+    let mut vm = LabVm::create(config, Instant::now()).unwrap();
+    let mut nothing = Nothing;
+    let mut obs = RunOnAfter {
+        mig: MigrationSource::new(options(to), &mut nothing),
+        more: 1_000_000,
+        stop_at: None,
+    };
+    let src = vm.run(&mut obs).unwrap();
+    assert_eq!(obs.mig.report.clone().unwrap().error, None);
+    let dst = dest.join().unwrap();
+    // vCPU 1 parked on the source (the dirty workload runs on vCPU 0 only)
+    // and stayed parked; vCPU 0 kept counting.
+    assert_eq!(dst.stop, StopReason::Stopped);
+    assert!(dst.counter.unwrap() > src.counter.unwrap());
+    assert_eq!(dst.vcpu_tids.len(), 2);
+}
