@@ -22,6 +22,15 @@
 //! mode = "concurrent"      # lazy | before | concurrent | full
 //! hugepages = false
 //! min_boots = 1
+//!
+//! [libvirt]
+//! act = true                   # false: only record libvirt hook calls
+//! uri = "qemu:///system"
+//! run_dir = "/run/libvirt"
+//! virsh = "virsh"
+//! cpus = "2-7"                 # optional: CPUs for vCPU threads (default: the daemon's own)
+//! sample_interval_ms = 10000
+//! record = "/var/log/prescient/libvirt.jsonl"   # optional
 //! ```
 
 use std::net::SocketAddr;
@@ -30,6 +39,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{PrefaultMode, ProfileRequest};
 
+use crate::libvirt::{AgentConfig, parse_cpu_list};
 use crate::store::StorePolicy;
 use crate::working_set::PlanPolicy;
 
@@ -78,6 +88,46 @@ pub struct Config {
     pub store: StoreConfig,
     /// Boot plans.
     pub plan: PlanConfig,
+    /// libvirt domains.
+    pub libvirt: LibvirtConfig,
+}
+
+/// `[libvirt]`: what the daemon does to libvirt domains after their
+/// `started` hook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Pin vCPU threads, set balloons and sample usage (false: only record
+    /// the hook calls).
+    pub act: bool,
+    /// The connection URI for `virsh`.
+    pub uri: String,
+    /// libvirt's run directory (QEMU pid files are in `qemu/` below it).
+    pub run_dir: PathBuf,
+    /// The `virsh` program.
+    pub virsh: PathBuf,
+    /// Host CPUs for vCPU threads when a domain names none (a list like
+    /// `2-7`); unset: the daemon's own CPUs.
+    pub cpus: Option<String>,
+    /// How often running domains are sampled, ms (100 to 3600000).
+    pub sample_interval_ms: u64,
+    /// Append what the daemon does to domains here (JSON lines), if set.
+    pub record: Option<PathBuf>,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        let a = AgentConfig::system();
+        LibvirtConfig {
+            act: true,
+            uri: a.virsh.uri,
+            run_dir: a.run_dir,
+            virsh: a.virsh.program,
+            cpus: None,
+            sample_interval_ms: u64::try_from(a.sample_interval.as_millis()).unwrap_or(10_000),
+            record: None,
+        }
+    }
 }
 
 /// `[daemon]`.
@@ -186,7 +236,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Checks every value (`path` names the source in errors).
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key, value: String, reason| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -227,6 +278,26 @@ impl Config {
         if self.daemon.socket.as_os_str().is_empty() {
             return Err(bad("daemon.socket", String::new(), "must name a path"));
         }
+        let l = &self.libvirt;
+        if let Some(cpus) = &l.cpus
+            && parse_cpu_list(cpus).is_err()
+        {
+            return Err(bad(
+                "libvirt.cpus",
+                cpus.clone(),
+                "must be a CPU list like 0-3,8 (CPUs 0 to 1023)",
+            ));
+        }
+        if !(100..=3_600_000).contains(&l.sample_interval_ms) {
+            return Err(bad(
+                "libvirt.sample_interval_ms",
+                l.sample_interval_ms.to_string(),
+                "must be 100 to 3600000",
+            ));
+        }
+        if l.uri.is_empty() {
+            return Err(bad("libvirt.uri", String::new(), "must name a libvirt URI"));
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -235,6 +306,24 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The libvirt agent this configuration asks for (`None`: only record
+    /// libvirt hook calls).
+    pub fn libvirt_agent(&self) -> Option<AgentConfig> {
+        let l = &self.libvirt;
+        if !l.act {
+            return None;
+        }
+        let mut a = AgentConfig::system();
+        a.virsh.uri = l.uri.clone();
+        a.virsh.program = l.virsh.clone();
+        a.run_dir = l.run_dir.clone();
+        // Checked by `validate`; a list that does not parse means the defaults.
+        a.cpus = l.cpus.as_deref().and_then(|c| parse_cpu_list(c).ok());
+        a.sample_interval = std::time::Duration::from_millis(l.sample_interval_ms);
+        a.record_file = l.record.clone();
+        Some(a)
     }
 
     /// The store policy this configuration asks for.
@@ -307,6 +396,26 @@ mod tests {
     }
 
     #[test]
+    fn libvirt_section_becomes_the_agent_config() {
+        let c = parse(
+            "[libvirt]\nuri = \"qemu:///system?socket=/tmp/s\"\ncpus = \"1,3\"\nsample_interval_ms = 500\nrecord = \"/tmp/r.jsonl\"\n",
+        )
+        .unwrap();
+        let a = c.libvirt_agent().unwrap();
+        assert_eq!(a.virsh.uri, "qemu:///system?socket=/tmp/s");
+        assert_eq!(a.cpus, Some(vec![1, 3]));
+        assert_eq!(a.sample_interval.as_millis(), 500);
+        assert_eq!(a.record_file.as_deref(), Some(Path::new("/tmp/r.jsonl")));
+        assert!(
+            parse("[libvirt]\nact = false\n")
+                .unwrap()
+                .libvirt_agent()
+                .is_none()
+        );
+        assert!(Config::default().libvirt_agent().is_some());
+    }
+
+    #[test]
     fn typos_bad_types_and_bad_values_are_rejected_with_the_key() {
         let e = parse("[plan]\nthreshhold = 0.5\n").unwrap_err().to_string();
         assert!(e.contains("threshhold"), "{e}");
@@ -332,6 +441,12 @@ mod tests {
             ),
             ("[store]\nretain_boots = 0\n", "store.retain_boots"),
             ("[daemon]\nsocket = \"\"\n", "daemon.socket"),
+            ("[libvirt]\ncpus = \"3-1\"\n", "libvirt.cpus"),
+            (
+                "[libvirt]\nsample_interval_ms = 5\n",
+                "libvirt.sample_interval_ms",
+            ),
+            ("[libvirt]\nuri = \"\"\n", "libvirt.uri"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod config;
+pub mod libvirt;
 mod metrics;
 mod server;
 mod store;

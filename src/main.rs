@@ -33,6 +33,105 @@ enum Command {
     Train(forecast_cli::TrainArgs),
     /// Score the baselines (and a model) on trace files.
     Eval(forecast_cli::EvalArgs),
+    /// libvirt's QEMU hook: forwards DOMAIN OPERATION SUB-OPERATION EXTRA and
+    /// the domain XML (stdin) to the daemon; always exits 0 within the bound.
+    LibvirtHook(LibvirtHookArgs),
+    /// Install `prescient libvirt-hook` as libvirt's QEMU hook (hooks/qemu).
+    InstallLibvirtHook(InstallLibvirtHookArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LibvirtHookArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// The whole call's bound, ms (reading the XML and talking to the daemon).
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// DOMAIN OPERATION SUB-OPERATION EXTRA, as libvirt passes them.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallLibvirtHookArgs {
+    /// libvirt's hooks directory.
+    #[arg(long, default_value = "/etc/libvirt/hooks")]
+    hooks_dir: PathBuf,
+    /// The daemon's hooks socket the hook talks to.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// The hook's time bound, ms.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// The prescient binary the hook runs (default: this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Replace a hook that Prescient did not write (it is kept beside it).
+    #[arg(long)]
+    force: bool,
+}
+
+fn libvirt_hook(args: LibvirtHookArgs) -> ExitCode {
+    use prescient::libvirt::{HookArgs, HookConfig, HookOutcome, run_hook};
+    // Exit 0 whatever happens: a failing qemu hook stops libvirt from
+    // starting (or, on reconnect, keeping) the domain. Nothing goes to
+    // stdout: for migrate and restore libvirt reads it as a new domain XML.
+    let hook_args = match HookArgs::parse(&args.args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("prescient libvirt-hook: {e}; nothing forwarded");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let config = HookConfig {
+        socket: args.socket,
+        timeout: std::time::Duration::from_millis(args.timeout_ms.clamp(50, 60_000)),
+    };
+    let (outcome, problem) = run_hook(&hook_args, std::io::stdin(), &config);
+    if let Some(p) = problem {
+        eprintln!(
+            "prescient libvirt-hook: {} {} {}: {p} (forwarded without a domain summary)",
+            hook_args.domain, hook_args.operation, hook_args.sub_operation
+        );
+    }
+    if outcome == HookOutcome::DaemonUnavailable {
+        eprintln!(
+            "prescient libvirt-hook: {} {} {}: the daemon at {} did not take the call; the domain goes on without it",
+            hook_args.domain,
+            hook_args.operation,
+            hook_args.sub_operation,
+            config.socket.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn install_libvirt_hook(args: InstallLibvirtHookArgs) -> ExitCode {
+    let binary = match args.binary.map_or_else(std::env::current_exe, Ok) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("prescient: cannot tell where this binary is ({e}); pass --binary");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = prescient::libvirt::InstallConfig {
+        hooks_dir: args.hooks_dir,
+        binary,
+        socket: args.socket,
+        timeout: std::time::Duration::from_millis(args.timeout_ms.clamp(50, 60_000)),
+        force: args.force,
+    };
+    match prescient::libvirt::install(&config) {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,6 +342,29 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Only record libvirt hook calls; do not act on the domains.
+    #[arg(long)]
+    no_libvirt: bool,
+    /// The libvirt connection URI the daemon uses after a domain started
+    /// [default: qemu:///system].
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// libvirt's run directory (QEMU pid files are in qemu/ below it)
+    /// [default: /run/libvirt].
+    #[arg(long)]
+    libvirt_run_dir: Option<PathBuf>,
+    /// Host CPUs for libvirt vCPU threads when a domain names none (default: the daemon's own).
+    #[arg(long)]
+    libvirt_cpus: Option<String>,
+    /// How often running libvirt domains are sampled, ms [default: 10000].
+    #[arg(long)]
+    libvirt_sample_ms: Option<u64>,
+    /// Append what the daemon does to libvirt domains here (JSON lines).
+    #[arg(long)]
+    libvirt_record: Option<PathBuf>,
+    /// The virsh program [default: virsh].
+    #[arg(long)]
+    virsh: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -274,6 +396,30 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.metrics_listen.is_some() {
         c.daemon.metrics_listen = args.metrics_listen;
     }
+    let l = &mut c.libvirt;
+    if args.no_libvirt {
+        l.act = false;
+    }
+    if let Some(u) = &args.libvirt_uri {
+        l.uri = u.clone();
+    }
+    if let Some(d) = &args.libvirt_run_dir {
+        l.run_dir = d.clone();
+    }
+    if args.libvirt_cpus.is_some() {
+        l.cpus = args.libvirt_cpus.clone();
+    }
+    if let Some(ms) = args.libvirt_sample_ms {
+        l.sample_interval_ms = ms;
+    }
+    if args.libvirt_record.is_some() {
+        l.record = args.libvirt_record.clone();
+    }
+    if let Some(v) = &args.virsh {
+        l.virsh = v.clone();
+    }
+    // Flags are checked like the file.
+    c.validate(std::path::Path::new("(command line)"))?;
     Ok(c)
 }
 
@@ -299,6 +445,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.event_log = c.daemon.event_log.clone();
     config.allowed_uids = c.daemon.allow_uids.clone();
     config.policy = c.store_policy();
+    config.libvirt = c.libvirt_agent();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)
@@ -368,7 +515,29 @@ async fn wait_for_shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // libvirt runs the hook; an unparsable command line must not
+            // fail the domain (help and version still print as usual).
+            if std::env::args().nth(1).as_deref() == Some("libvirt-hook") && e.use_stderr() {
+                eprintln!("prescient libvirt-hook: {e}");
+                return ExitCode::SUCCESS;
+            }
+            e.exit()
+        }
+    };
+    if let Command::LibvirtHook(args) = cli.command {
+        // Quiet: libvirt keeps what a hook writes to stderr in its own log.
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        return libvirt_hook(args);
+    }
     init_logging();
     match cli.command {
         Command::Serve(args) => serve(args),
@@ -384,6 +553,8 @@ fn main() -> ExitCode {
         },
         Command::TraceCapture(args) => trace_capture(args),
         Command::Bench(cmd) => bench(cmd),
+        Command::LibvirtHook(args) => libvirt_hook(args),
+        Command::InstallLibvirtHook(args) => install_libvirt_hook(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
     }

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Time to ready reported by VMMs, seconds.
     pub time_to_ready: Histogram,
+    /// What the daemon did to libvirt domains, by action (`vcpu-pinned`,
+    /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
+    /// `domain-failed`).
+    pub libvirt_actions: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,6 +59,7 @@ impl Metrics {
         let store_errors = Counter::default();
         let connections = Gauge::default();
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let libvirt_actions = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -82,6 +87,11 @@ impl Metrics {
             "Time to ready reported by VMMs",
             time_to_ready.clone(),
         );
+        registry.register(
+            "libvirt_actions",
+            "Actions on libvirt domains after their started hook, by action",
+            libvirt_actions.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -91,6 +101,7 @@ impl Metrics {
             store_errors,
             connections,
             time_to_ready,
+            libvirt_actions,
         }
     }
 

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
 use vmm_hooks::{BootPlan, Event, EventKind, HookReply, error_chain};
 
+use crate::libvirt::{AgentConfig, LibvirtAgent, LibvirtError};
 use crate::metrics::Metrics;
 use crate::store::{ProfileKey, ProfileStore, StoreError, StorePolicy};
 
@@ -41,6 +42,9 @@ pub enum ServeError {
     /// The profile store could not be opened.
     #[error("cannot open the profile store")]
     Store(#[from] StoreError),
+    /// The libvirt agent could not start.
+    #[error("cannot start the libvirt agent")]
+    Libvirt(#[from] LibvirtError),
     /// The event log could not be opened.
     #[error("cannot open event log {path}")]
     EventLog {
@@ -69,6 +73,9 @@ pub struct ServerConfig {
     pub store: Option<PathBuf>,
     /// What the store keeps and how it plans.
     pub policy: StorePolicy,
+    /// Act on libvirt domains after their `started` hook (pin vCPUs, set
+    /// the balloon, sample usage); `None`: only record libvirt hook calls.
+    pub libvirt: Option<AgentConfig>,
     /// Where the daemon counts what it does.
     pub metrics: Arc<Metrics>,
 }
@@ -84,6 +91,7 @@ impl ServerConfig {
             max_connections: 1024,
             store: None,
             policy: StorePolicy::default(),
+            libvirt: None,
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -106,6 +114,7 @@ struct State {
     last_seq: HashMap<String, u64>,
     log: Option<BufWriter<File>>,
     store: Option<ProfileStore>,
+    libvirt: Option<LibvirtAgent>,
 }
 
 /// The hooks server.
@@ -160,6 +169,10 @@ impl HooksServer {
                 None
             }
         };
+        let libvirt = match &config.libvirt {
+            Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
+            None => None,
+        };
         tracing::info!(socket = %path.display(), "listening for VMM hooks");
         Ok(HooksServer {
             config,
@@ -167,6 +180,7 @@ impl HooksServer {
             state: Arc::new(Mutex::new(State {
                 log,
                 store,
+                libvirt,
                 ..State::default()
             })),
         })
@@ -205,11 +219,17 @@ impl HooksServer {
                 }
             }
         }
-        if let Ok(mut st) = self.state.lock()
-            && let Some(log) = st.log.as_mut()
-        {
-            let _ = log.flush();
-        }
+        let agent = match self.state.lock() {
+            Ok(mut st) => {
+                if let Some(log) = st.log.as_mut() {
+                    let _ = log.flush();
+                }
+                st.libvirt.take()
+            }
+            Err(_) => None,
+        };
+        // Outside the lock: stopping the agent waits for its thread.
+        drop(agent);
         let _ = std::fs::remove_file(&self.config.socket);
         tracing::info!("hooks server stopped");
     }
@@ -355,7 +375,11 @@ fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> 
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let vm = event.vm.vm_id.clone();
+    // Each libvirt hook call is a process of its own and numbers nothing;
+    // libvirt runs a domain's hooks one at a time, so arrival order is order.
+    let sequenced = !matches!(event.kind, EventKind::Libvirt(_));
     match st.last_seq.get(&vm) {
+        _ if !sequenced => {}
         Some(&last) if event.seq != last + 1 => {
             tracing::warn!(
                 vm,
@@ -373,7 +397,9 @@ fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> 
         }
         _ => {}
     }
-    st.last_seq.insert(vm.clone(), event.seq);
+    if sequenced {
+        st.last_seq.insert(vm.clone(), event.seq);
+    }
     tracing::info!(vm, seq = event.seq, event = event.kind.name(), "VM event");
     let key = ProfileKey {
         image: event.vm.image_digest.clone(),
@@ -412,6 +438,20 @@ fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> 
         }
         EventKind::Stopped { .. } => {
             st.last_seq.remove(&vm);
+            HookReply::Ack
+        }
+        EventKind::Libvirt(call) => {
+            if let Some(problem) = &call.xml_error {
+                tracing::warn!(
+                    vm,
+                    operation = call.operation_name,
+                    "libvirt hook could not read the domain XML: {problem}"
+                );
+            }
+            // Never waits: the agent acts after this reply, on its own thread.
+            if let Some(agent) = st.libvirt.as_ref() {
+                agent.notify(&vm, call);
+            }
             HookReply::Ack
         }
         _ => HookReply::Ack,

@@ -190,7 +190,7 @@ fn hw_numa_live_gpus_and_nics_match_sysfs_locality() {
     }
     if !sysfs.iter().any(|(_, class, _)| *class != 0x02) {
         println!(
-            "SKIP hw_numa_live_gpus_and_nics_match_sysfs_locality (GPU part): no GPU on this host"
+            "SKIP hw_numa_live_gpus_and_nics_match_sysfs_locality: no GPU on this host (the NIC checks ran)"
         );
     }
 }

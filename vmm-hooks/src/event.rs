@@ -121,6 +121,10 @@ pub enum EventKind {
         /// How it ended.
         status: StopStatus,
     },
+    /// A libvirt QEMU hook call, forwarded by `prescient libvirt-hook`
+    /// (added to protocol 1; see [`crate::proto`] for how operations map
+    /// onto the lifecycle above).
+    Libvirt(Box<LibvirtHookCall>),
 }
 
 impl EventKind {
@@ -139,8 +143,186 @@ impl EventKind {
             EventKind::Restore => "restore",
             EventKind::Migrate { .. } => "migrate",
             EventKind::Stopped { .. } => "stopped",
+            EventKind::Libvirt(call) => call.operation.event_name(),
         }
     }
+}
+
+/// A libvirt QEMU hook operation (the second argument libvirt passes to
+/// `/etc/libvirt/hooks/qemu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LibvirtOperation {
+    /// `prepare begin`: resources are about to be allocated (lifecycle: created).
+    Prepare,
+    /// `start begin`: QEMU is about to be executed (lifecycle: before boot).
+    Start,
+    /// `started begin`: QEMU runs and its vCPU threads exist (lifecycle:
+    /// running; the companion acts on the process from here).
+    Started,
+    /// `stopped end`: QEMU has exited (lifecycle: stopped).
+    Stopped,
+    /// `release end`: libvirt released the domain's resources (lifecycle:
+    /// gone).
+    Release,
+    /// `migrate begin`: an incoming migration is about to start here
+    /// (lifecycle: migrate started).
+    Migrate,
+    /// `restore begin`: the domain is about to be restored from a saved
+    /// state (lifecycle: restore).
+    Restore,
+    /// `reconnect begin`: libvirtd restarted and found the domain running
+    /// (lifecycle: running, seen again).
+    Reconnect,
+    /// `attach begin`: libvirt attached to a QEMU it did not start
+    /// (lifecycle: running, seen again).
+    Attach,
+    /// An operation this version does not know; the raw name is in
+    /// [`LibvirtHookCall::operation_name`].
+    #[serde(other)]
+    Other,
+}
+
+impl LibvirtOperation {
+    /// The operation named as libvirt names it.
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "prepare" => LibvirtOperation::Prepare,
+            "start" => LibvirtOperation::Start,
+            "started" => LibvirtOperation::Started,
+            "stopped" => LibvirtOperation::Stopped,
+            "release" => LibvirtOperation::Release,
+            "migrate" => LibvirtOperation::Migrate,
+            "restore" => LibvirtOperation::Restore,
+            "reconnect" => LibvirtOperation::Reconnect,
+            "attach" => LibvirtOperation::Attach,
+            _ => LibvirtOperation::Other,
+        }
+    }
+
+    /// The event's name in logs and metrics, e.g. `libvirt-started`.
+    pub fn event_name(self) -> &'static str {
+        match self {
+            LibvirtOperation::Prepare => "libvirt-prepare",
+            LibvirtOperation::Start => "libvirt-start",
+            LibvirtOperation::Started => "libvirt-started",
+            LibvirtOperation::Stopped => "libvirt-stopped",
+            LibvirtOperation::Release => "libvirt-release",
+            LibvirtOperation::Migrate => "libvirt-migrate",
+            LibvirtOperation::Restore => "libvirt-restore",
+            LibvirtOperation::Reconnect => "libvirt-reconnect",
+            LibvirtOperation::Attach => "libvirt-attach",
+            LibvirtOperation::Other => "libvirt-other",
+        }
+    }
+
+    /// True when QEMU runs after this operation and the companion may act
+    /// on it from outside (started, reconnect, attach).
+    pub fn vm_runs(self) -> bool {
+        matches!(
+            self,
+            LibvirtOperation::Started | LibvirtOperation::Reconnect | LibvirtOperation::Attach
+        )
+    }
+
+    /// True when the domain's QEMU is gone after this operation (stopped,
+    /// release).
+    pub fn vm_gone(self) -> bool {
+        matches!(self, LibvirtOperation::Stopped | LibvirtOperation::Release)
+    }
+}
+
+/// One call of the libvirt QEMU hook, as `prescient libvirt-hook` forwards
+/// it: the arguments libvirt gave, the domain XML it wrote on the hook's
+/// standard input, and what the hook could read from that XML.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LibvirtHookCall {
+    /// The operation, mapped.
+    pub operation: LibvirtOperation,
+    /// The operation as libvirt named it (kept for operations this version
+    /// does not know).
+    pub operation_name: String,
+    /// `begin` or `end` (libvirt's sub-operation; `-` when none).
+    pub sub_operation: String,
+    /// libvirt's extra argument (`-` when none).
+    pub extra: String,
+    /// The domain XML, as received (empty when libvirt wrote none or it
+    /// could not be read in time).
+    pub domain_xml: String,
+    /// What the hook read from the XML; `None` when it was missing or bad.
+    #[serde(default)]
+    pub domain: Option<LibvirtDomain>,
+    /// Why the XML could not be read, if it could not.
+    #[serde(default)]
+    pub xml_error: Option<String>,
+}
+
+impl LibvirtHookCall {
+    /// A call with its arguments and the XML as received; no summary yet.
+    pub fn new(operation_name: &str, sub_operation: &str, extra: &str, domain_xml: String) -> Self {
+        LibvirtHookCall {
+            operation: LibvirtOperation::from_name(operation_name),
+            operation_name: operation_name.to_string(),
+            sub_operation: sub_operation.to_string(),
+            extra: extra.to_string(),
+            domain_xml,
+            domain: None,
+            xml_error: None,
+        }
+    }
+}
+
+/// What Prescient reads from a libvirt domain XML.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LibvirtDomain {
+    /// `<name>`.
+    pub name: String,
+    /// `<uuid>`, if given.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// The running domain's id (`<domain id='N'>`), if it has one.
+    #[serde(default)]
+    pub id: Option<u32>,
+    /// `<domain type=…>` (`kvm`, `qemu`).
+    pub domain_type: String,
+    /// vCPUs at start (`<vcpu current=…>` or `<vcpu>`).
+    pub vcpus: u32,
+    /// `<memory>` in KiB (the most the guest can have).
+    pub memory_kib: u64,
+    /// `<currentMemory>` in KiB (what the balloon leaves the guest at start).
+    pub current_memory_kib: u64,
+    /// The memory balloon model (`virtio`, or `none`), if one is described.
+    #[serde(default)]
+    pub balloon_model: Option<String>,
+    /// vCPUs that the domain pins itself (`<cputune><vcpupin vcpu=…>`); the
+    /// companion leaves their affinity alone.
+    #[serde(default)]
+    pub pinned_by_libvirt: Vec<u32>,
+    /// Settings for Prescient in the domain's `<metadata>`.
+    #[serde(default)]
+    pub prescient: LibvirtPrescientSettings,
+}
+
+/// The `<prescient:vm>` element of a domain's `<metadata>` (namespace
+/// `urn:prescient:libvirt:1`): what the operator asks of the companion.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LibvirtPrescientSettings {
+    /// Balloon the guest to this many MiB once it runs.
+    #[serde(default)]
+    pub balloon_target_mib: Option<u64>,
+    /// Host CPUs the vCPU threads may be pinned to (a list like `2-5,8`).
+    #[serde(default)]
+    pub cpus: Option<String>,
+    /// Priority (higher wins).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Whether the companion may interrupt the domain.
+    #[serde(default)]
+    pub interruptible: Option<bool>,
 }
 
 /// One lifecycle event of one VM.

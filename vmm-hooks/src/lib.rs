@@ -2,7 +2,8 @@
 //!
 //! A VMM reports each VM's lifecycle as [`Event`]s (created, before-boot,
 //! ready, paused, resumed, interrupted, restarted, stopped, and snapshot,
-//! restore and migrate phases). Before boot the companion answers with a
+//! restore and migrate phases), or, on a libvirt host, the calls of
+//! libvirt's QEMU hook ([`LibvirtHookCall`]). Before boot the companion answers with a
 //! [`BootPlan`]; after bootstrap the VMM sends a [`BootReport`] of what the
 //! guest really did.
 //!
@@ -21,9 +22,10 @@ pub mod proto;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
-    BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook,
-    MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport, ProfileRequest,
-    StopStatus, TouchWindow, VmIdentity, VmSpec,
+    BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange, HookReply, LibvirtDomain,
+    LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings, LifecycleHook, MigratePhase,
+    NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport, ProfileRequest, StopStatus,
+    TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
 

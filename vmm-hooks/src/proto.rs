@@ -19,6 +19,45 @@
 //! over the limit, malformed JSON, a truncated frame) sends `error` if it
 //! can, logs, and closes the connection. Either side may close at any time;
 //! the VMM then carries on without a companion.
+//!
+//! ## libvirt hook calls (an addition to version 1)
+//!
+//! `prescient libvirt-hook`, run by libvirt as `/etc/libvirt/hooks/qemu`,
+//! is a short-lived peer: it connects, says `hello` (peer
+//! `prescient-libvirt-hook <version>`), sends one `event` whose kind is
+//! `libvirt`, waits for the reply within its time bound, and exits. The
+//! event's `vm.vm_id` is the domain name; its `seq` is always 0 because each
+//! hook call is a process of its own (libvirt runs a domain's hooks one at a
+//! time, so arrival order is the domain's order, and the daemon does not
+//! check `seq` for these events). The body carries the operation, libvirt's
+//! sub-operation and extra argument, the domain XML as received and the
+//! hook's reading of it:
+//!
+//! ```json
+//! {"type":"event","vm":{"vm_id":"web-1","image_digest":"…","package_digest":"…"},
+//!  "seq":0,"at_unix_ms":1700000000000,
+//!  "kind":{"kind":"libvirt","operation":"started","operation_name":"started",
+//!          "sub_operation":"begin","extra":"-","domain_xml":"<domain …>",
+//!          "domain":{"name":"web-1","vcpus":2,"memory_kib":524288,…},
+//!          "xml_error":null}}
+//! ```
+//!
+//! How libvirt's operations map onto the lifecycle:
+//!
+//! | libvirt operation | sub-op | lifecycle | the daemon |
+//! | --- | --- | --- | --- |
+//! | `prepare` | begin | created | records |
+//! | `start` | begin | before boot | records |
+//! | `started` | begin | running | pins the vCPU threads, sets the balloon, samples usage |
+//! | `reconnect`, `attach` | begin | running (seen again) | as for `started` |
+//! | `migrate` | begin | migrate started (incoming) | records |
+//! | `restore` | begin | restore | records |
+//! | `stopped` | end | stopped | stops sampling |
+//! | `release` | end | gone | forgets the domain |
+//! | anything else | | `other` (raw name kept) | records |
+//!
+//! A daemon older than this addition rejects the event as a malformed body;
+//! the hook then exits 0 as it does whenever the daemon is unavailable.
 
 use std::io::{self, Read, Write};
 
