@@ -23,6 +23,7 @@ mod hooks;
 mod labdev;
 mod layout;
 pub mod linux;
+mod migrate;
 mod sys;
 pub mod testing;
 mod vm;
@@ -32,8 +33,14 @@ pub use guest::stamp_value;
 pub use hooks::{HookReporter, VMM_NAME, lab_identity};
 pub use labdev::exception_name;
 pub use layout::{LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE};
+pub use migrate::{
+    Incoming, MigrateError, MigrationOptions, MigrationReport, MigrationSource, receive,
+};
 pub use sys::process_rss_bytes;
-pub use vm::{LabVm, LabVmConfig, RunObserver, RunReport, StopReason};
+pub use vm::{
+    LabDeviceState, LabVm, LabVmConfig, RunObserver, RunReport, STATE_VERSION, StopReason,
+    VcpuControl, VcpuState,
+};
 pub use workload::{TouchRun, Trace, Workload};
 
 use std::path::PathBuf;
