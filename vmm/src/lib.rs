@@ -24,6 +24,7 @@ mod hooks;
 mod labdev;
 mod layout;
 pub mod linux;
+mod migrate;
 mod sys;
 pub mod testing;
 mod vm;
@@ -36,8 +37,14 @@ pub use labdev::exception_name;
 pub use layout::{
     BALLOON_MMIO_BASE, LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE,
 };
+pub use migrate::{
+    Incoming, MigrateError, MigrationOptions, MigrationReport, MigrationSource, receive,
+};
 pub use sys::process_rss_bytes;
-pub use vm::{LabVm, LabVmConfig, RunObserver, RunReport, StopReason};
+pub use vm::{
+    LabDeviceState, LabVm, LabVmConfig, RunObserver, RunReport, STATE_VERSION, StopReason,
+    VcpuControl, VcpuState,
+};
 pub use workload::{TouchRun, Trace, Workload};
 
 use std::path::PathBuf;

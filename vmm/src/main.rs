@@ -90,6 +90,95 @@ struct Cli {
     /// For --kernel: stop the guest after this many seconds.
     #[arg(long, requires = "kernel")]
     timeout: Option<f64>,
+    /// Destination of a live migration: listen on [ADDR:]PORT (ADDR
+    /// defaults to 127.0.0.1; port 0 picks one and prints it), receive a
+    /// VM and run it. The VM's configuration comes from the source.
+    #[arg(long, value_name = "[ADDR:]PORT", conflicts_with_all = ["kernel", "migrate_to"])]
+    incoming: Option<String>,
+    /// Source of a live migration: once the guest is ready (plus
+    /// --migrate-after), move it to the labvm listening at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "kernel")]
+    migrate_to: Option<String>,
+    /// Seconds after ready before migrating.
+    #[arg(long, default_value_t = 0.0)]
+    migrate_after: f64,
+    /// Downtime target of the migration, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    downtime_ms: u64,
+    /// Bulk TCP connections for page data.
+    #[arg(long, default_value_t = 4)]
+    migrate_streams: u32,
+    /// Write the migration report (either side) as JSON here.
+    #[arg(long)]
+    migration_report: Option<PathBuf>,
+}
+
+/// Stops on SIGINT/SIGTERM or after `until`.
+struct CliStop {
+    until: Option<Instant>,
+}
+
+impl labvm::RunObserver for CliStop {
+    fn should_stop(&mut self) -> bool {
+        stop_requested() || self.until.is_some_and(|t| Instant::now() >= t)
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, value: &T) {
+    if let Some(path) = path {
+        let json = serde_json::to_string_pretty(value).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("labvm: cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+fn incoming(cli: &Cli, spec: &str) -> ExitCode {
+    let addr = if spec.contains(':') {
+        spec.to_string()
+    } else {
+        format!("127.0.0.1:{spec}")
+    };
+    let listener = match std::net::TcpListener::bind(&addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("labvm: cannot listen on {addr}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match listener.local_addr() {
+        Ok(a) => println!("incoming: listening on {a}"),
+        Err(e) => eprintln!("labvm: listening on {addr} (address unknown: {e})"),
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let mut inc = match labvm::receive(listener, Duration::from_secs(30)) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("labvm: incoming migration failed: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "incoming: VM received ({} rounds, {:.1} ms); running",
+        inc.report.rounds, inc.report.total_ms
+    );
+    write_json(&cli.migration_report, &inc.report);
+    let mut stop = CliStop {
+        until: cli
+            .run_for
+            .map(|s| Instant::now() + Duration::from_secs_f64(s)),
+    };
+    match inc.run(&mut stop) {
+        Ok(report) => {
+            write_json(&cli.report_json, &report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
@@ -236,6 +325,9 @@ fn main() -> ExitCode {
     if let Some(kernel) = cli.kernel.clone() {
         return boot_linux(&cli, kernel);
     }
+    if let Some(spec) = cli.incoming.clone() {
+        return incoming(&cli, &spec);
+    }
     let workload = match parse_workload(&cli.workload) {
         Ok(Workload::Random {
             touch_mib,
@@ -305,8 +397,33 @@ fn main() -> ExitCode {
         reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
     }
     reporter.created(&vm);
-    let result = vm.run(&mut reporter);
+    let (result, migration) = match &cli.migrate_to {
+        Some(to) => {
+            let mut opts = labvm::MigrationOptions::new(to.clone());
+            opts.after = Duration::from_secs_f64(cli.migrate_after.max(0.0));
+            opts.downtime = Duration::from_millis(cli.downtime_ms);
+            opts.streams = cli.migrate_streams;
+            let mut source = labvm::MigrationSource::new(opts, &mut reporter);
+            let r = vm.run(&mut source);
+            let m = source.report.take();
+            (r, m)
+        }
+        None => (vm.run(&mut reporter), None),
+    };
     reporter.stopped(&result);
+    if let Some(m) = &migration {
+        match &m.error {
+            None => println!(
+                "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
+                cli.migrate_to.as_deref().unwrap_or_default(),
+                m.total_ms,
+                m.downtime_ms,
+                m.bytes
+            ),
+            Some(e) => println!("migration failed, the VM ran on here: {e}"),
+        }
+        write_json(&cli.migration_report, m);
+    }
     match result {
         Ok(report) => {
             match report.time_to_ready {

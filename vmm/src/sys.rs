@@ -102,6 +102,37 @@ pub(crate) fn process_faults() -> Option<(u64, u64)> {
     Some((f.get(7)?.parse().ok()?, f.get(9)?.parse().ok()?))
 }
 
+/// For each 4 KiB page of the mapping at `host` (`pages` pages), whether it
+/// may hold data: present or swapped out, read from `/proc/self/pagemap`
+/// (bits 63 and 62; no privilege needed for these). A page that is neither
+/// has never been written (or was discarded) and reads as zeros, so a full
+/// scan can skip it without faulting it in. Bit `i` of the result is page `i`.
+pub(crate) fn populated_pages(host: u64, pages: u64) -> std::io::Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
+    let mut out = vec![0u64; words];
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = 0u64;
+    while page < pages {
+        let n = (pages - page).min(4096);
+        let len = usize::try_from(n * 8).unwrap_or(0);
+        let off = (host / 4096 + page) * 8;
+        f.read_exact_at(&mut buf[..len], off)?;
+        for (i, e) in buf[..len].chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(e);
+            let entry = u64::from_le_bytes(a);
+            if entry & (3 << 62) != 0 {
+                let p = page + i as u64;
+                out[usize::try_from(p / 64).unwrap_or(0)] |= 1 << (p % 64);
+            }
+        }
+        page += n;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

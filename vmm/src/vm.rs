@@ -170,6 +170,177 @@ pub trait RunObserver {
     fn should_stop(&mut self) -> bool {
         false
     }
+    /// Called after `should_stop`, with a handle that pauses and resumes
+    /// the vCPUs and reads their state (live migration); return true to
+    /// stop the VM.
+    fn tick(&mut self, _vm: &LabVm, _vcpus: &VcpuControl<'_>) -> bool {
+        false
+    }
+}
+
+/// One vCPU's architectural state, as migration moves it.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    /// Format version of this record.
+    pub version: u32,
+    /// General-purpose registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// The guest's time-stamp counter (IA32_TSC), so TSC-paced guest code
+    /// carries on where it was.
+    pub tsc: u64,
+}
+
+/// The lab device's state, as migration moves it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct LabDeviceState {
+    /// Format version of this record.
+    pub version: u32,
+    /// Whether each vCPU is parked on the lab device.
+    pub parked: Vec<bool>,
+    /// Last progress value of each vCPU.
+    pub progress: Vec<u64>,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Strings the guest logged.
+    pub log: Vec<String>,
+}
+
+/// Version of [`VcpuState`] and [`LabDeviceState`] written here.
+pub const STATE_VERSION: u32 = 1;
+
+const MSR_IA32_TSC: u32 = 0x10;
+
+impl VcpuState {
+    fn read(vcpu: &VcpuFd) -> Result<Self, VmmError> {
+        let kvm = |op| move |source| VmmError::Kvm { op, source };
+        let regs = vcpu.get_regs().map_err(kvm("get regs"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm("get TSC"))?;
+        let tsc = match msrs.as_slice().first() {
+            Some(e) if n == 1 => e.data,
+            _ => return Err(VmmError::Config("KVM did not return IA32_TSC".into())),
+        };
+        Ok(VcpuState {
+            version: STATE_VERSION,
+            regs,
+            sregs,
+            tsc,
+        })
+    }
+
+    fn write(&self, vcpu: &VcpuFd) -> Result<(), VmmError> {
+        let kvm = |op| move |source| VmmError::Kvm { op, source };
+        if self.version != STATE_VERSION {
+            return Err(VmmError::Config(format!(
+                "vCPU state version {} (this labvm reads {STATE_VERSION})",
+                self.version
+            )));
+        }
+        vcpu.set_sregs(&self.sregs).map_err(kvm("set sregs"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("set regs"))?;
+        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: self.tsc,
+            ..Default::default()
+        }])
+        .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        let n = vcpu.set_msrs(&msrs).map_err(kvm("set TSC"))?;
+        if n != 1 {
+            return Err(VmmError::Config("KVM did not accept IA32_TSC".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Pauses and resumes a running VM's vCPUs from the controller (given to
+/// [`RunObserver::tick`]).
+#[derive(Debug)]
+pub struct VcpuControl<'a> {
+    shared: &'a Shared,
+    threads: &'a [JoinHandle<()>],
+}
+
+impl VcpuControl<'_> {
+    /// True once the guest signalled ready.
+    pub fn ready(&self) -> bool {
+        lock(&self.shared.state).ready_at.is_some()
+    }
+
+    /// Heartbeats received so far.
+    pub fn heartbeats(&self) -> u64 {
+        lock(&self.shared.state).heartbeats
+    }
+
+    /// Stops every vCPU outside `KVM_RUN` and returns their states, in
+    /// vCPU order. The vCPUs stay paused until [`resume`](Self::resume).
+    pub fn pause(&self, timeout: Duration) -> Result<Vec<VcpuState>, VmmError> {
+        let n = self.threads.len();
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let st = lock(&self.shared.state);
+                if st.snapshots.iter().filter(|s| s.is_some()).count() == n {
+                    let mut out = Vec::with_capacity(n);
+                    for (i, s) in st.snapshots.iter().enumerate() {
+                        match s {
+                            Some(Ok(v)) => out.push(v.clone()),
+                            Some(Err(e)) => {
+                                return Err(VmmError::Config(format!(
+                                    "reading vCPU {i}'s state: {e}"
+                                )));
+                            }
+                            None => {}
+                        }
+                    }
+                    return Ok(out);
+                }
+                if st.outcome.is_some() || st.finished > 0 {
+                    return Err(VmmError::Config("the VM ended while pausing".into()));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Config(format!(
+                    "vCPUs did not pause within {timeout:?}"
+                )));
+            }
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                if let Err(e) = t.kill(sys::kick_signal()) {
+                    tracing::debug!("kicking a vCPU thread: {e}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut st = lock(&self.shared.state);
+        self.shared.pause.store(false, Ordering::SeqCst);
+        st.snapshots.iter_mut().for_each(|s| *s = None);
+        drop(st);
+        self.shared.cv.notify_all();
+    }
+
+    /// The lab device's state (consistent while the vCPUs are paused).
+    pub fn device_state(&self) -> LabDeviceState {
+        let st = lock(&self.shared.state);
+        LabDeviceState {
+            version: STATE_VERSION,
+            parked: st.parked.clone(),
+            progress: st.progress.clone(),
+            heartbeats: st.heartbeats,
+            log: st.log.clone(),
+        }
+    }
 }
 
 /// A lab VM that has been created and loaded but not started.
@@ -184,6 +355,9 @@ pub struct LabVm {
     started: Instant,
     devices: Arc<Devices>,
     host: u64,
+    /// Set on a migration destination: the guest is past ready and its
+    /// lab device continues from here.
+    resumed: Option<LabDeviceState>,
 }
 
 /// Memory slot of guest RAM.
@@ -193,6 +367,66 @@ impl LabVm {
     /// Creates the VM, its memory and vCPUs and loads the lab guest.
     /// `started` is the start request: time to ready counts from it.
     pub fn create(config: LabVmConfig, started: Instant) -> Result<Self, VmmError> {
+        Self::build(config, started, true)
+    }
+
+    /// Creates a VM to receive a migrating guest: memory stays zeroed and
+    /// registers unset until the migration fills them in (see
+    /// [`restore`](Self::restore)).
+    pub fn create_incoming(config: LabVmConfig) -> Result<Self, VmmError> {
+        Self::build(config, Instant::now(), false)
+    }
+
+    /// Loads migrated vCPU and lab-device state into a VM from
+    /// [`create_incoming`](Self::create_incoming); it then runs from there.
+    pub fn restore(&mut self, vcpus: &[VcpuState], device: LabDeviceState) -> Result<(), VmmError> {
+        let n = self.vcpus.len();
+        if vcpus.len() != n || device.parked.len() != n || device.progress.len() != n {
+            return Err(VmmError::Config(format!(
+                "migrated state for {} vCPUs ({} in the device state) does not fit this VM's {n}",
+                vcpus.len(),
+                device.parked.len()
+            )));
+        }
+        if device.version != STATE_VERSION {
+            return Err(VmmError::Config(format!(
+                "device state version {} (this labvm reads {STATE_VERSION})",
+                device.version
+            )));
+        }
+        for (vcpu, state) in self.vcpus.iter().zip(vcpus) {
+            state.write(vcpu)?;
+        }
+        self.resumed = Some(device);
+        Ok(())
+    }
+
+    pub(crate) fn guest_memory_arc(&self) -> Arc<GuestMemoryMmap> {
+        Arc::clone(&self.mem)
+    }
+
+    /// Which guest pages may hold data (see [`sys::populated_pages`]).
+    pub(crate) fn populated_pages(&self) -> std::io::Result<Vec<u64>> {
+        sys::populated_pages(self.host, (self.config.ram_mib << 20) / layout::PAGE_SIZE)
+    }
+
+    /// Turns KVM dirty logging of guest RAM on or off.
+    pub(crate) fn set_dirty_logging(&self, on: bool) -> Result<(), VmmError> {
+        boot::set_dirty_logging(&self.vm, RAM_SLOT, self.host, self.config.ram_mib << 20, on)
+    }
+
+    /// Reads and clears the dirty bitmap of guest RAM (one bit per 4 KiB page).
+    pub(crate) fn take_dirty_log(&self) -> Result<Vec<u64>, VmmError> {
+        let ram = usize::try_from(self.config.ram_mib << 20).unwrap_or(usize::MAX);
+        self.vm
+            .get_dirty_log(RAM_SLOT, ram)
+            .map_err(|source| VmmError::Kvm {
+                op: "get dirty log",
+                source,
+            })
+    }
+
+    fn build(config: LabVmConfig, started: Instant, load: bool) -> Result<Self, VmmError> {
         config.validate()?;
         let ram = config.ram_mib << 20;
         let plan = WorkloadPlan::new(&config.workload, ram, config.vcpus)?;
@@ -237,17 +471,19 @@ impl LabVm {
             tracing::warn!("KVM_GET_TSC_KHZ failed ({e}); assuming 2 GHz for guest pacing");
             2_000_000
         });
-        let header = GuestSetup {
-            ram,
-            vcpus: config.vcpus,
-            tsc_khz,
-            stamp: config.stamp,
-            workload: &config.workload,
-            plan: &plan,
-        }
-        .write(&mem)?;
-        for (i, vcpu) in vcpus.iter().enumerate() {
-            setup_vcpu(vcpu, i as u64, header)?;
+        if load {
+            let header = GuestSetup {
+                ram,
+                vcpus: config.vcpus,
+                tsc_khz,
+                stamp: config.stamp,
+                workload: &config.workload,
+                plan: &plan,
+            }
+            .write(&mem)?;
+            for (i, vcpu) in vcpus.iter().enumerate() {
+                setup_vcpu(vcpu, i as u64, header)?;
+            }
         }
         let mem = Arc::new(mem);
         let devices = Arc::new(Devices::new(config.balloon.as_ref(), &mem)?);
@@ -266,6 +502,7 @@ impl LabVm {
             started,
             devices,
             host: host as u64,
+            resumed: None,
         })
     }
 
@@ -318,13 +555,22 @@ impl LabVm {
         sys::install_kick_handler()
             .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
         let n = self.vcpus.len();
+        let resumed = self.resumed.take();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
             state: Mutex::new(RunState {
                 go: false,
                 tids: vec![0; n],
-                parked: vec![false; n],
-                progress: vec![0; n],
+                parked: resumed
+                    .as_ref()
+                    .map_or_else(|| vec![false; n], |d| d.parked.clone()),
+                progress: resumed
+                    .as_ref()
+                    .map_or_else(|| vec![0; n], |d| d.progress.clone()),
+                heartbeats: resumed.as_ref().map_or(0, |d| d.heartbeats),
+                log: resumed.as_ref().map(|d| d.log.clone()).unwrap_or_default(),
+                snapshots: vec![None; n],
                 ..RunState::default()
             }),
             cv: Condvar::new(),
@@ -363,6 +609,9 @@ impl LabVm {
         let plan = self.config.plan.clone().unwrap_or(offered);
         self.devices.apply_plan(&plan);
         let mut bootstrap = self.prepare_boot(&plan);
+        // A migrated guest booted elsewhere: nothing to measure at ready,
+        // and the observer hears of it at once (the source waits for it).
+        bootstrap.resumed = resumed.is_some();
         if self.config.prewarm {
             // The instance is warm: the start request arrives now.
             self.started = Instant::now();
@@ -370,13 +619,17 @@ impl LabVm {
         {
             let mut st = lock(&shared.state);
             st.go = true;
+            if resumed.is_some() {
+                // A migrated guest signalled ready on its source host.
+                st.ready_at = Some(Instant::now());
+            }
             if let Some(ranges) = bootstrap.kvm_pre_fault.take() {
                 st.pre_fault = ranges;
             }
         }
         shared.cv.notify_all();
 
-        let result = self.control(&shared, observer, &mut bootstrap);
+        let result = self.control(&shared, &threads, observer, &mut bootstrap);
         stop_all(&shared, threads);
         if bootstrap.report.is_none() {
             // Ended before ready: stop prefetching and logging all the same.
@@ -448,6 +701,7 @@ impl LabVm {
             applied: Some(applied),
             report: None,
             kvm_pre_fault,
+            resumed: false,
         }
     }
 
@@ -488,6 +742,7 @@ impl LabVm {
     fn control(
         &self,
         shared: &Shared,
+        threads: &[JoinHandle<()>],
         observer: &mut dyn RunObserver,
         bootstrap: &mut Bootstrap,
     ) -> Result<StopReason, VmmError> {
@@ -514,6 +769,10 @@ impl LabVm {
                 let tids = st.tids.clone();
                 drop(st);
                 let elapsed = at.saturating_duration_since(self.started);
+                if bootstrap.resumed {
+                    observer.ready(elapsed, &BootReport::new(0.0));
+                    continue;
+                }
                 let report = self.finish_boot(bootstrap, elapsed.as_secs_f64() * 1e3, &tids);
                 observer.ready(elapsed, &report);
                 continue;
@@ -561,6 +820,9 @@ impl LabVm {
             if observer.should_stop() {
                 return Ok(StopReason::Stopped);
             }
+            if observer.tick(self, &VcpuControl { shared, threads }) {
+                return Ok(StopReason::Stopped);
+            }
         }
     }
 }
@@ -573,11 +835,15 @@ struct Bootstrap {
     report: Option<BootReport>,
     /// Ranges for KVM_PRE_FAULT_MEMORY, where KVM supports it.
     kvm_pre_fault: Option<Vec<GuestRange>>,
+    /// The guest arrived by migration (past its boot).
+    resumed: bool,
 }
 
 #[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
+    /// Migration asks the vCPUs to pause (see [`VcpuControl`]).
+    pause: AtomicBool,
     state: Mutex<RunState>,
     cv: Condvar,
 }
@@ -595,6 +861,8 @@ struct RunState {
     finished: usize,
     /// Ranges vCPU 0 pre-faults with KVM_PRE_FAULT_MEMORY before it runs.
     pre_fault: Vec<GuestRange>,
+    /// Each paused vCPU's state (or why it could not be read).
+    snapshots: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl RunState {
@@ -673,7 +941,17 @@ fn vcpu_thread(
         }
     }
     let mut unknown_logged = 0u32;
+    if lock(&shared.state).parked[index] {
+        // Parked on the source host before migrating: stays parked.
+        park(index, &vcpu, shared, lock(&shared.state));
+        lock(&shared.state).finished += 1;
+        return;
+    }
     while !shared.stop.load(Ordering::SeqCst) {
+        if shared.pause.load(Ordering::SeqCst) {
+            hold_paused(index, &mut vcpu, shared);
+            continue;
+        }
         let exit = match vcpu.run() {
             Ok(VcpuExit::MmioWrite(addr, data)) => match labdev::decode(addr, data) {
                 Some(w) => Exit::Lab(w),
@@ -765,12 +1043,7 @@ fn handle_lab_write(
         LabWrite::Park => {
             st.parked[index] = true;
             shared.cv.notify_all();
-            while !shared.stop.load(Ordering::SeqCst) {
-                st = shared
-                    .cv
-                    .wait(st)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
+            park(index, vcpu, shared, st);
             return true;
         }
         LabWrite::Fault(vector) => {
@@ -783,6 +1056,42 @@ fn handle_lab_write(
     }
     shared.cv.notify_all();
     false
+}
+
+/// Waits parked until the VM stops, answering pause requests with this
+/// vCPU's state.
+fn park(index: usize, vcpu: &VcpuFd, shared: &Shared, mut st: MutexGuard<'_, RunState>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        if shared.pause.load(Ordering::SeqCst) && st.snapshots[index].is_none() {
+            st.snapshots[index] = Some(VcpuState::read(vcpu).map_err(|e| e.to_string()));
+            shared.cv.notify_all();
+        }
+        st = shared
+            .cv
+            .wait_timeout(st, Duration::from_millis(50))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+}
+
+/// Outside KVM_RUN: completes any pending MMIO, records this vCPU's state
+/// and waits until the pause ends or the VM stops.
+fn hold_paused(index: usize, vcpu: &mut VcpuFd, shared: &Shared) {
+    // KVM_RUN with immediate_exit finishes a pending MMIO exit and returns
+    // at once (EINTR), so the registers read next are consistent.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    let snap = VcpuState::read(vcpu).map_err(|e| e.to_string());
+    let mut st = lock(&shared.state);
+    st.snapshots[index] = Some(snap);
+    shared.cv.notify_all();
+    while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+        st = shared
+            .cv
+            .wait(st)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
 }
 
 /// Builds the error for a guest exception from the frame its stub left on

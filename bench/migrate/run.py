@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Live-migration benchmark: labvm against QEMU (TCG), same guest size and
+dirty rate, over loopback, in one run. Prints a table (and writes JSON).
+
+    bench/migrate/run.py [--mem 1024] [--rate 20000] [--region-mib 64]
+                         [--downtime-ms 50] [--streams 4] [--after 2]
+
+Needs: a release labvm (cargo build --release -p labvm), qemu-system-x86_64
+(10.x), binutils (as, ld) for the QEMU guest, /dev/kvm for labvm.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def loopback_bandwidth(seconds=2.0, streams=1):
+    """Bytes per second one or more TCP streams move over 127.0.0.1."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(streams)
+    port = srv.getsockname()[1]
+    total = [0]
+    lock = threading.Lock()
+
+    def sink(conn):
+        n = 0
+        buf = bytearray(1 << 22)
+        while True:
+            k = conn.recv_into(buf)
+            if not k:
+                break
+            n += k
+        with lock:
+            total[0] += n
+
+    def accept():
+        for _ in range(streams):
+            c, _ = srv.accept()
+            threading.Thread(target=sink, args=(c,), daemon=True).start()
+
+    acc = threading.Thread(target=accept)
+    acc.start()
+    chunk = b"\x01" * (1 << 22)
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+    acc.join()
+    stop = time.monotonic() + seconds
+    start = time.monotonic()
+
+    def send(s):
+        while time.monotonic() < stop:
+            s.sendall(chunk)
+        s.close()
+
+    ts = [threading.Thread(target=send, args=(s,)) for s in socks]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.monotonic() - start
+    time.sleep(0.2)
+    srv.close()
+    return total[0] / elapsed
+
+
+def tsc_khz():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    return 2_000_000
+
+
+def labvm_run(args, work):
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    bin_ = os.path.join(target, "release", "labvm")
+    dmig = os.path.join(work, "labvm-dest-mig.json")
+    smig = os.path.join(work, "labvm-src-mig.json")
+    dest = subprocess.Popen(
+        [bin_, "--incoming", "127.0.0.1:0", "--run-for", "1", "--migration-report", dmig],
+        stdout=subprocess.PIPE, text=True)
+    line = dest.stdout.readline().strip()
+    addr = line.rsplit(" ", 1)[-1]
+    src = subprocess.run(
+        [bin_, "--mem", str(args.mem), "--workload", f"dirty:{args.rate}:{args.region_mib}",
+         "--migrate-to", addr, "--migrate-after", str(args.after),
+         "--downtime-ms", str(args.downtime_ms), "--migrate-streams", str(args.streams),
+         "--migration-report", smig],
+        capture_output=True, text=True)
+    dest.wait()
+    if src.returncode != 0:
+        sys.exit(f"labvm source failed:\n{src.stderr}")
+    with open(smig) as f:
+        m = json.load(f)
+    if m.get("error"):
+        sys.exit(f"labvm migration failed: {m['error']}")
+    return {
+        "total_ms": m["total_ms"],
+        "downtime_ms": m["downtime_ms"],
+        "downtime_sent_ms": m["downtime_sent_ms"],
+        "bytes": m["bytes"],
+        "rounds": m["rounds"],
+        "bandwidth_mb_s": m["bandwidth_mb_s"],
+    }
+
+
+class Qmp:
+    def __init__(self, path):
+        for _ in range(200):
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.connect(path)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            sys.exit(f"cannot reach QMP at {path}")
+        self.f = self.s.makefile("rw")
+        self.f.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, **arguments):
+        msg = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.f.write(json.dumps(msg) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                sys.exit(f"QMP {name}: {r['error']}")
+
+
+def qemu_run(args, work):
+    cyc = max(1, tsc_khz() * 1000 // max(1, args.rate))
+    pages = args.region_mib * 256
+    obj = os.path.join(work, "dirty.o")
+    elf = os.path.join(work, "dirty.elf")
+    subprocess.run(["as", "--32", "--defsym", f"CYC={cyc}", "--defsym", f"PAGES={pages}",
+                    "-o", obj, os.path.join(HERE, "qemu-dirty.S")], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "-o", elf, obj], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(args.mem), "-kernel", elf,
+              "-display", "none", "-monitor", "none", "-serial", "none", "-nodefaults"]
+    dsock = os.path.join(work, "qd.sock")
+    ssock = os.path.join(work, "qs.sock")
+    dest = subprocess.Popen(common + ["-qmp", f"unix:{dsock},server=on,wait=off",
+                                      "-incoming", "defer"])
+    src = subprocess.Popen(common + ["-qmp", f"unix:{ssock},server=on,wait=off"])
+    try:
+        qs = Qmp(ssock)
+        qd = Qmp(dsock)
+        time.sleep(args.after)
+        qs.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "multifd", "state": args.streams > 1}])
+        qs.cmd("migrate-set-parameters", **{"downtime-limit": args.downtime_ms,
+                                             "multifd-channels": args.streams})
+        qd.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "multifd", "state": args.streams > 1}])
+        qd.cmd("migrate-set-parameters", **{"multifd-channels": args.streams})
+        qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while True:
+            r = qs.cmd("query-migrate")
+            if r.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.02)
+        if r["status"] != "completed":
+            sys.exit(f"QEMU migration {r['status']}: {r}")
+        ram = r.get("ram", {})
+        return {
+            "total_ms": float(r["total-time"]),
+            "downtime_ms": float(r["downtime"]),
+            # QEMU's downtime ends when the source has sent everything.
+            "downtime_sent_ms": float(r["downtime"]),
+            "bytes": int(ram.get("transferred", 0)),
+            "rounds": int(ram.get("dirty-sync-count", 0)),
+            "bandwidth_mb_s": float(ram.get("mbps", 0)) / 8,
+        }
+    finally:
+        for p in (src, dest):
+            p.terminate()
+            p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mem", type=int, default=1024)
+    ap.add_argument("--rate", type=int, default=20000, help="pages dirtied per second")
+    ap.add_argument("--region-mib", type=int, default=64)
+    ap.add_argument("--downtime-ms", type=int, default=50)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--after", type=float, default=2.0, help="seconds of running before migrating")
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--only", choices=["labvm", "qemu"])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        bw1 = loopback_bandwidth(streams=1)
+        bwn = loopback_bandwidth(streams=args.streams)
+        rows = {}
+        if args.only != "qemu":
+            rows["labvm"] = labvm_run(args, work)
+        if args.only != "labvm":
+            rows["qemu"] = qemu_run(args, work)
+    print(f"guest {args.mem} MiB, {args.rate} pages/s dirtied over {args.region_mib} MiB, "
+          f"downtime target {args.downtime_ms} ms, {args.streams} streams")
+    print(f"loopback TCP: {bw1 / 1e6:.0f} MB/s (1 stream), {bwn / 1e6:.0f} MB/s ({args.streams} streams)")
+    print("downtime: pause to destination running (labvm) / pause to all sent (both; QEMU's own measure)")
+    print(f"{'vmm':8} {'total ms':>10} {'downtime ms':>12} {'to sent ms':>11} {'MB sent':>10} {'rounds':>7} "
+          f"{'bytes at loopback bw (ms)':>26} {'total / that':>13}")
+    for name, r in rows.items():
+        floor = r["bytes"] / bwn * 1e3
+        down = r["downtime_ms"] if name == "labvm" else float("nan")
+        print(f"{name:8} {r['total_ms']:10.1f} {down:12.1f} {r['downtime_sent_ms']:11.1f} {r['bytes'] / 1e6:10.1f} "
+              f"{r['rounds']:7} {floor:26.1f} {r['total_ms'] / max(floor, 1e-9):13.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "loopback_bytes_per_s": {"1": bw1, str(args.streams): bwn},
+                       "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+//! Moving a live VM's memory and state between hosts.
+//!
+//! This crate holds the labvm migration protocol ([`proto`]: frames,
+//! control messages and the sequence both sides follow) and the transports
+//! that carry it: [`TcpTransport`] (one control connection plus several
+//! bulk connections for page data) and, with the cargo feature `rdma`,
+//! RDMA verbs through rdma-sys ([`verbs`]). It does not know KVM or guest
+//! layouts: the VMM hands it page runs and opaque register and device
+//! state, and on the receiving side gives it a [`PageSink`] that writes
+//! into guest memory. Deciding when to migrate is not done here.
+
+pub mod proto;
+mod tcp;
+#[cfg(feature = "rdma")]
+pub mod verbs;
+
+pub use proto::{Control, PageRun, ProtocolError, VmDescriptor};
+pub use tcp::{PendingIncoming, TcpTransport};
+
+use std::time::Duration;
+
+/// Where received page data goes (guest memory, on the destination).
+/// Implementations check every address: a peer's bytes choose it.
+pub trait PageSink: Send + Sync {
+    /// Writes whole pages at `gpa`.
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// Zeroes `pages` pages at `gpa`.
+    fn zero(&self, gpa: u64, pages: u64) -> Result<(), String>;
+}
+
+/// One migration channel: control messages and bulk page runs.
+///
+/// The source calls `send_*`, `flush` and `recv_control`; the destination
+/// calls `recv_control`, `wait_pages` and `send_control`. Page runs go
+/// straight into the destination's [`PageSink`].
+pub trait Transport: Send {
+    /// Sends one control message on the control channel.
+    fn send_control(&mut self, msg: &Control) -> Result<(), TransportError>;
+    /// Queues one page run on the bulk channel(s); the run's data is copied.
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
+    /// Returns when every queued run has been handed to the network.
+    fn flush(&mut self) -> Result<(), TransportError>;
+    /// Receives the next control message (waits at most the transport's timeout).
+    fn recv_control(&mut self) -> Result<Control, TransportError>;
+    /// Destination: waits until `frames` more page runs have landed in the sink.
+    fn wait_pages(&mut self, frames: u64) -> Result<(), TransportError>;
+    /// Closes every channel; later calls fail.
+    fn close(&mut self);
+}
+
+/// Everything a transport can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A socket operation failed.
+    #[error("{op} with {peer} failed")]
+    Io {
+        /// The peer's address.
+        peer: String,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer sent bytes that are not a valid frame.
+    #[error("bad frame from {peer}")]
+    Protocol {
+        /// The peer.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The peer sent a valid frame at the wrong place.
+    #[error("unexpected {what} from {peer}")]
+    Unexpected {
+        /// The peer.
+        peer: String,
+        /// What came.
+        what: String,
+    },
+    /// The peer closed the connection.
+    #[error("{peer} closed the connection")]
+    Closed {
+        /// The peer.
+        peer: String,
+    },
+    /// Nothing came in time.
+    #[error("timed out after {after:?} waiting for {what} from {peer}")]
+    Timeout {
+        /// The peer.
+        peer: String,
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// Received pages could not be stored.
+    #[error("cannot store pages at {gpa:#x}: {reason}")]
+    Sink {
+        /// First page.
+        gpa: u64,
+        /// Why.
+        reason: String,
+    },
+    /// No RDMA device on this host.
+    #[error(
+        "no RDMA device on this host (ibv_get_device_list found none); use the TCP transport, or load an RDMA driver (e.g. rdma_rxe for soft RoCE)"
+    )]
+    NoRdmaDevice,
+    /// RDMA devices exist but the RDMA data path is not written yet.
+    #[error(
+        "RDMA devices {devices:?} found, but the RDMA migration data path is not written yet; use the TCP transport"
+    )]
+    RdmaDataPathUnwritten {
+        /// The devices found.
+        devices: Vec<String>,
+    },
+    /// A verbs call failed.
+    #[error("RDMA {op} failed (errno {errno})")]
+    Rdma {
+        /// The verb.
+        op: &'static str,
+        /// errno.
+        errno: i32,
+    },
+}

@@ -1,0 +1,572 @@
+//! The TCP transport: one control connection and `bulk` connections that
+//! carry page runs, each served by its own thread on both sides.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::proto::{self, Control, Frame, HEADER_LEN, PageRun, ProtocolError};
+use crate::{PageSink, Transport, TransportError};
+
+/// Frames queued per bulk connection before `send_run` blocks.
+const QUEUE_DEPTH: usize = 8;
+
+enum Job {
+    /// Page data at a guest-physical address: the sender thread frames it
+    /// (checksum included), so that work is spread over the bulk threads.
+    Pages(u64, Vec<u8>),
+    Frame(Vec<u8>),
+    Flush(SyncSender<Result<(), String>>),
+}
+
+/// Destination's view of the bulk connections: frames landed, first error.
+#[derive(Debug, Default)]
+struct Landed {
+    frames: u64,
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct RecvState {
+    landed: Mutex<Landed>,
+    cv: Condvar,
+}
+
+/// A migration channel over TCP.
+pub struct TcpTransport {
+    peer: String,
+    control: TcpStream,
+    timeout: Duration,
+    /// Source: one queue and thread per bulk connection.
+    senders: Vec<SyncSender<Job>>,
+    next: usize,
+    /// Destination: what the bulk readers stored.
+    recv: Arc<RecvState>,
+    consumed: u64,
+    bulk: Vec<TcpStream>,
+    threads: Vec<JoinHandle<()>>,
+    session: u64,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("peer", &self.peer)
+            .field("bulk", &self.bulk.len())
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+fn io<'a>(peer: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
+    move |source| TransportError::Io {
+        peer: peer.to_string(),
+        op,
+        source,
+    }
+}
+
+/// Reads one frame; `Closed` when the peer closed between frames.
+fn read_frame(s: &mut TcpStream, peer: &str, timeout: Duration) -> Result<Frame, TransportError> {
+    let mut h = [0u8; HEADER_LEN];
+    if let Err(e) = s.read_exact(&mut h[..1]) {
+        return Err(match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => TransportError::Closed { peer: peer.into() },
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                TransportError::Timeout {
+                    peer: peer.into(),
+                    what: "a frame",
+                    after: timeout,
+                }
+            }
+            _ => io(peer, "read")(e),
+        });
+    }
+    read_rest(s, &mut h, 1, peer)?;
+    let header = proto::decode_header(&h).map_err(|source| TransportError::Protocol {
+        peer: peer.into(),
+        source,
+    })?;
+    let mut payload = vec![0u8; header.payload_len()];
+    read_rest(s, &mut payload, 0, peer)?;
+    proto::decode_payload(header, payload).map_err(|source| TransportError::Protocol {
+        peer: peer.into(),
+        source,
+    })
+}
+
+fn read_rest(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    from: usize,
+    peer: &str,
+) -> Result<(), TransportError> {
+    let mut got = from;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(TransportError::Protocol {
+                    peer: peer.into(),
+                    source: ProtocolError::Truncated {
+                        got,
+                        want: buf.len(),
+                    },
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(peer, "read")(e)),
+        }
+    }
+    Ok(())
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (u64::try_from(t & u128::from(u64::MAX)).unwrap_or(0) ^ (u64::from(std::process::id()) << 40))
+        | 1
+}
+
+impl TcpTransport {
+    /// Source: connects the control connection to `addr`. Send `Hello` (with
+    /// [`session`](Self::session) and the bulk count) next, then call
+    /// [`open_bulk`](Self::open_bulk).
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
+        let sa: SocketAddr = addr
+            .to_socket_addrs()
+            .map_err(io(addr, "resolve"))?
+            .next()
+            .ok_or_else(|| TransportError::Io {
+                peer: addr.into(),
+                op: "resolve",
+                source: std::io::Error::other("no address"),
+            })?;
+        let control = TcpStream::connect_timeout(&sa, timeout).map_err(io(addr, "connect"))?;
+        control.set_nodelay(true).map_err(io(addr, "configure"))?;
+        control
+            .set_read_timeout(Some(timeout))
+            .map_err(io(addr, "configure"))?;
+        Ok(TcpTransport {
+            peer: sa.to_string(),
+            control,
+            timeout,
+            senders: Vec::new(),
+            next: 0,
+            recv: Arc::new(RecvState::default()),
+            consumed: 0,
+            bulk: Vec::new(),
+            threads: Vec::new(),
+            session: session_id(),
+        })
+    }
+
+    /// The session id the bulk connections present.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Source: opens `n` bulk connections, each with a sending thread.
+    pub fn open_bulk(&mut self, n: u32) -> Result<(), TransportError> {
+        let sa = self
+            .control
+            .peer_addr()
+            .map_err(io(&self.peer, "peer address"))?;
+        for i in 0..n.max(1) {
+            let mut s = TcpStream::connect_timeout(&sa, self.timeout)
+                .map_err(io(&self.peer, "connect bulk"))?;
+            // A frame goes out as two writes (header, data): no Nagle wait.
+            s.set_nodelay(true).map_err(io(&self.peer, "configure"))?;
+            s.write_all(&proto::encode_join(self.session, i))
+                .map_err(io(&self.peer, "join"))?;
+            let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
+            let w = s.try_clone().map_err(io(&self.peer, "clone socket"))?;
+            let t = std::thread::Builder::new()
+                .name(format!("migrate-tx{i}"))
+                .spawn(move || bulk_sender(w, &rx))
+                .map_err(io(&self.peer, "spawn sender"))?;
+            self.bulk.push(s);
+            self.senders.push(tx);
+            self.threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
+    let mut failed: Option<String> = None;
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Frame(f) => {
+                if failed.is_none()
+                    && let Err(e) = s.write_all(&f)
+                {
+                    failed = Some(e.to_string());
+                }
+            }
+            Job::Pages(gpa, data) => {
+                if failed.is_none() {
+                    let (head, gpa) = proto::pages_header(gpa, &data);
+                    let mut first = [0u8; HEADER_LEN + 8];
+                    first[..HEADER_LEN].copy_from_slice(&head);
+                    first[HEADER_LEN..].copy_from_slice(&gpa);
+                    let r = s.write_all(&first).and_then(|()| s.write_all(&data));
+                    if let Err(e) = r {
+                        failed = Some(e.to_string());
+                    }
+                }
+            }
+            Job::Flush(ack) => {
+                let r = match &failed {
+                    Some(e) => Err(e.clone()),
+                    None => s.flush().map_err(|e| e.to_string()),
+                };
+                // The flusher may have given up; nothing to tell then.
+                let _ = ack.send(r);
+            }
+        }
+    }
+}
+
+/// Destination, after the control connection's `Hello`: accepts the bulk
+/// connections once the VM's memory (the sink) exists.
+#[derive(Debug)]
+pub struct PendingIncoming {
+    listener: TcpListener,
+    control: TcpStream,
+    peer: String,
+    timeout: Duration,
+    session: u64,
+    bulk: u32,
+}
+
+impl PendingIncoming {
+    /// Accepts the control connection on `listener` and reads its first
+    /// message, which must be `Hello`.
+    pub fn accept(
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<(Self, Control), TransportError> {
+        let here = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let (mut control, addr) = listener.accept().map_err(io(&here, "accept"))?;
+        let peer = addr.to_string();
+        control
+            .set_read_timeout(Some(timeout))
+            .map_err(io(&peer, "configure"))?;
+        control.set_nodelay(true).map_err(io(&peer, "configure"))?;
+        let hello = match read_frame(&mut control, &peer, timeout)? {
+            Frame::Control(c @ Control::Hello { .. }) => c,
+            other => {
+                return Err(TransportError::Unexpected {
+                    peer,
+                    what: format!("{} as first frame", frame_name(&other)),
+                });
+            }
+        };
+        let (session, bulk) = match &hello {
+            Control::Hello { session, bulk, .. } => (*session, *bulk),
+            _ => (0, 0),
+        };
+        if bulk == 0 || bulk > 64 {
+            return Err(TransportError::Unexpected {
+                peer,
+                what: format!("hello announcing {bulk} bulk connections (1 to 64 allowed)"),
+            });
+        }
+        Ok((
+            PendingIncoming {
+                listener,
+                control,
+                peer,
+                timeout,
+                session,
+                bulk,
+            },
+            hello,
+        ))
+    }
+
+    /// Sends a control message before the transport exists (e.g. `Abort`).
+    pub fn send_control(&mut self, msg: &Control) -> Result<(), TransportError> {
+        self.control
+            .write_all(&proto::encode_control(msg))
+            .map_err(io(&self.peer, "write"))
+    }
+
+    /// Accepts the bulk connections and starts storing their frames in `sink`.
+    pub fn attach(self, sink: Arc<dyn PageSink>) -> Result<TcpTransport, TransportError> {
+        let recv = Arc::new(RecvState::default());
+        let mut threads = Vec::new();
+        let mut bulk = Vec::new();
+        let mut seen = vec![false; self.bulk as usize];
+        let deadline = Instant::now() + self.timeout;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(io(&self.peer, "configure"))?;
+        while seen.iter().any(|s| !s) {
+            let (mut s, addr) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Timeout {
+                            peer: self.peer,
+                            what: "bulk connections",
+                            after: self.timeout,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => return Err(io(&self.peer, "accept bulk")(e)),
+            };
+            let peer = addr.to_string();
+            s.set_nonblocking(false).map_err(io(&peer, "configure"))?;
+            s.set_read_timeout(Some(self.timeout))
+                .map_err(io(&peer, "configure"))?;
+            match read_frame(&mut s, &peer, self.timeout)? {
+                Frame::Join { session, index }
+                    if session == self.session && seen.get(index as usize).is_some_and(|s| !s) =>
+                {
+                    seen[index as usize] = true;
+                }
+                other => {
+                    return Err(TransportError::Unexpected {
+                        peer,
+                        what: format!(
+                            "{} instead of a join for session {:#x}",
+                            frame_name(&other),
+                            self.session
+                        ),
+                    });
+                }
+            }
+            let r = s.try_clone().map_err(io(&peer, "clone socket"))?;
+            let state = Arc::clone(&recv);
+            let sink = Arc::clone(&sink);
+            let timeout = self.timeout;
+            let t = std::thread::Builder::new()
+                .name("migrate-rx".into())
+                .spawn(move || bulk_receiver(r, &peer, timeout, sink.as_ref(), &state))
+                .map_err(io(&self.peer, "spawn receiver"))?;
+            bulk.push(s);
+            threads.push(t);
+        }
+        Ok(TcpTransport {
+            peer: self.peer,
+            control: self.control,
+            timeout: self.timeout,
+            senders: Vec::new(),
+            next: 0,
+            recv,
+            consumed: 0,
+            bulk,
+            threads,
+            session: self.session,
+        })
+    }
+}
+
+fn bulk_receiver(
+    mut s: TcpStream,
+    peer: &str,
+    timeout: Duration,
+    sink: &dyn PageSink,
+    state: &RecvState,
+) {
+    loop {
+        let stored = match read_frame(&mut s, peer, timeout) {
+            Ok(Frame::Pages { gpa, data }) => sink
+                .write(gpa, &data)
+                .map_err(|reason| TransportError::Sink { gpa, reason }),
+            Ok(Frame::Zero { gpa, pages }) => sink
+                .zero(gpa, pages)
+                .map_err(|reason| TransportError::Sink { gpa, reason }),
+            Ok(other) => Err(TransportError::Unexpected {
+                peer: peer.into(),
+                what: format!("{} on a bulk connection", frame_name(&other)),
+            }),
+            // The source closes bulk connections when it is done.
+            Err(TransportError::Closed { .. }) => return,
+            // Idle bulk connections are normal while the source waits.
+            Err(TransportError::Timeout { .. }) => continue,
+            Err(e) => Err(e),
+        };
+        let mut l = state
+            .landed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match stored {
+            Ok(()) => l.frames += 1,
+            Err(e) => {
+                if l.error.is_none() {
+                    l.error = Some(crate_error_chain(&e));
+                }
+                state.cv.notify_all();
+                return;
+            }
+        }
+        state.cv.notify_all();
+    }
+}
+
+fn crate_error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn frame_name(f: &Frame) -> String {
+    match f {
+        Frame::Control(c) => format!("control message {c:?}").chars().take(80).collect(),
+        Frame::Pages { .. } => "page data".into(),
+        Frame::Zero { .. } => "zero run".into(),
+        Frame::Join { .. } => "join".into(),
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send_control(&mut self, msg: &Control) -> Result<(), TransportError> {
+        self.control
+            .write_all(&proto::encode_control(msg))
+            .map_err(io(&self.peer, "write"))
+    }
+
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        if self.senders.is_empty() {
+            return Err(TransportError::Unexpected {
+                peer: self.peer.clone(),
+                what: "page run before the bulk connections were opened".into(),
+            });
+        }
+        let job = match run {
+            PageRun::Data { gpa, data } => Job::Pages(gpa, data.to_vec()),
+            PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
+        };
+        let i = self.next % self.senders.len();
+        self.next = self.next.wrapping_add(1);
+        self.senders[i]
+            .send(job)
+            .map_err(|_| TransportError::Closed {
+                peer: self.peer.clone(),
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        let mut acks = Vec::new();
+        for tx in &self.senders {
+            let (atx, arx) = sync_channel(1);
+            tx.send(Job::Flush(atx))
+                .map_err(|_| TransportError::Closed {
+                    peer: self.peer.clone(),
+                })?;
+            acks.push(arx);
+        }
+        for a in acks {
+            match a.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(TransportError::Io {
+                        peer: self.peer.clone(),
+                        op: "send pages",
+                        source: std::io::Error::other(e),
+                    });
+                }
+                Err(_) => {
+                    return Err(TransportError::Closed {
+                        peer: self.peer.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_control(&mut self) -> Result<Control, TransportError> {
+        match read_frame(&mut self.control, &self.peer, self.timeout)? {
+            Frame::Control(c) => Ok(c),
+            other => Err(TransportError::Unexpected {
+                peer: self.peer.clone(),
+                what: format!("{} on the control connection", frame_name(&other)),
+            }),
+        }
+    }
+
+    fn wait_pages(&mut self, frames: u64) -> Result<(), TransportError> {
+        let want = self.consumed.saturating_add(frames);
+        let deadline = Instant::now() + self.timeout;
+        let mut l = self
+            .recv
+            .landed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(e) = &l.error {
+                return Err(TransportError::Unexpected {
+                    peer: self.peer.clone(),
+                    what: format!("bulk data ({e})"),
+                });
+            }
+            if l.frames > want {
+                return Err(TransportError::Unexpected {
+                    peer: self.peer.clone(),
+                    what: format!("{} page frames where the round announced {want}", l.frames),
+                });
+            }
+            if l.frames == want {
+                self.consumed = want;
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::Timeout {
+                    peer: self.peer.clone(),
+                    what: "page data",
+                    after: self.timeout,
+                });
+            }
+            l = self
+                .recv
+                .cv
+                .wait_timeout(l, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn close(&mut self) {
+        self.senders.clear();
+        let _ = self.control.shutdown(Shutdown::Both);
+        for s in &self.bulk {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a migration transport thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
