@@ -23,6 +23,9 @@
 //! hugepages = false
 //! min_boots = 1
 //!
+//! [balloon]
+//! forecasts = "/etc/prescient/balloon-forecasts.json"   # optional (see BalloonForecasts)
+//!
 //! [libvirt]
 //! act = true                   # false: only record libvirt hook calls
 //! uri = "qemu:///system"
@@ -90,6 +93,17 @@ pub struct Config {
     pub plan: PlanConfig,
     /// libvirt domains.
     pub libvirt: LibvirtConfig,
+    /// Balloon control.
+    pub balloon: BalloonSection,
+}
+
+/// `[balloon]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalloonSection {
+    /// Demand forecasts (JSON, `crate::BalloonForecasts`) that drive VM
+    /// balloons: pre-balloon at boot, then deflate ahead of growth.
+    pub forecasts: Option<PathBuf>,
 }
 
 /// `[libvirt]`: what the daemon does to libvirt domains after their
@@ -352,6 +366,13 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn balloon_section_names_the_forecasts_and_rejects_typos() {
+        let c = parse("[balloon]\nforecasts = \"/etc/f.json\"\n").unwrap();
+        assert_eq!(c.balloon.forecasts, Some(PathBuf::from("/etc/f.json")));
+        assert!(parse("[balloon]\nforecast = \"/etc/f.json\"\n").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! with a boot plan. This crate holds the daemon's parts; the binary
 //! `prescient` wires them to a command line.
 
+mod balloon_control;
 pub mod bench;
 mod config;
 pub mod libvirt;
@@ -14,7 +15,8 @@ mod store;
 mod trace_capture;
 mod working_set;
 
-pub use config::{Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
+pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
+pub use config::{BalloonSection, Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
 pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};

@@ -332,6 +332,12 @@ struct ServeArgs {
     /// Also allow this user id to connect (root and the daemon's own user always may).
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// Drive VM balloons from the demand forecasts in this JSON file
+    /// (`{"default": {"forecast": {"points": [{"at_s": 0, "demand_mib": 512}]},
+    /// "limits": {...}}, "vms": {"<vm id>": {...}}}`): pre-balloon at boot,
+    /// then deflate ahead of forecast growth and inflate after shrinkage.
+    #[arg(long)]
+    balloon_forecasts: Option<PathBuf>,
     /// The profile store (an SQLite file, created if missing)
     /// [default: /var/lib/prescient/prescient.db].
     #[arg(long)]
@@ -396,6 +402,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.metrics_listen.is_some() {
         c.daemon.metrics_listen = args.metrics_listen;
     }
+    if args.balloon_forecasts.is_some() {
+        c.balloon.forecasts = args.balloon_forecasts.clone();
+    }
     let l = &mut c.libvirt;
     if args.no_libvirt {
         l.act = false;
@@ -445,6 +454,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.event_log = c.daemon.event_log.clone();
     config.allowed_uids = c.daemon.allow_uids.clone();
     config.policy = c.store_policy();
+    if let Some(path) = &c.balloon.forecasts {
+        match prescient::BalloonControl::load(path) {
+            Ok(c) => config.balloon = Some(std::sync::Arc::new(c)),
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     config.libvirt = c.libvirt_agent();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())

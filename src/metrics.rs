@@ -36,6 +36,9 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Time to ready reported by VMMs, seconds.
     pub time_to_ready: Histogram,
+    /// Balloon targets set by the companion, by kind (`pre-balloon`,
+    /// `inflate`, `deflate`).
+    pub balloon_targets: Family<KindLabel, Counter>,
     /// What the daemon did to libvirt domains, by action (`vcpu-pinned`,
     /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
     /// `domain-failed`).
@@ -59,6 +62,7 @@ impl Metrics {
         let store_errors = Counter::default();
         let connections = Gauge::default();
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
@@ -88,6 +92,11 @@ impl Metrics {
             time_to_ready.clone(),
         );
         registry.register(
+            "balloon_targets",
+            "Balloon targets set from forecasts, by kind",
+            balloon_targets.clone(),
+        );
+        registry.register(
             "libvirt_actions",
             "Actions on libvirt domains after their started hook, by action",
             libvirt_actions.clone(),
@@ -101,6 +110,7 @@ impl Metrics {
             store_errors,
             connections,
             time_to_ready,
+            balloon_targets,
             libvirt_actions,
         }
     }

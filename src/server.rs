@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// Most VMM connections served at once.
     pub max_connections: usize,
+    /// Balloon control from demand forecasts (`None`: balloons are left alone).
+    pub balloon: Option<Arc<crate::BalloonControl>>,
     /// The profile store (SQLite file); without one, plans are empty.
     pub store: Option<PathBuf>,
     /// What the store keeps and how it plans.
@@ -89,6 +91,7 @@ impl ServerConfig {
             allowed_uids: Vec::new(),
             frame_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            balloon: None,
             store: None,
             policy: StorePolicy::default(),
             libvirt: None,
@@ -329,7 +332,13 @@ async fn handle_connection(
                 peer = p;
                 continue;
             }
-            Message::Event(event) => record(state, &config.metrics, &peer, event),
+            Message::Event(event) => record(
+                state,
+                &config.metrics,
+                &peer,
+                event,
+                config.balloon.as_deref(),
+            ),
             other => {
                 let name = other.type_name();
                 Metrics::inc(&config.metrics.rejected, "unexpected-message");
@@ -369,7 +378,13 @@ fn reject_reason(e: &ProtoError) -> &'static str {
 }
 
 /// Logs and records one event; answers it.
-fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> HookReply {
+fn record(
+    state: &Mutex<State>,
+    metrics: &Metrics,
+    peer: &str,
+    event: Event,
+    balloon: Option<&crate::BalloonControl>,
+) -> HookReply {
     Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
         .lock()
@@ -456,6 +471,24 @@ fn record(state: &Mutex<State>, metrics: &Metrics, peer: &str, event: Event) -> 
         }
         _ => HookReply::Ack,
     };
+    let reply = match balloon {
+        Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
+    };
+    match (&event.kind, &reply) {
+        (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
+            Metrics::inc(&metrics.balloon_targets, "pre-balloon");
+        }
+        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib }) => {
+            let kind = if *target_mib > s.target_mib {
+                "inflate"
+            } else {
+                "deflate"
+            };
+            Metrics::inc(&metrics.balloon_targets, kind);
+        }
+        _ => {}
+    }
     if let Some(log) = st.log.as_mut() {
         let rec = EventRecord {
             received_unix_ms: unix_ms(),

@@ -121,6 +121,20 @@ pub enum EventKind {
         /// How it ended.
         status: StopStatus,
     },
+    /// The balloon's periodic status (sent every balloon poll interval by a
+    /// VMM with a balloon device). The companion may answer with
+    /// [`HookReply::BalloonTarget`] to move the balloon.
+    Balloon(BalloonStatus),
+    /// The guest has not moved its balloon toward the target for longer
+    /// than the VMM's grace period (sent once per episode).
+    BalloonUnresponsive {
+        /// The target the guest was asked for, in MiB.
+        target_mib: u64,
+        /// What the guest reports in its balloon, in MiB.
+        actual_mib: u64,
+        /// How long the guest has not moved toward the target, in milliseconds.
+        stalled_ms: u64,
+    },
     /// A libvirt QEMU hook call, forwarded by `prescient libvirt-hook`
     /// (added to protocol 1; see [`crate::proto`] for how operations map
     /// onto the lifecycle above).
@@ -143,6 +157,8 @@ impl EventKind {
             EventKind::Restore => "restore",
             EventKind::Migrate { .. } => "migrate",
             EventKind::Stopped { .. } => "stopped",
+            EventKind::Balloon(_) => "balloon",
+            EventKind::BalloonUnresponsive { .. } => "balloon-unresponsive",
             EventKind::Libvirt(call) => call.operation.event_name(),
         }
     }
@@ -346,6 +362,12 @@ pub struct BootPlan {
     /// What made the plan (e.g. a profile key and model), for the record.
     #[serde(default)]
     pub made_by: String,
+    /// Pre-balloon: start the VM with its balloon inflated to this many MiB
+    /// (the part of its memory the forecast says it will not use). Ignored
+    /// by a VMM without a balloon device; absent in plans from older
+    /// companions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_target_mib: Option<u64>,
     /// Guest memory to pre-fault, if any.
     #[serde(default)]
     pub prefault: Option<PrefaultPlan>,
@@ -371,6 +393,12 @@ impl BootPlan {
     /// Sets the pre-fault part.
     pub fn with_prefault(mut self, p: PrefaultPlan) -> Self {
         self.prefault = Some(p);
+        self
+    }
+
+    /// This plan with a pre-balloon target.
+    pub fn with_balloon_target_mib(mut self, mib: u64) -> Self {
+        self.balloon_target_mib = Some(mib);
         self
     }
 
@@ -595,6 +623,11 @@ pub enum HookReply {
     Ack,
     /// The plan for a before-boot event.
     Plan(BootPlan),
+    /// Answer to a `balloon` event: move the balloon to this many MiB.
+    BalloonTarget {
+        /// The new balloon target, in MiB.
+        target_mib: u64,
+    },
 }
 
 impl HookReply {
@@ -602,7 +635,7 @@ impl HookReply {
     pub fn into_plan(self) -> BootPlan {
         match self {
             HookReply::Plan(p) => p,
-            HookReply::Ack => BootPlan::empty(),
+            HookReply::Ack | HookReply::BalloonTarget { .. } => BootPlan::empty(),
         }
     }
 }
@@ -624,5 +657,55 @@ pub struct NoCompanion;
 impl LifecycleHook for NoCompanion {
     fn on_event(&mut self, _event: &Event) -> HookReply {
         HookReply::Ack
+    }
+}
+
+/// A balloon's state as the VMM sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BalloonStatus {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The balloon size the guest is asked for, in MiB.
+    pub target_mib: u64,
+    /// The balloon size the guest reports (its `actual`), in MiB.
+    pub actual_mib: u64,
+    /// Whether the guest driver has set the device up (DRIVER_OK).
+    pub driver_ok: bool,
+    /// Pages given back to the host by inflation so far.
+    pub inflated_pages: u64,
+    /// Pages the guest took back by deflation so far.
+    pub deflated_pages: u64,
+    /// Pages given back through free page reporting so far.
+    pub reported_pages: u64,
+    /// The guest's latest memory statistics (virtio-balloon stats tags by
+    /// name, e.g. `free-memory`, `total-memory`, `available-memory`, in bytes).
+    #[serde(default)]
+    pub guest_stats: Vec<(String, u64)>,
+    /// How many statistics updates the guest has sent.
+    pub stats_updates: u64,
+    /// Whether the guest currently ignores its target (see `BalloonUnresponsive`).
+    pub unresponsive: bool,
+    /// Whether the guest is below its target because it took pages back
+    /// under memory pressure (`DEFLATE_ON_OOM`, allowed by the spec).
+    #[serde(default)]
+    pub deflated_on_oom: bool,
+}
+
+impl BalloonStatus {
+    /// A status for a balloon of a guest with `memory_mib` MiB.
+    pub fn new(memory_mib: u64) -> Self {
+        BalloonStatus {
+            memory_mib,
+            ..BalloonStatus::default()
+        }
+    }
+
+    /// The value of one guest statistic, by name.
+    pub fn guest_stat(&self, name: &str) -> Option<u64> {
+        self.guest_stats
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
     }
 }

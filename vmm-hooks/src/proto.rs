@@ -20,6 +20,30 @@
 //! can, logs, and closes the connection. Either side may close at any time;
 //! the VMM then carries on without a companion.
 //!
+//! ## Balloon control (additive, still version 1)
+//!
+//! A VMM with a virtio-balloon device adds, on the same connection and in
+//! the same event/reply sequence:
+//!
+//! ```text
+//! VMM                                         companion
+//!  event before-boot ─────────────────────────► reply plan {balloon_target_mib?}
+//!                                                (pre-balloon: the VMM sets the
+//!                                                 target before the guest runs)
+//!  every poll interval (labvm: --balloon-poll-ms):
+//!  event balloon {target_mib, actual_mib,      ► reply ack                (keep the target)
+//!        inflated/deflated/reported pages,       or reply balloon-target {target_mib}
+//!        guest_stats, unresponsive}                (set-target; the VMM applies it at once)
+//!  event balloon-unresponsive {target_mib,     ► reply ack
+//!        actual_mib, stalled_ms}  (once per episode of a guest ignoring its target)
+//! ```
+//!
+//! Both sides ignore nothing silently: a companion that does not know the
+//! balloon event kinds answers `error` and closes, and the VMM carries on
+//! without a companion, as for any rejected event. `balloon_target_mib` in a
+//! plan is optional and omitted when absent, so plans from older companions
+//! decode unchanged.
+//!
 //! ## libvirt hook calls (an addition to version 1)
 //!
 //! `prescient libvirt-hook`, run by libvirt as `/etc/libvirt/hooks/qemu`,
@@ -278,6 +302,16 @@ mod tests {
             }),
             Message::Reply(HookReply::Plan(BootPlan::empty())),
             Message::Reply(HookReply::Ack),
+            Message::Reply(HookReply::Plan(
+                BootPlan::made_by("test").with_balloon_target_mib(256),
+            )),
+            Message::Reply(HookReply::BalloonTarget { target_mib: 128 }),
+            event(EventKind::Balloon(crate::BalloonStatus::new(1024))),
+            event(EventKind::BalloonUnresponsive {
+                target_mib: 256,
+                actual_mib: 0,
+                stalled_ms: 2000,
+            }),
             Message::Error {
                 message: "no".into(),
             },
@@ -287,6 +321,19 @@ mod tests {
             let back = read_message(&mut frame.as_slice()).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn plan_without_balloon_target_decodes_as_before() {
+        let old = br#"{"type":"reply","kind":"plan","made_by":"old companion"}"#;
+        let m = decode_body(old).unwrap();
+        assert_eq!(
+            m,
+            Message::Reply(HookReply::Plan(BootPlan::made_by("old companion")))
+        );
+        let json =
+            serde_json::to_string(&Message::Reply(HookReply::Plan(BootPlan::empty()))).unwrap();
+        assert!(!json.contains("balloon"), "{json}");
     }
 
     #[test]

@@ -27,6 +27,8 @@
         .equ P_DIRTY_RATE,    0x48
         .equ P_HEARTBEAT_MS,  0x50
         .equ P_LISTS,         0x100   /* per vCPU: (list gpa, entry count) */
+        .equ B_STACK_TOP,     0x440   /* balloon workload: the driver's stack */
+        .equ DRIVER_BASE,     0x180000 /* balloon_driver.rs, loaded by labvm */
 
         .equ LABDEV,          0xF00000000
         .equ R_READY,         0x00
@@ -42,6 +44,7 @@
         .equ W_FAULT_UD,      3
         .equ W_FAULT_PF,      4
         .equ W_NEVER_READY,   5
+        .equ W_BALLOON,       6
 
         .equ PROGRESS_EVERY,  16384   /* pages between progress reports */
 
@@ -73,6 +76,8 @@ _start:
         je      fault_pf
         cmp     rax, W_NEVER_READY
         je      never_ready
+        cmp     rax, W_BALLOON
+        je      balloon
         mov     qword ptr [r13 + R_EXIT], 0xbad   /* unknown workload */
         jmp     park
 
@@ -214,6 +219,21 @@ fault_pf:
 never_ready:
         pause
         jmp     never_ready
+
+/*
+ * Balloon workload: vCPU 0 runs the virtio-balloon driver (a freestanding
+ * Rust program at DRIVER_BASE, see balloon_driver.rs) on its own stack;
+ * it returns only when it gives up, with an exit status.
+ */
+balloon:
+        test    r15, r15
+        jnz     park
+        mov     rsp, [r14 + B_STACK_TOP]
+        mov     rdi, r14
+        mov     rax, DRIVER_BASE
+        call    rax
+        mov     [r13 + R_EXIT], rax
+        jmp     park
 
 /* Secondary vCPUs (and vCPU 0 after EXIT) park: the host stops running us. */
 park:

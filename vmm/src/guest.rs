@@ -10,6 +10,9 @@ use crate::workload::{ENTRY_BYTES, Workload, WorkloadPlan};
 
 /// The assembled lab guest (see `guest/lab.S`).
 pub(crate) static PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lab.bin"));
+/// The lab guest's virtio-balloon driver (see `guest/balloon_driver.rs`).
+pub(crate) static BALLOON_DRIVER: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/balloon_driver.bin"));
 
 const HEADER_MAGIC: u64 = 0x3147_5345_4c42_414c;
 
@@ -27,6 +30,20 @@ pub(crate) mod params {
     pub const DIRTY_RATE: u64 = 0x48;
     pub const HEARTBEAT_MS: u64 = 0x50;
     pub const LISTS: u64 = 0x100;
+    // Balloon workload (must match guest/balloon_driver.rs and lab.S).
+    pub const B_MMIO: u64 = 0x400;
+    pub const B_AREA: u64 = 0x408;
+    pub const B_POOL_START: u64 = 0x410;
+    pub const B_POOL_END: u64 = 0x418;
+    pub const B_TOUCH: u64 = 0x420;
+    pub const B_KEEP: u64 = 0x428;
+    pub const B_FLAGS: u64 = 0x438;
+    pub const B_STACK_TOP: u64 = 0x440;
+    pub const B_HEARTBEAT_MS: u64 = 0x450;
+    pub const B_GROW: u64 = 0x458;
+    pub const B_FLAG_REPORT: u64 = 1;
+    pub const B_FLAG_IGNORE_TARGET: u64 = 2;
+    pub const B_FLAG_LAZY_DEFLATE: u64 = 4;
     pub const VALUE_MAGIC: u64 = 0x5052_4553_4349_454e;
 }
 
@@ -175,6 +192,47 @@ impl GuestSetup<'_> {
             )?;
             p(params::DIRTY_RATE, *pages_per_sec)?;
             p(params::HEARTBEAT_MS, *heartbeat_ms)?;
+        }
+        if let Workload::Balloon {
+            touch_mib,
+            keep_mib,
+            report_free,
+            ignore_target,
+            use_deflated,
+            grow_mib,
+        } = self.workload
+        {
+            if layout::DRIVER_BASE + BALLOON_DRIVER.len() as u64
+                > layout::PROGRAM + layout::PROGRAM_MAX
+                || layout::PROGRAM + PROGRAM.len() as u64 > layout::DRIVER_BASE
+            {
+                return Err(VmmError::GuestProgram(
+                    "the balloon driver does not fit its slot".into(),
+                ));
+            }
+            mem.write_slice(BALLOON_DRIVER, GuestAddress(layout::DRIVER_BASE))
+                .map_err(|e| VmmError::GuestMemory(format!("loading the balloon driver: {e}")))?;
+            let area = self.plan.area_start;
+            p(params::B_MMIO, layout::BALLOON_MMIO_BASE)?;
+            p(params::B_AREA, area)?;
+            p(params::B_POOL_START, area + layout::DRIVER_AREA)?;
+            p(params::B_POOL_END, self.ram)?;
+            p(params::B_TOUCH, touch_mib << 20)?;
+            p(params::B_KEEP, keep_mib << 20)?;
+            let mut flags = 0;
+            if *report_free {
+                flags |= params::B_FLAG_REPORT;
+            }
+            if *ignore_target {
+                flags |= params::B_FLAG_IGNORE_TARGET;
+            }
+            if !*use_deflated {
+                flags |= params::B_FLAG_LAZY_DEFLATE;
+            }
+            p(params::B_FLAGS, flags)?;
+            p(params::B_GROW, grow_mib << 20)?;
+            p(params::B_STACK_TOP, area + layout::DRIVER_AREA)?;
+            p(params::B_HEARTBEAT_MS, 100)?;
         }
         // Touch lists, one after another from LISTS.
         let mut next = layout::LISTS;

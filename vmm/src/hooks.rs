@@ -1,11 +1,13 @@
 //! Reporting a lab VM's lifecycle to the companion through `vmm-hooks`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use balloon::BalloonHandle;
 
 use sha2::{Digest, Sha256};
 use vmm_hooks::{
-    BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook, StopStatus,
-    VmIdentity, VmSpec,
+    BalloonStatus, BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook,
+    StopStatus, VmIdentity, VmSpec,
 };
 
 use crate::vm::{LabVm, RunObserver, RunReport, StopReason};
@@ -41,6 +43,17 @@ pub struct HookReporter<'a> {
     seq: u64,
     plan: Option<BootPlan>,
     stop: Option<&'a dyn Fn() -> bool>,
+    balloon: Option<BalloonPoll>,
+}
+
+/// Balloon control over the hooks: a status event every `every`, whose
+/// reply may set a new target.
+#[derive(Debug)]
+struct BalloonPoll {
+    handle: BalloonHandle,
+    every: Duration,
+    last: Option<Instant>,
+    told_unresponsive: bool,
 }
 
 impl std::fmt::Debug for HookReporter<'_> {
@@ -61,6 +74,76 @@ impl<'a> HookReporter<'a> {
             seq: 0,
             plan: None,
             stop: None,
+            balloon: None,
+        }
+    }
+
+    /// Reports the balloon to the companion every `every` (a `balloon`
+    /// event) and applies the target it answers with; reports a guest that
+    /// ignores its target (`balloon-unresponsive`, once per episode). (A
+    /// boot plan's pre-balloon target is applied by the VM itself, whatever
+    /// the observer.)
+    pub fn with_balloon(mut self, handle: BalloonHandle, every: Duration) -> Self {
+        self.balloon = Some(BalloonPoll {
+            handle,
+            every,
+            last: None,
+            told_unresponsive: false,
+        });
+        self
+    }
+
+    /// The balloon's status as the hooks carry it.
+    pub fn balloon_status(handle: &BalloonHandle) -> BalloonStatus {
+        let r = handle.report();
+        let mut s = BalloonStatus::new(handle.memory_mib());
+        s.target_mib = r.target_mib();
+        s.actual_mib = r.actual_mib();
+        s.driver_ok = r.driver_ok;
+        s.inflated_pages = r.counters.inflated_pages;
+        s.deflated_pages = r.counters.deflated_pages;
+        s.reported_pages = r.counters.reported_pages;
+        s.stats_updates = r.counters.stats_updates;
+        s.guest_stats = r.stats;
+        s.unresponsive = r.unresponsive;
+        s.deflated_on_oom = r.deflated_on_oom;
+        s
+    }
+
+    fn poll_balloon(&mut self) {
+        let Some(poll) = self.balloon.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if poll
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < poll.every)
+        {
+            return;
+        }
+        poll.last = Some(now);
+        let handle = poll.handle.clone();
+        let stalled_ms = handle.report().stalled_ms;
+        let status = Self::balloon_status(&handle);
+        let unresponsive = status.unresponsive;
+        let (target_mib, actual_mib) = (status.target_mib, status.actual_mib);
+        let reply = self.send(EventKind::Balloon(status));
+        if let HookReply::BalloonTarget { target_mib: t } = reply {
+            match handle.set_target_mib(t) {
+                Ok(()) => tracing::debug!(target_mib = t, "balloon target from the companion"),
+                Err(e) => tracing::warn!("companion's balloon target refused: {e}"),
+            }
+        }
+        let told = self.balloon.as_ref().is_some_and(|p| p.told_unresponsive);
+        if unresponsive && !told {
+            self.send(EventKind::BalloonUnresponsive {
+                target_mib,
+                actual_mib,
+                stalled_ms,
+            });
+        }
+        if let Some(p) = self.balloon.as_mut() {
+            p.told_unresponsive = unresponsive;
         }
     }
 
@@ -145,6 +228,7 @@ impl RunObserver for HookReporter<'_> {
     }
 
     fn should_stop(&mut self) -> bool {
+        self.poll_balloon();
         self.stop.is_some_and(|f| f())
     }
 }

@@ -15,7 +15,12 @@
 //! 0x0020_0000  per-vCPU touch lists, rounded up to 2 MiB
 //! ...          workload area, to the end of RAM
 //! 0xF_0000_0000 lab device page (MMIO, no memory behind it)
+//! 0xF_0000_1000 virtio-mmio balloon (when configured)
 //! ```
+//!
+//! With the balloon workload the driver lives at 0x18_0000 (inside the
+//! program slot) and its area (virtqueues, buffers, stack) takes the first
+//! 2 MiB of the workload area; the rest of RAM is the guest's page pool.
 
 /// Page size the workloads touch.
 pub const PAGE_SIZE: u64 = 4096;
@@ -44,6 +49,13 @@ pub(crate) const LISTS: u64 = 0x20_0000;
 /// Guest-physical address of the lab device page.
 pub const LABDEV_BASE: u64 = 0xF_0000_0000;
 pub(crate) const LABDEV_SIZE: u64 = 0x1000;
+/// Guest-physical address of the virtio-mmio balloon's register window
+/// (in the lab device's large page, so already mapped for the guest).
+pub const BALLOON_MMIO_BASE: u64 = LABDEV_BASE + 0x1000;
+/// Where the lab guest's balloon driver is loaded (and linked).
+pub(crate) const DRIVER_BASE: u64 = 0x18_0000;
+/// Size of the balloon driver's area at the start of the workload area.
+pub(crate) const DRIVER_AREA: u64 = LARGE_PAGE;
 
 /// Most vCPUs a lab VM may have (the TSS page and the stacks hold 32).
 pub const MAX_VCPUS: u32 = 32;

@@ -18,6 +18,7 @@
 
 mod boot;
 mod cpu;
+mod devices;
 mod guest;
 mod hooks;
 mod labdev;
@@ -29,10 +30,13 @@ pub mod testing;
 mod vm;
 mod workload;
 
+pub use devices::BalloonConfig;
 pub use guest::stamp_value;
 pub use hooks::{HookReporter, VMM_NAME, lab_identity};
 pub use labdev::exception_name;
-pub use layout::{LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE};
+pub use layout::{
+    BALLOON_MMIO_BASE, LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE,
+};
 pub use migrate::{
     Incoming, MigrateError, MigrationOptions, MigrationReport, MigrationSource, receive,
 };

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use labvm::{
-    HookReporter, LabVm, LabVmConfig, StopReason, Trace, VMM_NAME, Workload, lab_identity,
+    BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, Trace, VMM_NAME, Workload,
+    lab_identity,
 };
 use vmm_hooks::{LifecycleHook, NoCompanion, SocketHook, SocketHookConfig, error_chain};
 
@@ -24,7 +25,8 @@ struct Cli {
     #[arg(long, default_value_t = 256)]
     mem: u64,
     /// Workload: seq:MIB, rand:MIB[:SEED[:VARY_PCT]], trace:PATH[:COMPUTE_PCT],
-    /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready.
+    /// dirty:PAGES_PER_SEC[:REGION_MIB], fault-ud, fault-pf, never-ready,
+    /// balloon:TOUCH_MIB[:KEEP_MIB[:report][:ignore][:lazy][:grow=MIB]] (implies --balloon).
     #[arg(long, default_value = "seq:64")]
     workload: String,
     /// Seconds the guest may take to signal ready.
@@ -67,6 +69,24 @@ struct Cli {
     /// Kernel command line for --kernel.
     #[arg(long, requires = "kernel", default_value = labvm::linux::DEFAULT_CMDLINE)]
     cmdline: String,
+    /// Give the VM a virtio-balloon device (virtio-mmio at 0xF_0000_1000).
+    #[arg(long)]
+    balloon: bool,
+    /// Balloon target at start, in MiB (pre-balloon; a boot plan from the
+    /// companion may replace it).
+    #[arg(long, default_value_t = 0)]
+    balloon_target_mib: u64,
+    /// Milliseconds between the balloon's statistics requests to the guest.
+    #[arg(long, default_value_t = 1000)]
+    balloon_stats_ms: u64,
+    /// Milliseconds between balloon status events to the companion (whose
+    /// replies may set a new target).
+    #[arg(long, default_value_t = 1000)]
+    balloon_poll_ms: u64,
+    /// Milliseconds a guest may not move toward its balloon target before
+    /// it is reported as ignoring it.
+    #[arg(long, default_value_t = 3000)]
+    balloon_grace_ms: u64,
     /// For --kernel: stop the guest after this many seconds.
     #[arg(long, requires = "kernel")]
     timeout: Option<f64>,
@@ -228,6 +248,37 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "fault-ud" => Workload::FaultInvalidOpcode,
         "fault-pf" => Workload::FaultPageFault,
         "never-ready" => Workload::NeverReady,
+        "balloon" => {
+            let touch_mib = need(num(parts.next(), "touch MiB")?, "touch MiB")?;
+            let keep_mib = num(parts.next(), "keep MiB")?.unwrap_or(touch_mib);
+            let (mut report_free, mut ignore_target, mut use_deflated) = (false, false, true);
+            let mut grow_mib = 0;
+            for flag in parts.by_ref() {
+                match flag {
+                    "report" => report_free = true,
+                    "ignore" => ignore_target = true,
+                    "lazy" => use_deflated = false,
+                    g if g.starts_with("grow=") => {
+                        grow_mib = g["grow=".len()..]
+                            .parse()
+                            .map_err(|_| format!("bad grow MiB {g:?} in workload {spec:?}"))?;
+                    }
+                    other => {
+                        return Err(format!(
+                            "unknown balloon flag {other:?} in workload {spec:?}"
+                        ));
+                    }
+                }
+            }
+            Workload::Balloon {
+                touch_mib,
+                keep_mib,
+                report_free,
+                ignore_target,
+                use_deflated,
+                grow_mib,
+            }
+        }
         _ => return Err(format!("unknown workload {spec:?}")),
     };
     if parts.next().is_some() {
@@ -299,6 +350,13 @@ fn main() -> ExitCode {
     config.vcpus = cli.vcpus;
     config.ready_deadline = Duration::from_secs_f64(cli.deadline);
     config.run_for = cli.run_for.map(Duration::from_secs_f64);
+    if cli.balloon || matches!(config.workload, Workload::Balloon { .. }) {
+        config.balloon = Some(BalloonConfig {
+            initial_target_mib: cli.balloon_target_mib,
+            stats_interval: Duration::from_millis(cli.balloon_stats_ms),
+            grace: Duration::from_millis(cli.balloon_grace_ms),
+        });
+    }
     config.prewarm = cli.prewarm;
     if let Some(path) = &cli.plan_file {
         match std::fs::read(path)
@@ -335,6 +393,9 @@ fn main() -> ExitCode {
     let identity = lab_identity(&vm_id, &vm);
     let stop: &dyn Fn() -> bool = &stop_requested;
     let mut reporter = HookReporter::new(hook.as_mut(), identity).with_stop(stop);
+    if let Some(balloon) = vm.balloon() {
+        reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
+    }
     reporter.created(&vm);
     let (result, migration) = match &cli.migrate_to {
         Some(to) => {

@@ -18,6 +18,7 @@ use vmm_hooks::{BootPlan, BootReport, GuestRange, PrefaultMode};
 
 use crate::VmmError;
 use crate::boot::{self, Applied, Profiler};
+use crate::devices::{BalloonConfig, Devices};
 use crate::guest::{self, GuestSetup, ProgramHeader};
 use crate::labdev::{self, LabWrite};
 use crate::layout::{self, gdt};
@@ -40,6 +41,8 @@ pub struct LabVmConfig {
     pub run_for: Option<Duration>,
     /// Value mixed into what the guest writes into each touched page.
     pub stamp: u64,
+    /// A virtio-balloon device at [`crate::BALLOON_MMIO_BASE`] (`None`: no balloon).
+    pub balloon: Option<BalloonConfig>,
     /// A plan to apply instead of the one the observer returns (e.g. read
     /// from a file); the observer is still told about the boot.
     pub plan: Option<BootPlan>,
@@ -58,6 +61,7 @@ impl LabVmConfig {
             ready_deadline: Duration::from_secs(30),
             run_for: None,
             stamp: 0x5EED_0000_0000_0000,
+            balloon: None,
             plan: None,
             prewarm: false,
         }
@@ -84,6 +88,11 @@ impl LabVmConfig {
                 "{} MiB of RAM is not a multiple of 2 MiB",
                 self.ram_mib
             )));
+        }
+        if matches!(self.workload, Workload::Balloon { .. }) && self.balloon.is_none() {
+            return Err(VmmError::Config(
+                "the balloon workload needs a balloon device (--balloon)".into(),
+            ));
         }
         Ok(())
     }
@@ -344,6 +353,7 @@ pub struct LabVm {
     vcpus: Vec<VcpuFd>,
     plan: WorkloadPlan,
     started: Instant,
+    devices: Arc<Devices>,
     host: u64,
     /// Set on a migration destination: the guest is past ready and its
     /// lab device continues from here.
@@ -475,6 +485,8 @@ impl LabVm {
                 setup_vcpu(vcpu, i as u64, header)?;
             }
         }
+        let mem = Arc::new(mem);
+        let devices = Arc::new(Devices::new(config.balloon.as_ref(), &mem)?);
         let pre_fault_cap = vm.check_extension_raw(sys::KVM_CAP_PRE_FAULT_MEMORY.into());
         tracing::debug!(
             supported = pre_fault_cap > 0,
@@ -484,10 +496,11 @@ impl LabVm {
             config,
             _kvm: kvm,
             vm,
-            mem: Arc::new(mem),
+            mem,
             vcpus,
             plan,
             started,
+            devices,
             host: host as u64,
             resumed: None,
         })
@@ -496,6 +509,13 @@ impl LabVm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The balloon device, when the VM has one. The handle is shared: use
+    /// it from any thread while the VM runs (set the target, read
+    /// statistics and counters, take its state).
+    pub fn balloon(&self) -> Option<balloon::BalloonHandle> {
+        self.devices.balloon().cloned()
     }
 
     /// The KVM VM.
@@ -559,9 +579,10 @@ impl LabVm {
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let thread_shared = Arc::clone(&shared);
             let mem = Arc::clone(&self.mem);
+            let devices = Arc::clone(&self.devices);
             let spawned = std::thread::Builder::new()
                 .name(format!("labvm-vcpu{i}"))
-                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem));
+                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -586,6 +607,7 @@ impl LabVm {
         }
         let offered = observer.before_boot(self, &tids);
         let plan = self.config.plan.clone().unwrap_or(offered);
+        self.devices.apply_plan(&plan);
         let mut bootstrap = self.prepare_boot(&plan);
         // A migrated guest booted elsewhere: nothing to measure at ready,
         // and the observer hears of it at once (the source waits for it).
@@ -794,6 +816,7 @@ impl LabVm {
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0),
             );
+            self.devices.tick();
             if observer.should_stop() {
                 return Ok(StopReason::Stopped);
             }
@@ -884,7 +907,13 @@ enum Exit {
     Failed(kvm_ioctls::Error),
 }
 
-fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemoryMmap) {
+fn vcpu_thread(
+    index: usize,
+    mut vcpu: VcpuFd,
+    shared: &Shared,
+    mem: &GuestMemoryMmap,
+    devices: &Devices,
+) {
     let id = u32::try_from(index).unwrap_or(u32::MAX);
     {
         let mut st = lock(&shared.state);
@@ -926,6 +955,7 @@ fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemor
         let exit = match vcpu.run() {
             Ok(VcpuExit::MmioWrite(addr, data)) => match labdev::decode(addr, data) {
                 Some(w) => Exit::Lab(w),
+                None if devices.mmio_write(addr, data) => Exit::Again,
                 None => {
                     if unknown_logged < 10 {
                         unknown_logged += 1;
@@ -934,8 +964,10 @@ fn vcpu_thread(index: usize, mut vcpu: VcpuFd, shared: &Shared, mem: &GuestMemor
                     Exit::Again
                 }
             },
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !devices.mmio_read(addr, data) {
+                    data.fill(0);
+                }
                 Exit::Again
             }
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,

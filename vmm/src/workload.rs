@@ -62,6 +62,29 @@ pub enum Workload {
     FaultPageFault,
     /// Spin forever without signalling ready.
     NeverReady,
+    /// Run the lab guest's virtio-balloon driver (needs a balloon device):
+    /// reach the initial target, touch `touch_mib` MiB of the page pool,
+    /// keep `keep_mib` of it in use and free the rest, signal ready, then
+    /// follow the balloon target until stopped.
+    Balloon {
+        /// MiB the guest touches at boot.
+        touch_mib: u64,
+        /// MiB of those it keeps in use (the balloon never takes them).
+        keep_mib: u64,
+        /// Report free pages through free page reporting once after boot.
+        report_free: bool,
+        /// Negotiate and set up the device, but never move the balloon
+        /// (a guest that ignores its target).
+        ignore_target: bool,
+        /// Write to every page right after deflating it (use the memory at
+        /// once); false: only hand the pages back to the guest's free pool,
+        /// as Linux does.
+        use_deflated: bool,
+        /// 200 ms after ready, the guest needs this many MiB more in use;
+        /// with `DEFLATE_ON_OOM` it takes them from the balloon when its
+        /// free pages do not suffice, even below the target.
+        grow_mib: u64,
+    },
 }
 
 impl Workload {
@@ -73,6 +96,7 @@ impl Workload {
             Workload::FaultInvalidOpcode => 3,
             Workload::FaultPageFault => 4,
             Workload::NeverReady => 5,
+            Workload::Balloon { .. } => 6,
         }
     }
 
@@ -95,6 +119,15 @@ impl Workload {
             Workload::FaultInvalidOpcode => "fault-ud".into(),
             Workload::FaultPageFault => "fault-pf".into(),
             Workload::NeverReady => "never-ready".into(),
+            Workload::Balloon {
+                touch_mib,
+                keep_mib,
+                ignore_target,
+                ..
+            } => format!(
+                "balloon-{touch_mib}M-keep{keep_mib}M{}",
+                if *ignore_target { "-ignore" } else { "" }
+            ),
         }
     }
 
@@ -314,6 +347,22 @@ impl WorkloadPlan {
             Workload::Dirty { region_mib, .. } => {
                 // One page for the counter, then the dirty region.
                 let need = PAGE_SIZE + mib(*region_mib);
+                if need > area {
+                    return Err(too_big(need));
+                }
+            }
+            Workload::Balloon {
+                touch_mib,
+                keep_mib,
+                ..
+            } => {
+                // The driver's area, then the page pool.
+                if keep_mib > touch_mib {
+                    return Err(VmmError::Config(format!(
+                        "balloon workload keeps {keep_mib} MiB but touches only {touch_mib} MiB"
+                    )));
+                }
+                let need = crate::layout::DRIVER_AREA + mib(*touch_mib);
                 if need > area {
                     return Err(too_big(need));
                 }

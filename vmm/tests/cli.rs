@@ -75,3 +75,37 @@ fn hw_kvm_cli_runs_guest_and_writes_report() {
     assert_eq!(code, 1);
     assert!(err.contains("#PF page fault"), "{err}");
 }
+
+#[test]
+fn cli_bad_balloon_workloads_and_targets_are_rejected_with_the_reason() {
+    for spec in [
+        "balloon",
+        "balloon:x",
+        "balloon:64:16:bogus",
+        "balloon:64:16:grow=x",
+    ] {
+        let (code, _, err) = labvm(&["--workload", spec]);
+        assert_eq!(code, 2, "{spec}: {err}");
+        assert!(err.starts_with("labvm: "), "{spec}: {err}");
+    }
+    // Keeping more than it touches, or a target larger than RAM: refused
+    // before the guest runs.
+    let (code, _, err) = labvm(&["--mem", "64", "--workload", "balloon:16:32"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("keeps 32 MiB but touches only 16 MiB"),
+        "{err}"
+    );
+    if kvm_or_skip("cli_bad_balloon_workloads_and_targets_are_rejected_with_the_reason") {
+        let (code, _, err) = labvm(&[
+            "--mem",
+            "64",
+            "--workload",
+            "balloon:16:8",
+            "--balloon-target-mib",
+            "65",
+        ]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("exceeds the guest's 64 MiB"), "{err}");
+    }
+}

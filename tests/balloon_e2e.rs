@@ -1,0 +1,185 @@
+//! A real `prescient serve --balloon-forecasts` process driving a lab VM's
+//! balloon on real KVM over the hooks socket: pre-balloon at boot, then
+//! deflation ahead of the forecast's growth.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use labvm::testing::kvm_or_skip;
+use labvm::{
+    BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, VMM_NAME, Workload, lab_identity,
+};
+use prescient::EventRecord;
+use vmm_hooks::{EventKind, SocketHook, SocketHookConfig};
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(forecasts: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("hooks.sock");
+        let log = dir.path().join("events.jsonl");
+        let fc = dir.path().join("forecasts.json");
+        std::fs::write(&fc, forecasts).unwrap();
+        let metrics_port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_prescient"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--event-log")
+            .arg(&log)
+            .arg("--balloon-forecasts")
+            .arg(&fc)
+            .args(["--no-store", "--metrics-listen"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server {
+            child,
+            socket,
+            log,
+            metrics_port,
+            _dir: dir,
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    fn events(&self) -> Vec<EventRecord> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
+    if !kvm_or_skip("hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth") {
+        return;
+    }
+    // 256 MiB guest; forecast: 64 MiB now, 160 MiB from 6 s on (late
+    // enough that a slow boot is still ready before the deflation).
+    let server = Server::start(
+        r#"{"vms": {"fc-1": {
+            "forecast": {"points": [{"at_s": 0, "demand_mib": 64}, {"at_s": 6, "demand_mib": 160}]},
+            "limits": {"floor_mib": 32, "max_rate_mib_s": 512, "lead_s": 1, "headroom_mib": 16}}}}"#,
+    );
+    let mut config = LabVmConfig::new(
+        256,
+        Workload::Balloon {
+            // The guest would touch all its memory.
+            touch_mib: 252,
+            keep_mib: 32,
+            report_free: false,
+            ignore_target: false,
+            use_deflated: true,
+            grow_mib: 0,
+        },
+    );
+    config.run_for = Some(Duration::from_secs(7));
+    config.balloon = Some(BalloonConfig {
+        stats_interval: Duration::from_millis(200),
+        ..BalloonConfig::default()
+    });
+    let mut vm = LabVm::create(config, Instant::now()).unwrap();
+    let mut hc = SocketHookConfig::new(&server.socket, VMM_NAME);
+    hc.timeout = Duration::from_secs(5);
+    let mut hook = SocketHook::new(hc);
+    let identity = lab_identity("fc-1", &vm);
+    let mut reporter = HookReporter::new(&mut hook, identity)
+        .with_balloon(vm.balloon().unwrap(), Duration::from_millis(100));
+    reporter.created(&vm);
+    let result = vm.run(&mut reporter);
+    reporter.stopped(&result);
+    assert_eq!(result.unwrap().stop, StopReason::Stopped);
+
+    let events = server.events();
+    let kinds: Vec<&EventKind> = events.iter().map(|r| &r.event.kind).collect();
+    let ready = kinds
+        .iter()
+        .position(|k| matches!(k, EventKind::Ready { .. }))
+        .unwrap();
+    let balloons: Vec<(usize, u64, u64)> = kinds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| match k {
+            EventKind::Balloon(s) => Some((i, s.target_mib, s.actual_mib)),
+            _ => None,
+        })
+        .collect();
+    // Pre-balloon: 256 - (64 + 16) MiB, reached before the guest was ready.
+    let first_after_ready = balloons.iter().find(|b| b.0 > ready).unwrap();
+    assert_eq!(
+        (first_after_ready.1, first_after_ready.2),
+        (176, 176),
+        "{balloons:?}"
+    );
+    // The host committed memory only for the forecast demand at boot.
+    let rss_kib = kinds
+        .iter()
+        .find_map(|k| match k {
+            EventKind::BootReport(r) => Some(r.rss_kib),
+            _ => None,
+        })
+        .unwrap();
+    assert!(rss_kib < 140 * 1024, "RSS at ready {rss_kib} KiB");
+    // Ahead of the growth at 6 s the companion deflated to 256 - 176 = 80.
+    let last = balloons.last().unwrap();
+    assert_eq!((last.1, last.2), (80, 80), "{balloons:?}");
+    // Never below the forecast's needs, never past the floor.
+    assert!(balloons.iter().all(|b| b.1 <= 256 - 32));
+    // The companion counted what it did.
+    let m = server.metrics();
+    assert!(
+        m.contains("prescient_balloon_targets_total{kind=\"pre-balloon\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("prescient_balloon_targets_total{kind=\"deflate\"}"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("prescient_balloon_targets_total{kind=\"inflate\"}"),
+        "{m}"
+    );
+}
