@@ -3,93 +3,36 @@
 //! deflation ahead of the forecast's growth.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{Server, free_port, scrape};
 
 use labvm::testing::kvm_or_skip;
 use labvm::{
     BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, VMM_NAME, Workload, lab_identity,
 };
-use prescient::EventRecord;
 use vmm_hooks::{EventKind, SocketHook, SocketHookConfig};
 
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    metrics_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(forecasts: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hooks.sock");
-        let log = dir.path().join("events.jsonl");
-        let fc = dir.path().join("forecasts.json");
-        std::fs::write(&fc, forecasts).unwrap();
-        let metrics_port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_prescient"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--event-log")
-            .arg(&log)
-            .arg("--balloon-forecasts")
-            .arg(&fc)
-            .args(["--no-store", "--metrics-listen"])
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server {
-            child,
-            socket,
-            log,
-            metrics_port,
-            _dir: dir,
-        }
-    }
-
-    fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    }
-
-    fn events(&self) -> Vec<EventRecord> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `prescient serve` with these balloon forecasts and a metrics endpoint.
+/// Returns the server, the metrics port and the directory holding the
+/// forecasts file (kept alive as long as the server).
+fn start_server(forecasts: &str) -> (Server, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let fc = dir.path().join("forecasts.json");
+    std::fs::write(&fc, forecasts).unwrap();
+    let port = free_port();
+    let server = Server::start_args(
+        false,
+        &[
+            "--balloon-forecasts",
+            fc.to_str().unwrap(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    (server, port, dir)
 }
 
 #[test]
@@ -99,7 +42,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
     }
     // 256 MiB guest; forecast: 64 MiB now, 160 MiB from 6 s on (late
     // enough that a slow boot is still ready before the deflation).
-    let server = Server::start(
+    let (server, metrics_port, _forecasts) = start_server(
         r#"{"vms": {"fc-1": {
             "forecast": {"points": [{"at_s": 0, "demand_mib": 64}, {"at_s": 6, "demand_mib": 160}]},
             "limits": {"floor_mib": 32, "max_rate_mib_s": 512, "lead_s": 1, "headroom_mib": 16}}}}"#,
@@ -169,7 +112,7 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
     // Never below the forecast's needs, never past the floor.
     assert!(balloons.iter().all(|b| b.1 <= 256 - 32));
     // The companion counted what it did.
-    let m = server.metrics();
+    let m = scrape(metrics_port);
     assert!(
         m.contains("prescient_balloon_targets_total{kind=\"pre-balloon\"} 1"),
         "{m}"

@@ -4,41 +4,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{Server, free_port, scrape};
 use vmm_hooks::{
     BootReport, Event, EventKind, GuestRange, LifecycleHook, SocketHook, SocketHookConfig,
     VmIdentity,
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> String {
-    let t = Instant::now();
-    loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).unwrap();
-            return body;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "metrics endpoint never came up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn event(seq: u64, kind: EventKind) -> Event {
     Event {

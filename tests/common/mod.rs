@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests: a real `prescient serve` process.
 #![allow(dead_code, clippy::unwrap_used)] // each test crate uses part of this
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -117,5 +118,34 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` from 127.0.0.1:`port`, waiting for the endpoint to come up;
+/// returns the whole HTTP response.
+pub fn scrape(port: u16) -> String {
+    let t = Instant::now();
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            return body;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "metrics endpoint never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
