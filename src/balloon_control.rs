@@ -80,6 +80,17 @@ struct Track {
     last_decision: Instant,
 }
 
+impl Track {
+    /// A VM first seen at `now`.
+    fn new(now: Instant) -> Self {
+        Track {
+            created: now,
+            memory_mib: None,
+            last_decision: now,
+        }
+    }
+}
+
 /// Balloon control for the daemon.
 #[derive(Debug, Default)]
 pub struct BalloonControl {
@@ -155,11 +166,7 @@ impl BalloonControl {
                 let Some(plan) = self.plan_for(vm) else {
                     return reply;
                 };
-                let track = vms.entry(vm.to_string()).or_insert(Track {
-                    created: now,
-                    memory_mib: None,
-                    last_decision: now,
-                });
+                let track = vms.entry(vm.to_string()).or_insert_with(|| Track::new(now));
                 let memory_mib = track.memory_mib.unwrap_or(ram.len >> 20);
                 track.memory_mib = Some(memory_mib);
                 match (
@@ -182,11 +189,7 @@ impl BalloonControl {
                 let Some(plan) = self.plan_for(vm) else {
                     return reply;
                 };
-                let track = vms.entry(vm.to_string()).or_insert(Track {
-                    created: now,
-                    memory_mib: None,
-                    last_decision: now,
-                });
+                let track = vms.entry(vm.to_string()).or_insert_with(|| Track::new(now));
                 let decided = decide(plan, status, track, now);
                 track.last_decision = now;
                 match decided {
