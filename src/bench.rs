@@ -1,7 +1,8 @@
 //! Benchmarks that compare strategies side by side in one run and print a
 //! table: `prescient bench bootstrap` (time to ready under each pre-fault
 //! strategy, real labvm guests on KVM) and `prescient bench store` (serving
-//! boot plans from a store with many boots).
+//! boot plans from a store with many boots), `prescient bench offload` (the
+//! forecasting model's batch kernels on the CPU and the GPU, in `offload.rs`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,12 @@ use vmm_hooks::{
 };
 
 use crate::store::{ProfileKey, ProfileStore, StorePolicy};
+
+mod offload;
 use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
+pub use offload::{
+    AGREEMENT, OffloadBench, OffloadResult, OffloadRow, offload_table, write_offload_json,
+};
 
 /// What can go wrong running a benchmark.
 #[derive(Debug, thiserror::Error)]

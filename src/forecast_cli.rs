@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use models::{
-    Dataset, EvalOptions, EvalReport, Forecaster, LearnedForecaster, ModelsError, TrainConfig,
-    baselines, evaluate, load_trace, render_tables, write_json, write_plot_svg,
+    Dataset, EvalOptions, EvalReport, Forecaster, GpuMode, LearnedForecaster, ModelsError, Offload,
+    TrainConfig, baselines, evaluate, load_trace, render_tables, write_json, write_plot_svg,
 };
 
 /// Arguments of `prescient train`.
@@ -50,6 +50,30 @@ pub(crate) struct TrainArgs {
     /// Skip the held-out evaluation after training.
     #[arg(long)]
     pub no_eval: bool,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
+}
+
+/// Where the model's batch kernels run.
+#[derive(Debug, clap::Args)]
+pub(crate) struct OffloadArgs {
+    /// GPU offload: `auto` (a hardware GPU adapter if one opens), `off`, or
+    /// `on` (a GPU is reserved for the host; any adapter, software ones
+    /// included). The GPU runs batches at or above the measured crossover.
+    #[arg(long, default_value = "auto")]
+    pub gpu: GpuMode,
+    /// The measured crossover (`prescient bench offload` writes it; when
+    /// missing or measured elsewhere it is measured now and written here).
+    #[arg(long, default_value = models::DEFAULT_CROSSOVER_FILE)]
+    pub gpu_crossover: PathBuf,
+}
+
+impl OffloadArgs {
+    fn open(&self, hidden: usize) -> Offload {
+        let o = Offload::open(self.gpu, &self.gpu_crossover, hidden, true);
+        progress(o.line());
+        o
+    }
 }
 
 /// Arguments of `prescient eval`.
@@ -78,6 +102,8 @@ pub(crate) struct EvalArgs {
     /// Step of the model's per-series online calibration (0 = off).
     #[arg(long, default_value_t = models::ONLINE_GAMMA)]
     pub online_gamma: f64,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 fn progress(line: &str) {
@@ -164,7 +190,8 @@ pub(crate) fn run_train(args: TrainArgs) -> Result<(), ModelsError> {
         ..TrainConfig::default()
     };
     let t = Instant::now();
-    let (model, rep) = models::train(&datasets, &cfg, &mut |l| progress(l))?;
+    let offload = args.offload.open(cfg.hidden);
+    let (model, rep) = models::train_on(&datasets, &cfg, &offload, &mut |l| progress(l))?;
     model.save(&args.out)?;
     progress(&format!(
         "trained in {:.1} s ({} epochs, {:.1} s preparing, {:.1} s optimising); wrote {}",
@@ -196,7 +223,8 @@ pub(crate) fn run_eval(args: EvalArgs) -> Result<(), ModelsError> {
         Some(p) => {
             let mut m = LearnedForecaster::load(p)?;
             m.online_gamma = args.online_gamma;
-            Some(m)
+            let offload = args.offload.open(m.meta.net.hidden);
+            Some(m.with_offload(&offload))
         }
         None => None,
     };

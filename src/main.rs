@@ -142,6 +142,40 @@ enum BenchCommand {
     Store(StoreBenchArgs),
     /// Simulated VM lifecycles through the hooks socket at a fixed rate.
     Load(LoadBenchArgs),
+    /// The forecasting model's batch kernels on the CPU and the GPU side by
+    /// side, their agreement, and the measured crossover.
+    Offload(OffloadBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OffloadBenchArgs {
+    /// Batch inference sizes, VMs.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000, 100_000])]
+    vms: Vec<usize>,
+    /// Examples in the timed training epoch.
+    #[arg(long, default_value_t = 100_000)]
+    train_examples: usize,
+    /// Training mini-batch size.
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Hidden width of a fresh network (ignored with --model).
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Timed repetitions of each inference (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Use the weights of a model written by `prescient train`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the measured crossover is stored (read by `--gpu auto|on`).
+    #[arg(long, default_value = models::DEFAULT_CROSSOVER_FILE)]
+    crossover_out: PathBuf,
+    /// Skip the crossover measurement.
+    #[arg(long)]
+    no_calibrate: bool,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -247,6 +281,40 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 Ok(r) => {
                     println!("{}", bench::load_table(&r));
                     ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Offload(a) => {
+            let b = bench::OffloadBench {
+                vms: a.vms,
+                train_examples: a.train_examples.max(1),
+                batch: a.batch.max(1),
+                hidden: a.hidden.clamp(1, 4096),
+                reps: a.reps.max(1),
+                model: a.model,
+                crossover_out: (!a.no_calibrate).then_some(a.crossover_out),
+                out: a.out.clone(),
+            };
+            let result = b
+                .run(&mut |line| eprintln!("bench: {line}"))
+                .and_then(|r| bench::write_offload_json(&a.out, &r).map(|f| (r, f)));
+            match result {
+                Ok((r, json)) => {
+                    println!("{}", bench::offload_table(&r));
+                    println!("JSON: {}", json.display());
+                    if r.agrees() {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!(
+                            "prescient: GPU outputs differ from the CPU's by more than {:e}",
+                            bench::AGREEMENT
+                        );
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(e) => {
                     eprintln!("prescient: {}", error_chain(&e));

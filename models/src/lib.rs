@@ -18,6 +18,7 @@ mod forecast;
 mod metrics;
 mod model;
 mod nn;
+mod offload;
 mod report;
 mod selector;
 mod task;
@@ -33,6 +34,11 @@ pub use forecast::{
 };
 pub use metrics::{LevelMetrics, Metrics, Scorer, equal_coverage_factor, pinball};
 pub use model::{Calibration, FORMAT_VERSION, LearnedForecaster, ModelMeta, ONLINE_GAMMA};
+pub use offload::{
+    CROSSOVER_FORMAT, CalibrationPlan, Chooser, Crossover, DEFAULT_CROSSOVER_FILE, Gpu, GpuInfo,
+    GpuMode, Kernels, Offload, OffloadWorkload, PlacedNet, REL_ERR_FLOOR, SizeTiming, Target,
+    calibrate, crossover_of, gpu_compiled, host_identity, max_relative_error, open_gpu,
+};
 pub use report::{render_tables, write_json, write_plot_svg};
 pub use selector::{ForecasterSelector, SelectorChoice};
 pub use task::{Case, Task, all_cases, next_hour_cases, post_restart_cases};
@@ -40,4 +46,4 @@ pub use trace::{
     Dataset, Grid, Metric, Part, STEP_S, Series, SplitSpec, Statics, load_trace, read_trace,
     slot_of, split_counts,
 };
-pub use train::{TrainConfig, TrainReport, train};
+pub use train::{TrainConfig, TrainReport, train, train_on};

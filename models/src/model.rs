@@ -28,6 +28,7 @@ use crate::error::{ModelsError, Result};
 use crate::features::{FEATURE_VERSION, N_FEATURES, feature_names, features, from_z};
 use crate::forecast::{Forecaster, History, Horizon, OnlineCalibrator, Quantiles};
 use crate::nn::{NetSpec, QuantileMlp, tensor2};
+use crate::offload::{Chooser, Offload, Target};
 use crate::task::GAP_SLOTS;
 use crate::trace::{SplitSpec, fnv1a};
 
@@ -105,11 +106,21 @@ pub struct ModelMeta {
 pub struct LearnedForecaster {
     net: QuantileMlp,
     device: Device,
+    /// A copy of the weights on the GPU and the rule for when to use it.
+    gpu: Option<GpuCopy>,
     /// Metadata (calibration, split, provenance).
     pub meta: ModelMeta,
     /// Step of the per-series online calibration in
     /// [`Forecaster::forecast_sequence`]; 0 disables it.
     pub online_gamma: f64,
+}
+
+/// The weights on the GPU, and when to use them.
+#[derive(Debug)]
+struct GpuCopy {
+    net: QuantileMlp,
+    device: Device,
+    chooser: Chooser,
 }
 
 /// Default step of the per-series online calibration.
@@ -138,6 +149,7 @@ impl LearnedForecaster {
                 payload_fnv1a: 0,
             },
             online_gamma: ONLINE_GAMMA,
+            gpu: None,
         }
     }
 
@@ -145,9 +157,33 @@ impl LearnedForecaster {
         LearnedForecaster {
             net,
             device,
+            gpu: None,
             meta,
             online_gamma: ONLINE_GAMMA,
         }
+    }
+
+    /// Run batch inference on the GPU where `offload` says so (by batch
+    /// size, against its measured crossover), on the CPU otherwise. The
+    /// weights are copied to the GPU once, here.
+    #[must_use]
+    pub fn with_offload(mut self, offload: &Offload) -> Self {
+        self.gpu = offload.gpu().map(|g| GpuCopy {
+            net: self.net.clone().to_device(g.device()),
+            device: g.device().clone(),
+            chooser: offload.chooser(),
+        });
+        self
+    }
+
+    /// The network on its home device (the CPU unless loaded elsewhere).
+    pub(crate) fn home_net(&self) -> &QuantileMlp {
+        &self.net
+    }
+
+    /// Rows per inference batch: large when a GPU may take them.
+    fn batch_rows(&self) -> usize {
+        if self.gpu.is_some() { 65_536 } else { 4096 }
     }
 
     /// Raw (uncalibrated) quantiles for feature rows, with scales.
@@ -156,7 +192,12 @@ impl LearnedForecaster {
         if rows == 0 {
             return Vec::new();
         }
-        let out = self.net.forward(tensor2(x, rows, N_FEATURES, &self.device));
+        let out = match &self.gpu {
+            Some(g) if g.chooser.inference(rows) == Target::Gpu => {
+                g.net.forward(tensor2(x, rows, N_FEATURES, &g.device))
+            }
+            _ => self.net.forward(tensor2(x, rows, N_FEATURES, &self.device)),
+        };
         let v: Vec<f32> = out.into_data().try_into_vec().unwrap_or_default();
         v.chunks(3)
             .zip(scales)
@@ -262,6 +303,7 @@ impl LearnedForecaster {
         Ok(LearnedForecaster {
             net,
             device,
+            gpu: None,
             meta,
             online_gamma: ONLINE_GAMMA,
         })
@@ -318,7 +360,7 @@ impl Forecaster for LearnedForecaster {
     /// distribution, which is conservative for one slot.
     fn forecast_batch(&self, hs: &[History<'_>], _horizon: Horizon) -> Vec<Quantiles> {
         let mut out = Vec::with_capacity(hs.len());
-        for chunk in hs.chunks(4096) {
+        for chunk in hs.chunks(self.batch_rows()) {
             let mut x = vec![0.0f32; chunk.len() * N_FEATURES];
             let mut scales = vec![0.0f64; chunk.len()];
             let fill = |hs: &[History<'_>], x: &mut [f32], sc: &mut [f64]| {

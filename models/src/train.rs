@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,7 @@ use crate::forecast::{History, LEVELS, Quantiles};
 use crate::metrics::{equal_coverage_factor, pinball};
 use crate::model::{Calibration, LearnedForecaster, ModelMeta, shrink};
 use crate::nn::{NetSpec, QuantileMlp, pinball_loss, tensor2};
+use crate::offload::Offload;
 use crate::task::{GAP_SLOTS, MIN_TARGETS, next_hour_cases, post_restart_cases};
 use crate::trace::{Dataset, Grid, Part, SLOTS_PER_HOUR, SplitSpec, Statics};
 
@@ -130,8 +131,8 @@ struct Spec<'a> {
 
 /// Feature rows and targets of a set of examples.
 #[derive(Debug, Default)]
-struct Examples {
-    x: Vec<f32>,
+pub(crate) struct Examples {
+    pub(crate) x: Vec<f32>,
     y: Vec<f32>,
     mask: Vec<f32>,
     w: Vec<f32>,
@@ -141,9 +142,95 @@ struct Examples {
 }
 
 impl Examples {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.scale.len()
     }
+
+    /// The first `n` examples, repeating from the start when `n` exceeds
+    /// the number held (none when there are none).
+    pub(crate) fn head(&self, n: usize) -> Examples {
+        let len = self.len();
+        let mut out = Examples::default();
+        if len == 0 {
+            return out;
+        }
+        for k in 0..n {
+            let i = k % len;
+            out.x
+                .extend_from_slice(&self.x[i * N_FEATURES..(i + 1) * N_FEATURES]);
+            out.y
+                .extend_from_slice(&self.y[i * SLOTS_PER_HOUR..(i + 1) * SLOTS_PER_HOUR]);
+            out.mask
+                .extend_from_slice(&self.mask[i * SLOTS_PER_HOUR..(i + 1) * SLOTS_PER_HOUR]);
+            out.w.push(self.w[i]);
+            out.scale.push(self.scale[i]);
+            out.raw_targets.push(self.raw_targets[i].clone());
+            out.restart.push(self.restart[i]);
+        }
+        out
+    }
+}
+
+/// One synthetic VM: 8 days of one usage metric on the 5-minute grid, with
+/// a daily cycle, noise, bursts and missing samples (a fifth of the VMs
+/// nearly idle).
+fn synthetic_grid(rng: &mut Rng) -> Grid {
+    let slots = 8 * 288;
+    let idle = rng.unit() < 0.2;
+    let level = if idle {
+        0.05 + rng.unit() * 0.5
+    } else {
+        1.0 + rng.unit() * 60.0
+    };
+    let amplitude = level * rng.unit() * 0.8;
+    let phase = rng.unit() * std::f64::consts::TAU;
+    let mut burst = 0usize;
+    let values = (0..slots)
+        .map(|k| {
+            if rng.unit() < 0.02 {
+                return f64::NAN;
+            }
+            if burst == 0 && rng.unit() < 0.005 {
+                burst = 3 + rng.below(24);
+            }
+            let day = (k % 288) as f64 / 288.0 * std::f64::consts::TAU;
+            let mut v = level + amplitude * (day + phase).sin() + level * 0.2 * (rng.unit() - 0.5);
+            if burst > 0 {
+                burst -= 1;
+                v += level * 2.0;
+            }
+            v.max(0.0)
+        })
+        .collect();
+    Grid {
+        first_slot: 100_000,
+        values,
+    }
+}
+
+/// `rows` training examples of synthetic VMs (`distinct` different ones,
+/// repeated to fill `rows`), built with the real feature code; weights 1.
+pub(crate) fn synthetic_examples(rows: usize, distinct: usize, seed: u64) -> Examples {
+    let mut rng = Rng::new(seed);
+    let want = distinct.min(rows).max(1);
+    let mut grids = Vec::new();
+    let mut candidates = 0usize;
+    while candidates < want {
+        let g = synthetic_grid(&mut rng);
+        // About 740 decisions per 8-day grid at a 15-minute stride.
+        candidates += 700;
+        grids.push(g);
+    }
+    let statics = Statics {
+        vcpus: Some(4.0),
+        mem_cap_kb: Some(16.0 * 1024.0 * 1024.0),
+    };
+    let mut specs = Vec::new();
+    for g in &grids {
+        specs.extend(train_specs(g, statics, 0.2, 3, &mut rng));
+    }
+    let specs = sample(specs, want, &mut rng);
+    build(&specs).head(rows)
 }
 
 fn build(specs: &[Spec<'_>]) -> Examples {
@@ -291,9 +378,23 @@ fn sample<T>(mut v: Vec<T>, max: usize, rng: &mut Rng) -> Vec<T> {
 
 /// Train on the Train part of every dataset, calibrate on the Calibration
 /// part; the Test part is never touched. `progress` gets one line per step.
+/// Everything runs on the CPU.
 pub fn train(
     datasets: &[Dataset],
     cfg: &TrainConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(LearnedForecaster, TrainReport)> {
+    train_on(datasets, cfg, &Offload::cpu_only("CPU training"), progress)
+}
+
+/// [`train`], with the epochs on the device `offload` chooses for the
+/// mini-batch size and the calibration split's inference on the device it
+/// chooses for those batches. The returned model's weights live on the CPU,
+/// with `offload` attached ([`LearnedForecaster::with_offload`]).
+pub fn train_on(
+    datasets: &[Dataset],
+    cfg: &TrainConfig,
+    offload: &Offload,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(LearnedForecaster, TrainReport)> {
     let t0 = Instant::now();
@@ -363,8 +464,20 @@ pub fn train(
         inputs: N_FEATURES,
         hidden: cfg.hidden,
     };
-    let device = Device::flex().autodiff();
-    let infer_device = Device::flex();
+    let base_device = offload.training_device(cfg.batch);
+    progress(&format!(
+        "training on {} (mini-batches of {})",
+        if base_device == Device::flex() {
+            "the CPU".to_string()
+        } else {
+            offload
+                .gpu()
+                .map_or_else(|| "the GPU".to_string(), |g| format!("GPU {}", g.info()))
+        },
+        cfg.batch
+    ));
+    let device = base_device.clone().autodiff();
+    let infer_device = offload.inference_device(EVAL_CHUNK);
     let mut net = QuantileMlp::new(spec, &device);
     let mut optim = AdamConfig::new().init();
     let mut order: Vec<usize> = (0..n).collect();
@@ -386,29 +499,19 @@ pub fn train(
             } else {
                 0.25
             };
-        let mut sum = 0.0;
-        let mut batches = 0usize;
-        for idx in order.chunks(cfg.batch) {
-            let (x, y, m, w) = gather(&train_ex, idx, &device);
-            let q = net.forward(x);
-            let loss = pinball_loss(q, y, m, w);
-            let lv: f32 = loss.clone().into_scalar();
-            sum += f64::from(lv);
-            batches += 1;
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optim.step(lr, net, grads);
-        }
+        let (trained, train_loss) =
+            run_epoch(net, &mut optim, &train_ex, &order, cfg.batch, lr, &device);
+        net = trained;
         epochs += 1;
         let valid = net.valid();
         let cal_loss = if cal_ex.len() > 0 {
             eval_loss(&valid, &cal_ex, &infer_device)
         } else {
-            sum / batches.max(1) as f64
+            train_loss
         };
         cal_losses.push(cal_loss);
         progress(&format!(
-            "epoch {epoch:>3}: train loss {:.5}  calibration loss {cal_loss:.5}  ({:.0} s)",
-            sum / batches.max(1) as f64,
+            "epoch {epoch:>3}: train loss {train_loss:.5}  calibration loss {cal_loss:.5}  ({:.0} s)",
             t1.elapsed().as_secs_f64()
         ));
         if best.as_ref().is_none_or(|b| cal_loss < b.0) {
@@ -426,8 +529,8 @@ pub fn train(
 
     // Calibration on the held-out calibration series.
     let mut model = LearnedForecaster::from_parts(
-        best_net,
-        infer_device.clone(),
+        best_net.to_device(&Device::flex()),
+        Device::flex(),
         ModelMeta {
             feature_version: FEATURE_VERSION,
             feature_names: feature_names(),
@@ -438,7 +541,8 @@ pub fn train(
             trained_on: datasets.iter().map(|d| d.name.clone()).collect(),
             payload_fnv1a: 0,
         },
-    );
+    )
+    .with_offload(offload);
     let (cal, cal_r) = calibration_factors(&model, &cal_ex, cfg.shrink_pinball_tolerance, progress);
     model.meta.calibration = cal;
     model.meta.calibration_restart = cal_r;
@@ -454,6 +558,38 @@ pub fn train(
         calibration_restart: cal_r,
     };
     Ok((model, report))
+}
+
+/// One pass over `ex` in `order`, mini-batches of `batch`, on `device`
+/// (an autodiff device; `net` must live there). Returns the updated network
+/// and the mean training loss. The loss is summed on the device and read
+/// once at the end, so a GPU is not made to wait for the host every step.
+pub(crate) fn run_epoch(
+    mut net: QuantileMlp,
+    optim: &mut ModuleOptimizer,
+    ex: &Examples,
+    order: &[usize],
+    batch: usize,
+    lr: f64,
+    device: &Device,
+) -> (QuantileMlp, f64) {
+    let mut sum: Option<Tensor<1>> = None;
+    let mut batches = 0usize;
+    for idx in order.chunks(batch.max(1)) {
+        let (x, y, m, w) = gather(ex, idx, device);
+        let q = net.forward(x);
+        let loss = pinball_loss(q, y, m, w);
+        let lv = loss.clone().detach().without_autodiff();
+        sum = Some(match sum {
+            None => lv,
+            Some(s) => s + lv,
+        });
+        batches += 1;
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optim.step(lr, net, grads);
+    }
+    let total: f32 = sum.map_or(0.0, |s| s.into_scalar());
+    (net, f64::from(total) / batches.max(1) as f64)
 }
 
 fn append(a: &mut Examples, b: Examples) {
@@ -490,11 +626,14 @@ fn gather(
     )
 }
 
+/// Rows per batch when the calibration split is scored.
+const EVAL_CHUNK: usize = 4096;
+
 fn eval_loss(net: &QuantileMlp, ex: &Examples, device: &Device) -> f64 {
     let idx: Vec<usize> = (0..ex.len()).collect();
     let mut sum = 0.0;
     let mut wsum = 0.0;
-    for chunk in idx.chunks(4096) {
+    for chunk in idx.chunks(EVAL_CHUNK) {
         let (x, y, m, _) = gather(ex, chunk, device);
         let w = tensor2(vec![1.0; chunk.len()], chunk.len(), 1, device);
         let wm: f32 = m.clone().sum().into_scalar();
@@ -519,7 +658,7 @@ fn calibration_factors(
     let n = ex.len();
     let raw: Vec<Quantiles> = (0..n)
         .collect::<Vec<_>>()
-        .chunks(4096)
+        .chunks(EVAL_CHUNK)
         .flat_map(|c| {
             let mut x = Vec::with_capacity(c.len() * N_FEATURES);
             for &i in c {
