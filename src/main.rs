@@ -173,6 +173,10 @@ struct OffloadBenchArgs {
     /// Skip the crossover measurement.
     #[arg(long)]
     no_calibrate: bool,
+    /// Fail unless a hardware GPU adapter opens (no GPU, or only a
+    /// software-emulated one, is then an error rather than a CPU-only table).
+    #[arg(long)]
+    require_gpu: bool,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -306,7 +310,17 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 Ok((r, json)) => {
                     println!("{}", bench::offload_table(&r));
                     println!("JSON: {}", json.display());
-                    if r.agrees() {
+                    let hardware = r.gpu.as_ref().is_some_and(|g| !g.software);
+                    if a.require_gpu && !hardware {
+                        eprintln!(
+                            "prescient: --require-gpu: {}",
+                            r.gpu.as_ref().map_or_else(
+                                || r.gpu_unsupported.clone().unwrap_or_default(),
+                                |g| format!("the adapter is software-emulated: {g}")
+                            )
+                        );
+                        ExitCode::FAILURE
+                    } else if r.agrees() {
                         ExitCode::SUCCESS
                     } else {
                         eprintln!(

@@ -306,7 +306,7 @@ pub fn offload_table(r: &OffloadResult) -> String {
     let _ = writeln!(s, "host: {}", r.host);
     let _ = writeln!(
         s,
-        "CPU: burn flex; network {} features -> {} -> {} -> 3",
+        "CPU: burn flex, one thread (this build's flex has no rayon); network {} features -> {} -> {} -> 3",
         models::N_FEATURES,
         r.hidden,
         r.hidden
