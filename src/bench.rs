@@ -20,7 +20,8 @@ use crate::store::{ProfileKey, ProfileStore, StorePolicy};
 mod offload;
 use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
 pub use offload::{
-    AGREEMENT, OffloadBench, OffloadResult, OffloadRow, offload_table, write_offload_json,
+    AGREE_STEPS, AGREEMENT, OffloadBench, OffloadResult, OffloadRow, offload_table,
+    write_offload_json,
 };
 
 /// What can go wrong running a benchmark.

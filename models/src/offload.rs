@@ -608,7 +608,9 @@ impl Kernels {
         seed: u64,
     ) -> (Kernels, f64) {
         let train_device = device.clone().autodiff();
-        let net = self.net.clone().fork(&train_device);
+        // A module made for inference starts in validation state: `train`
+        // turns gradient tracking on, on the device it was forked to.
+        let net = self.net.clone().fork(&train_device).train();
         let mut optim = AdamConfig::new().init();
         let mut order: Vec<usize> = (0..wl.rows()).collect();
         let mut rng = Rng::new(seed);
@@ -972,6 +974,35 @@ mod tests {
         assert!(rel.is_infinite());
         let (rel, _) = max_relative_error(&[1.0, 2.0], &[1.0], 1e-3);
         assert!(rel.is_infinite());
+    }
+
+    #[test]
+    fn cpu_training_epoch_moves_the_weights_and_is_repeatable() {
+        let wl = OffloadWorkload::synthetic(1024, 1024, 1);
+        assert_eq!(wl.rows(), 1024);
+        let k = Kernels::new(16, 1);
+        let x = &wl.features()[..64 * N_FEATURES];
+        let before = k.place(None).infer(x, 64).unwrap();
+        let (a, loss_a) = k.train_epoch(None, &wl, 256, 1e-2, 3);
+        let (b, loss_b) = k.train_epoch(None, &wl, 256, 1e-2, 3);
+        let after_a = a.place(None).infer(x, 64).unwrap();
+        let after_b = b.place(None).infer(x, 64).unwrap();
+        let (moved, _) = max_relative_error(&before, &after_a, REL_ERR_FLOOR);
+        assert!(moved > 1e-3, "the epoch changed nothing ({moved})");
+        assert!(loss_a.is_finite() && loss_a > 0.0, "{loss_a}");
+        // Same weights, data, order and device: the same result.
+        assert_eq!(after_a, after_b);
+        assert_eq!(loss_a, loss_b);
+    }
+
+    #[test]
+    fn synthetic_workload_repeats_its_distinct_rows() {
+        let wl = OffloadWorkload::synthetic(300, 100, 5);
+        assert_eq!(wl.rows(), 300);
+        let f = wl.features();
+        assert_eq!(f.len(), 300 * N_FEATURES);
+        assert_eq!(f[..N_FEATURES], f[100 * N_FEATURES..101 * N_FEATURES]);
+        assert!(f.iter().all(|v| v.is_finite()));
     }
 
     #[test]
