@@ -126,6 +126,13 @@ impl LifecycleHook for SocketHook {
         }
         match self.exchange(event) {
             Ok(reply) => {
+                if let HookReply::Rejected { reason } = &reply {
+                    tracing::warn!(
+                        event = event.kind.name(),
+                        vm = event.vm.vm_id,
+                        "the companion rejected the event: {reason}"
+                    );
+                }
                 if self.outage_logged {
                     tracing::info!(socket = %self.config.path.display(), "companion reachable again");
                     self.outage_logged = false;

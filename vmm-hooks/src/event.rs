@@ -374,6 +374,12 @@ pub struct BootPlan {
     /// Whether (and how finely) to record this bootstrap's memory touches.
     #[serde(default)]
     pub profile: Option<ProfileRequest>,
+    /// The allocator's decision: the forecast demand it reserved in the
+    /// host's pool, or which resources fall short and what the VMM must do
+    /// then. Absent in plans from companions without a pool (an addition to
+    /// protocol 1: older VMMs ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<crate::resources::Admission>,
 }
 
 impl BootPlan {
@@ -400,6 +406,20 @@ impl BootPlan {
     pub fn with_balloon_target_mib(mut self, mib: u64) -> Self {
         self.balloon_target_mib = Some(mib);
         self
+    }
+
+    /// This plan with the allocator's decision.
+    pub fn with_admission(mut self, a: crate::resources::Admission) -> Self {
+        self.admission = Some(a);
+        self
+    }
+
+    /// True when the allocator found that the demand does not fit and asks
+    /// the VMM not to run the guest.
+    pub fn refuses_boot(&self) -> bool {
+        self.admission.as_ref().is_some_and(|a| {
+            !a.admitted && a.on_shortfall == crate::resources::ShortfallAction::Refuse
+        })
     }
 
     /// Asks for a profile of this bootstrap.
@@ -628,6 +648,12 @@ pub enum HookReply {
         /// The new balloon target, in MiB.
         target_mib: u64,
     },
+    /// The companion refuses the event and changed nothing (e.g. an event
+    /// of a VM it never saw boot); the connection stays open.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl HookReply {
@@ -635,7 +661,9 @@ impl HookReply {
     pub fn into_plan(self) -> BootPlan {
         match self {
             HookReply::Plan(p) => p,
-            HookReply::Ack | HookReply::BalloonTarget { .. } => BootPlan::empty(),
+            HookReply::Ack | HookReply::BalloonTarget { .. } | HookReply::Rejected { .. } => {
+                BootPlan::empty()
+            }
         }
     }
 }

@@ -19,6 +19,7 @@
 mod client;
 mod event;
 pub mod proto;
+mod resources;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
@@ -28,6 +29,7 @@ pub use event::{
     StopStatus, TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
+pub use resources::{Admission, Resource, ResourceShort, Resources, ShortfallAction};
 
 /// An error and its sources on one line (`outer: inner: innermost`), for
 /// messages that reach an operator.

@@ -82,6 +82,44 @@
 //!
 //! A daemon older than this addition rejects the event as a malformed body;
 //! the hook then exits 0 as it does whenever the daemon is unavailable.
+//!
+//! ## Resource pool and status (additions to version 1)
+//!
+//! ```text
+//! VMM                                         companion
+//!  event before-boot ─────────────────────────► reply plan {admission?}
+//!  event restarted ───────────────────────────► reply plan {admission?}
+//!  event stopped ─────────────────────────────► reply ack   (reservation released)
+//!  event ready|boot-report|balloon|paused|… of ► reply rejected {reason}
+//!        a VM the companion never saw boot        (nothing recorded; connection stays)
+//!
+//! operator tool                               companion
+//!  status-request ────────────────────────────► status {status: {...}}
+//! ```
+//!
+//! `admission` in a plan (omitted when the companion has no pool, so older
+//! VMMs and companions decode each other's plans unchanged):
+//!
+//! ```json
+//! {"admitted": false, "quantile": 0.9, "forecast_by": "declared size (cold start)",
+//!  "demand": {"cpu_millis": 2000, "memory_mib": 4096, "net_mbps": 0, "disk_mbps": 0, "gpus": 0},
+//!  "short": [{"resource": "memory", "wanted": 4096, "free": 1024, "short_by": 3072}],
+//!  "on_shortfall": "refuse"}
+//! ```
+//!
+//! A VMM that is not admitted follows `on_shortfall`: `refuse` (do not run
+//! the guest; report `stopped` with a failure naming the shortfall) or
+//! `boot-lazily` (run without pre-faulting or profiling). A VMM that knows
+//! nothing of `admission` boots as before. `rejected` is a reply, not an
+//! `error`: the companion keeps the connection. An older VMM cannot decode
+//! `rejected` and treats the companion as unavailable for a while, as for
+//! any reply it does not understand; labvm always sends `created` and
+//! `before-boot` first, so it is never rejected.
+//!
+//! Events that need a VM the companion knows (one it saw `created` or
+//! `before-boot` for since it started, or whose reservation it holds in its
+//! store): every kind except `created`, `before-boot`, `restore`, `migrate`
+//! and libvirt hook calls.
 
 use std::io::{self, Read, Write};
 
@@ -116,6 +154,16 @@ pub enum Message {
     Error {
         /// Why.
         message: String,
+    },
+    /// An operator's tool asks the companion for its state (`prescient
+    /// status`); answered with [`Message::Status`]. No `hello` needed.
+    StatusRequest,
+    /// The companion's state: VMs, the resource pool, reservations and
+    /// forecasts, as the companion defines it (a JSON object; see
+    /// `prescient status --json`).
+    Status {
+        /// The state.
+        status: serde_json::Value,
     },
 }
 
@@ -183,6 +231,8 @@ impl Message {
             Message::Event(_) => "event",
             Message::Reply(_) => "reply",
             Message::Error { .. } => "error",
+            Message::StatusRequest => "status-request",
+            Message::Status { .. } => "status",
         }
     }
 }
@@ -321,6 +371,65 @@ mod tests {
             let back = read_message(&mut frame.as_slice()).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn pool_additions_round_trip_and_old_plans_decode_without_them() {
+        use crate::resources::{Admission, Resource, ResourceShort, Resources, ShortfallAction};
+        let demand = Resources {
+            cpu_millis: 2000,
+            memory_mib: 4096,
+            ..Resources::ZERO
+        };
+        let short = vec![ResourceShort {
+            resource: Resource::Memory,
+            wanted: 4096,
+            free: 1024,
+            short_by: 3072,
+        }];
+        let admission = Admission::new(demand, 0.9, "declared", short, ShortfallAction::Refuse);
+        assert!(!admission.admitted);
+        let plan = BootPlan::made_by("test").with_admission(admission);
+        assert!(plan.refuses_boot());
+        for m in [
+            Message::Reply(HookReply::Plan(plan)),
+            Message::Reply(HookReply::Rejected {
+                reason: "unknown VM".into(),
+            }),
+            Message::StatusRequest,
+            Message::Status {
+                status: serde_json::json!({"vms": []}),
+            },
+        ] {
+            let frame = encode(&m).unwrap();
+            assert_eq!(read_message(&mut frame.as_slice()).unwrap(), m);
+        }
+        // Plans from companions without a pool carry no admission, and a
+        // plan without one is not sent with an empty field.
+        let old = br#"{"type":"reply","kind":"plan","made_by":"old"}"#;
+        match decode_body(old).unwrap() {
+            Message::Reply(HookReply::Plan(p)) => {
+                assert!(p.admission.is_none() && !p.refuses_boot());
+            }
+            other => panic!("{other:?}"),
+        }
+        let json =
+            serde_json::to_string(&Message::Reply(HookReply::Plan(BootPlan::empty()))).unwrap();
+        assert!(!json.contains("admission"), "{json}");
+        // A boot-lazily shortfall does not refuse.
+        let lazy = BootPlan::empty().with_admission(Admission::new(
+            demand,
+            0.9,
+            "x",
+            vec![ResourceShort {
+                resource: Resource::Cpu,
+                wanted: 1,
+                free: 0,
+                short_by: 1,
+            }],
+            ShortfallAction::BootLazily,
+        ));
+        assert!(!lazy.refuses_boot());
     }
 
     #[test]
