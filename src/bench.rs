@@ -747,6 +747,9 @@ mod tests {
         assert_eq!(r.failures, 0);
         assert_eq!(r.events_logged, r.events_sent);
         assert_eq!(r.boots_stored * 5, r.events_sent);
+        // Every boot was admitted and every reservation released.
+        assert_eq!(r.admitted, r.boots_stored);
+        assert_eq!((r.not_admitted, r.reservations_left), (0, 0));
     }
 
     #[test]
@@ -781,8 +784,15 @@ pub struct LoadResult {
     pub boots_stored: u64,
     /// Event round-trip latency percentiles (p50, p99, p99.9, max), ms.
     pub latency_ms: [f64; 4],
-    /// Exchanges that failed (timeouts, errors).
+    /// Exchanges that failed (timeouts, errors, rejections).
     pub failures: u64,
+    /// Boots the allocator admitted (demand reserved in the pool).
+    pub admitted: u64,
+    /// Boots it did not admit (demand short).
+    pub not_admitted: u64,
+    /// VM records left in the store's pool table after every VM stopped
+    /// (0: nothing leaked).
+    pub reservations_left: u64,
 }
 
 /// Runs the load benchmark.
@@ -805,6 +815,13 @@ pub fn load_bench(
     let mut config = crate::ServerConfig::new(&socket);
     config.event_log = Some(log.clone());
     config.store = Some(store.clone());
+    // A pool that holds every client's VM at once (each client runs one VM
+    // of 2 vCPUs and 1 GiB at a time), so every boot is admitted and the
+    // allocator's full path (forecast, reserve, persist, release) is timed.
+    let clients = clients.max(1);
+    config.pool.cpus = Some(u64::from(clients) * 2);
+    config.pool.memory_mib = Some(u64::from(clients) * 1024 + 512);
+    config.pool.cpu_overcommit = 1.0;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -817,18 +834,19 @@ pub fn load_bench(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let serving = runtime.spawn(server.serve(rx));
 
-    let clients = clients.max(1);
     let per_client = f64::from(per_s) / f64::from(clients);
     let duration = Duration::from_secs(u64::from(seconds));
     let start = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
             let socket = socket.clone();
-            std::thread::spawn(move || -> (Vec<f64>, u64, u64, u64) {
+            std::thread::spawn(move || -> (Vec<f64>, u64, u64, u64, [u64; 2]) {
                 let mut lat = Vec::new();
                 let (mut sent, mut failures, mut lifecycles) = (0u64, 0u64, 0u64);
+                // Boots admitted, boots not admitted.
+                let mut admissions = [0u64; 2];
                 let Ok(mut s) = UnixStream::connect(&socket) else {
-                    return (lat, 0, 1, 0);
+                    return (lat, 0, 1, 0, admissions);
                 };
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 if proto::write_message(
@@ -839,7 +857,7 @@ pub fn load_bench(
                 )
                 .is_err()
                 {
-                    return (lat, 0, 1, 0);
+                    return (lat, 0, 1, 0, admissions);
                 }
                 let interval = Duration::from_secs_f64(1.0 / per_client.max(1e-3));
                 let mut next = Instant::now();
@@ -882,8 +900,20 @@ pub fn load_bench(
                             kind,
                         };
                         let t = Instant::now();
-                        let ok = proto::write_message(&mut s, &Message::Event(e)).is_ok()
-                            && matches!(proto::read_message(&mut s), Ok(Message::Reply(_)));
+                        let reply = if proto::write_message(&mut s, &Message::Event(e)).is_ok() {
+                            proto::read_message(&mut s).ok()
+                        } else {
+                            None
+                        };
+                        if let Some(Message::Reply(vmm_hooks::HookReply::Plan(p))) = &reply
+                            && let Some(a) = &p.admission
+                        {
+                            admissions[usize::from(!a.admitted)] += 1;
+                        }
+                        let ok = matches!(
+                            reply,
+                            Some(Message::Reply(r)) if !matches!(r, vmm_hooks::HookReply::Rejected { .. })
+                        );
                         if ok {
                             sent += 1;
                             lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -897,20 +927,23 @@ pub fn load_bench(
                         std::thread::sleep(d);
                     }
                 }
-                (lat, sent, failures, lifecycles)
+                (lat, sent, failures, lifecycles, admissions)
             })
         })
         .collect();
     let mut lat = Vec::new();
     let (mut sent, mut failures, mut lifecycles) = (0, 0, 0);
+    let mut admissions = [0u64; 2];
     for h in handles {
-        let (l, s, f, n) = h
+        let (l, s, f, n, a) = h
             .join()
             .map_err(|_| BenchError::Io("a load client panicked".into()))?;
         lat.extend(l);
         sent += s;
         failures += f;
         lifecycles += n;
+        admissions[0] += a[0];
+        admissions[1] += a[1];
     }
     let elapsed = start.elapsed().as_secs_f64();
     let _ = tx.send(true);
@@ -918,7 +951,9 @@ pub fn load_bench(
     let events_logged = std::fs::read_to_string(&log)
         .map(|t| t.lines().count() as u64)
         .unwrap_or(0);
-    let boots_stored = ProfileStore::open(&store, StorePolicy::default())?.boot_rows()?;
+    let opened = ProfileStore::open(&store, StorePolicy::default())?;
+    let boots_stored = opened.boot_rows()?;
+    let reservations_left = opened.pool_records()?.len() as u64;
     lat.sort_by(f64::total_cmp);
     let pct = |p: usize| {
         lat.get((lat.len() * p / 1000).min(lat.len().saturating_sub(1)))
@@ -939,15 +974,18 @@ pub fn load_bench(
             lat.last().copied().unwrap_or(f64::NAN),
         ],
         failures,
+        admitted: admissions[0],
+        not_admitted: admissions[1],
+        reservations_left,
     })
 }
 
 /// The load benchmark as a table.
 pub fn load_table(r: &LoadResult) -> String {
     format!(
-        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
         r.offered_per_s,
         r.achieved_per_s,
         r.seconds,
@@ -955,6 +993,9 @@ pub fn load_table(r: &LoadResult) -> String {
         r.events_logged,
         r.events_sent.saturating_sub(r.events_logged),
         r.boots_stored,
+        r.admitted,
+        r.not_admitted,
+        r.reservations_left,
         r.failures,
         r.latency_ms[0],
         r.latency_ms[1],

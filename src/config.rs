@@ -26,6 +26,36 @@
 //! [balloon]
 //! forecasts = "/etc/prescient/balloon-forecasts.json"   # optional (see BalloonForecasts)
 //!
+//! [pool]
+//! # cpus = 16                  # default: this process's CPUs (sched_getaffinity)
+//! # memory_mib = 65536         # default: MemTotal
+//! net_mbps = 0
+//! disk_mbps = 0
+//! gpus = 0
+//! reserved_cpus = 0.0
+//! reserved_memory_mib = 512
+//! reserved_net_mbps = 0
+//! reserved_disk_mbps = 0
+//! reserved_gpus = 0
+//! cpu_overcommit = 4.0
+//! memory_overcommit = 1.0
+//! net_overcommit = 1.0
+//! disk_overcommit = 1.0
+//!
+//! [allocator]
+//! quantile = 0.9
+//! min_samples = 3
+//! model_min_samples = 20
+//! history = 200
+//! on_shortfall = "refuse"      # refuse | boot-lazily
+//! [[allocator.class]]
+//! name = "batch"
+//! vm_prefix = "batch-"         # and/or image = "<digest>"
+//! quantile = 0.5
+//! net_mbps = 100
+//! disk_mbps = 50
+//! gpus = 0
+//!
 //! [libvirt]
 //! act = true                   # false: only record libvirt hook calls
 //! uri = "qemu:///system"
@@ -42,7 +72,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{PrefaultMode, ProfileRequest};
 
+use vmm_hooks::{Resources, ShortfallAction};
+
+use crate::allocator::{AllocatorPolicy, VmClass};
 use crate::libvirt::{AgentConfig, parse_cpu_list};
+use crate::pool::{Overcommit, Pool};
 use crate::store::StorePolicy;
 use crate::working_set::PlanPolicy;
 
@@ -95,6 +129,156 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     /// Balloon control.
     pub balloon: BalloonSection,
+    /// The host's resource pool.
+    pub pool: PoolSection,
+    /// The predictive allocator.
+    pub allocator: AllocatorSection,
+}
+
+/// `[pool]`: what the host has (CPUs and memory probed unless given;
+/// bandwidths and GPUs cannot be probed reliably and are given here), what
+/// it keeps for itself, and how far VMs may be promised more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    /// Host CPUs (default: this process's CPUs, from sched_getaffinity).
+    pub cpus: Option<u64>,
+    /// Host memory, MiB (default: MemTotal from /proc/meminfo).
+    pub memory_mib: Option<u64>,
+    /// Network bandwidth, Mbit/s.
+    pub net_mbps: u64,
+    /// Disk bandwidth, MB/s.
+    pub disk_mbps: u64,
+    /// GPUs.
+    pub gpus: u64,
+    /// CPUs kept for the host (may be fractional).
+    pub reserved_cpus: f64,
+    /// Memory kept for the host, MiB.
+    pub reserved_memory_mib: u64,
+    /// Network bandwidth kept for the host, Mbit/s.
+    pub reserved_net_mbps: u64,
+    /// Disk bandwidth kept for the host, MB/s.
+    pub reserved_disk_mbps: u64,
+    /// GPUs kept for the host.
+    pub reserved_gpus: u64,
+    /// CPU over-commit ratio (0.1 to 64).
+    pub cpu_overcommit: f64,
+    /// Memory over-commit ratio (0.1 to 64).
+    pub memory_overcommit: f64,
+    /// Network over-commit ratio (0.1 to 64).
+    pub net_overcommit: f64,
+    /// Disk over-commit ratio (0.1 to 64).
+    pub disk_overcommit: f64,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        let o = Overcommit::default();
+        PoolSection {
+            cpus: None,
+            memory_mib: None,
+            net_mbps: 0,
+            disk_mbps: 0,
+            gpus: 0,
+            reserved_cpus: 0.0,
+            reserved_memory_mib: 512,
+            reserved_net_mbps: 0,
+            reserved_disk_mbps: 0,
+            reserved_gpus: 0,
+            cpu_overcommit: o.cpu,
+            memory_overcommit: o.memory,
+            net_overcommit: o.network,
+            disk_overcommit: o.disk,
+        }
+    }
+}
+
+impl PoolSection {
+    /// The pool this section describes, probing the host for what it does
+    /// not give.
+    pub fn build(&self) -> Result<Pool, std::io::Error> {
+        let (cpus, memory_mib) = match (self.cpus, self.memory_mib) {
+            (Some(c), Some(m)) => (c, m),
+            (c, m) => {
+                let (hc, hm) = crate::pool::host_totals()?;
+                (c.unwrap_or(hc), m.unwrap_or(hm))
+            }
+        };
+        let total = Resources {
+            cpu_millis: cpus.saturating_mul(1000),
+            memory_mib,
+            net_mbps: self.net_mbps,
+            disk_mbps: self.disk_mbps,
+            gpus: self.gpus,
+        };
+        let reserved_millis = (self.reserved_cpus * 1000.0).round();
+        let reserved = Resources {
+            // Validated finite and within 0..=1e6 CPUs, so the cast is exact.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            cpu_millis: reserved_millis.max(0.0) as u64,
+            memory_mib: self.reserved_memory_mib,
+            net_mbps: self.reserved_net_mbps,
+            disk_mbps: self.reserved_disk_mbps,
+            gpus: self.reserved_gpus,
+        };
+        Ok(Pool::new(
+            total,
+            reserved,
+            Overcommit {
+                cpu: self.cpu_overcommit,
+                memory: self.memory_overcommit,
+                network: self.net_overcommit,
+                disk: self.disk_overcommit,
+            },
+        ))
+    }
+}
+
+/// `[allocator]`: how boots are forecast and what happens when they do not
+/// fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllocatorSection {
+    /// Forecast quantile for VMs no class covers (0 < q <= 1).
+    pub quantile: f64,
+    /// Boots of history before it replaces the declared size (at least 1).
+    pub min_samples: usize,
+    /// Boots of history before the models crate's forecaster is used.
+    pub model_min_samples: usize,
+    /// Newest boots considered (at least 1).
+    pub history: usize,
+    /// What a VMM is told when a demand does not fit: refuse | boot-lazily.
+    pub on_shortfall: ShortfallAction,
+    /// VM classes (first match wins).
+    pub class: Vec<VmClass>,
+}
+
+impl Default for AllocatorSection {
+    fn default() -> Self {
+        let p = AllocatorPolicy::default();
+        AllocatorSection {
+            quantile: p.quantile,
+            min_samples: p.min_samples,
+            model_min_samples: p.model_min_samples,
+            history: p.history,
+            on_shortfall: p.on_shortfall,
+            class: p.classes,
+        }
+    }
+}
+
+impl AllocatorSection {
+    /// The allocator policy.
+    pub fn policy(&self) -> AllocatorPolicy {
+        AllocatorPolicy {
+            quantile: self.quantile,
+            min_samples: self.min_samples,
+            model_min_samples: self.model_min_samples,
+            history: self.history,
+            on_shortfall: self.on_shortfall,
+            classes: self.class.clone(),
+        }
+    }
 }
 
 /// `[balloon]`.
@@ -312,6 +496,82 @@ impl Config {
         if l.uri.is_empty() {
             return Err(bad("libvirt.uri", String::new(), "must name a libvirt URI"));
         }
+        let pool = &self.pool;
+        if !(pool.reserved_cpus.is_finite() && (0.0..=1e6).contains(&pool.reserved_cpus)) {
+            return Err(bad(
+                "pool.reserved_cpus",
+                pool.reserved_cpus.to_string(),
+                "must be 0 to 1000000 CPUs",
+            ));
+        }
+        for (key, v) in [
+            ("pool.cpu_overcommit", pool.cpu_overcommit),
+            ("pool.memory_overcommit", pool.memory_overcommit),
+            ("pool.net_overcommit", pool.net_overcommit),
+            ("pool.disk_overcommit", pool.disk_overcommit),
+        ] {
+            if !(v.is_finite() && (0.1..=64.0).contains(&v)) {
+                return Err(bad(key, v.to_string(), "must be 0.1 to 64"));
+            }
+        }
+        if pool.cpus == Some(0) {
+            return Err(bad(
+                "pool.cpus",
+                "0".into(),
+                "must be at least 1 (or omitted to probe)",
+            ));
+        }
+        let a = &self.allocator;
+        let quantile_ok = |q: f64| q > 0.0 && q <= 1.0;
+        if !quantile_ok(a.quantile) {
+            return Err(bad(
+                "allocator.quantile",
+                a.quantile.to_string(),
+                "must be above 0 and at most 1",
+            ));
+        }
+        if a.min_samples == 0 {
+            return Err(bad(
+                "allocator.min_samples",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        if a.history == 0 {
+            return Err(bad("allocator.history", "0".into(), "must be at least 1"));
+        }
+        if a.model_min_samples < a.min_samples {
+            return Err(bad(
+                "allocator.model_min_samples",
+                a.model_min_samples.to_string(),
+                "must be at least allocator.min_samples",
+            ));
+        }
+        for c in &a.class {
+            if c.name.is_empty() {
+                return Err(bad(
+                    "allocator.class.name",
+                    String::new(),
+                    "must name the class",
+                ));
+            }
+            if c.vm_prefix.is_none() && c.image.is_none() {
+                return Err(bad(
+                    "allocator.class",
+                    c.name.clone(),
+                    "must say which VMs it covers (vm_prefix or image)",
+                ));
+            }
+            if let Some(q) = c.quantile
+                && !quantile_ok(q)
+            {
+                return Err(bad(
+                    "allocator.class.quantile",
+                    format!("{q} (class {})", c.name),
+                    "must be above 0 and at most 1",
+                ));
+            }
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -376,6 +636,68 @@ mod tests {
     }
 
     #[test]
+    fn pool_and_allocator_sections_are_read_and_checked() {
+        let c = parse(
+            r#"
+            [pool]
+            cpus = 8
+            memory_mib = 16384
+            net_mbps = 10000
+            gpus = 2
+            reserved_cpus = 1.5
+            reserved_memory_mib = 2048
+            cpu_overcommit = 2.0
+            [allocator]
+            quantile = 0.99
+            on_shortfall = "boot-lazily"
+            [[allocator.class]]
+            name = "batch"
+            vm_prefix = "batch-"
+            quantile = 0.5
+            gpus = 1
+            "#,
+        )
+        .unwrap();
+        let pool = c.pool.build().unwrap();
+        assert_eq!(pool.capacity().cpu_millis, 13_000);
+        assert_eq!(pool.capacity().memory_mib, 14_336);
+        assert_eq!(pool.capacity().gpus, 2);
+        let p = c.allocator.policy();
+        assert_eq!(p.on_shortfall, ShortfallAction::BootLazily);
+        assert_eq!(p.class_of("batch-1", "x").unwrap().quantile, Some(0.5));
+        // Probed when not given.
+        let probed = Config::default().pool.build().unwrap();
+        assert!(probed.total().cpu_millis >= 1000 && probed.total().memory_mib > 0);
+        for (text, key) in [
+            ("[pool]\ncpu_overcommit = 0\n", "pool.cpu_overcommit"),
+            ("[pool]\nreserved_cpus = -1\n", "pool.reserved_cpus"),
+            ("[pool]\ncpus = 0\n", "pool.cpus"),
+            ("[allocator]\nquantile = 1.5\n", "allocator.quantile"),
+            ("[allocator]\nmin_samples = 0\n", "allocator.min_samples"),
+            (
+                "[allocator]\nmin_samples = 5\nmodel_min_samples = 4\n",
+                "allocator.model_min_samples",
+            ),
+            ("[[allocator.class]]\nname = \"x\"\n", "allocator.class"),
+            (
+                "[[allocator.class]]\nname = \"x\"\nvm_prefix = \"x\"\nquantile = 0\n",
+                "allocator.class.quantile",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = parse("[allocator]\non_shortfall = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") || e.contains("unknown variant"), "{e}");
+        let e = parse("[[allocator.class]]\nname = \"x\"\nvm_prefx = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm_prefx"), "{e}");
+    }
+
+    #[test]
     fn empty_file_gives_the_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c, Config::default());
@@ -387,6 +709,8 @@ mod tests {
         let c = parse(include_str!("../deploy/prescient.toml")).unwrap();
         assert!(c.daemon.metrics_listen.is_some());
         assert_eq!(c.store_policy(), StorePolicy::default());
+        assert_eq!(c.pool, PoolSection::default());
+        assert_eq!(c.allocator, AllocatorSection::default());
     }
 
     #[test]

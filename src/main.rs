@@ -24,6 +24,9 @@ enum Command {
     Serve(ServeArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig(CheckConfigArgs),
+    /// Ask the running daemon for its VMs, resource pool, reservations and
+    /// forecasts; print them as a table (or JSON).
+    Status(StatusArgs),
     /// Record a real program's start-up memory touches as a labvm trace.
     TraceCapture(TraceCaptureArgs),
     /// Benchmarks that compare strategies side by side.
@@ -374,6 +377,43 @@ struct ServeArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the daemon, ms.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_millis(args.timeout_ms.clamp(10, 600_000));
+    // Written, not printed: a closed pipe (`| head`) ends the output quietly.
+    let out = |text: String| {
+        use std::io::Write;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        ExitCode::SUCCESS
+    };
+    match prescient::query_status(&args.socket, timeout) {
+        Ok(s) if args.json => match serde_json::to_string_pretty(&s) {
+            Ok(j) => out(j + "\n"),
+            Err(e) => {
+                eprintln!("prescient: cannot encode the status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(s) => out(prescient::status_table(&s)),
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
 struct CheckConfigArgs {
     /// The configuration file.
     path: PathBuf,
@@ -454,6 +494,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.event_log = c.daemon.event_log.clone();
     config.allowed_uids = c.daemon.allow_uids.clone();
     config.policy = c.store_policy();
+    config.pool = c.pool.clone();
+    config.allocator = c.allocator.policy();
     if let Some(path) = &c.balloon.forecasts {
         match prescient::BalloonControl::load(path) {
             Ok(c) => config.balloon = Some(std::sync::Arc::new(c)),
@@ -569,6 +611,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Status(args) => status(args),
         Command::TraceCapture(args) => trace_capture(args),
         Command::Bench(cmd) => bench(cmd),
         Command::LibvirtHook(args) => libvirt_hook(args),

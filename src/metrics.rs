@@ -18,6 +18,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label of a per-resource gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// The resource (`cpu`, `memory`, `network`, `disk`, `gpu`).
+    pub resource: String,
+}
+
 /// Every metric the daemon exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -43,6 +50,18 @@ pub struct Metrics {
     /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
     /// `domain-failed`).
     pub libvirt_actions: Family<KindLabel, Counter>,
+    /// What VMs may be promised, per resource (the resource's unit).
+    pub pool_capacity: Family<ResourceLabel, Gauge>,
+    /// What VMs hold now, per resource.
+    pub pool_allocated: Family<ResourceLabel, Gauge>,
+    /// VMs holding a reservation.
+    pub pool_reservations: Gauge,
+    /// Allocator decisions, by kind (`fit`, `short`, `released`,
+    /// `reconciled-released`, `restored`).
+    pub allocator_decisions: Family<KindLabel, Counter>,
+    /// Resources that fell short, by resource (one per short resource per
+    /// decision).
+    pub allocator_short: Family<ResourceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +83,36 @@ impl Metrics {
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
+        let pool_capacity = Family::<ResourceLabel, Gauge>::default();
+        let pool_allocated = Family::<ResourceLabel, Gauge>::default();
+        let pool_reservations = Gauge::default();
+        let allocator_decisions = Family::<KindLabel, Counter>::default();
+        let allocator_short = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "pool_capacity",
+            "What VMs may be promised, per resource (cpu in millicores, memory in MiB, network in Mbit/s, disk in MB/s, GPUs)",
+            pool_capacity.clone(),
+        );
+        registry.register(
+            "pool_allocated",
+            "What VMs hold now, per resource (units as pool_capacity)",
+            pool_allocated.clone(),
+        );
+        registry.register(
+            "pool_reservations",
+            "VMs holding a reservation",
+            pool_reservations.clone(),
+        );
+        registry.register(
+            "allocator_decisions",
+            "Allocator decisions, by kind (fit, short, released, reconciled-released, restored)",
+            allocator_decisions.clone(),
+        );
+        registry.register(
+            "allocator_short",
+            "Resources that fell short in allocator decisions, by resource",
+            allocator_short.clone(),
+        );
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -112,7 +161,38 @@ impl Metrics {
             time_to_ready,
             balloon_targets,
             libvirt_actions,
+            pool_capacity,
+            pool_allocated,
+            pool_reservations,
+            allocator_decisions,
+            allocator_short,
         }
+    }
+
+    /// Sets the pool gauges from the pool.
+    pub fn set_pool(&self, pool: &crate::pool::Pool) {
+        let (cap, alloc) = (pool.capacity(), pool.allocated());
+        for r in vmm_hooks::Resource::ALL {
+            let label = ResourceLabel {
+                resource: r.name().to_string(),
+            };
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.pool_capacity.get_or_create(&label).set(g(cap.get(r)));
+            self.pool_allocated
+                .get_or_create(&label)
+                .set(g(alloc.get(r)));
+        }
+        self.pool_reservations
+            .set(i64::try_from(pool.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one short resource.
+    pub fn inc_short(&self, r: vmm_hooks::Resource) {
+        self.allocator_short
+            .get_or_create(&ResourceLabel {
+                resource: r.name().to_string(),
+            })
+            .inc();
     }
 
     /// Counts one of a labelled family.
