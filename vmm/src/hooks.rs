@@ -216,6 +216,26 @@ impl RunObserver for HookReporter<'_> {
         if !plan.made_by.is_empty() {
             tracing::info!(made_by = plan.made_by, "boot plan received");
         }
+        match &plan.admission {
+            Some(a) if a.admitted => tracing::info!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion reserved this VM's forecast demand"
+            ),
+            Some(a) if plan.refuses_boot() => tracing::error!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion has no room for this VM on this host: {}; refusing to boot (policy: refuse)",
+                a.shortfall_text()
+            ),
+            Some(a) => tracing::warn!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion has no room for this VM on this host: {}; booting lazily without a reservation (policy: boot-lazily)",
+                a.shortfall_text()
+            ),
+            None => {}
+        }
         self.plan = Some(plan.clone());
         plan
     }

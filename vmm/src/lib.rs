@@ -70,6 +70,15 @@ pub enum VmmError {
     /// The configuration is not one labvm can run.
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    /// The companion's allocator found no room for the VM on this host and
+    /// its policy is to refuse the boot; the guest did not run.
+    #[error(
+        "the companion refused the boot: this host cannot hold the VM's forecast demand ({shortfall})"
+    )]
+    NotAdmitted {
+        /// Which resources fall short, by how much.
+        shortfall: String,
+    },
     /// Guest memory could not be allocated or accessed.
     #[error("guest memory: {0}")]
     GuestMemory(String),

@@ -441,6 +441,12 @@ fn main() -> ExitCode {
                 StopReason::Stopped => ExitCode::SUCCESS,
             }
         }
+        Err(e @ labvm::VmmError::NotAdmitted { .. }) => {
+            // Its own status, so a script can tell "no room here, try
+            // another host" from a failure.
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));
             ExitCode::from(1)

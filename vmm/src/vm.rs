@@ -606,6 +606,17 @@ impl LabVm {
             tracing::info!(vcpu = i, tid, "vCPU thread started");
         }
         let offered = observer.before_boot(self, &tids);
+        if offered.refuses_boot() {
+            // The companion found no room for this VM on this host and its
+            // policy is to refuse: the guest never runs.
+            let shortfall = offered
+                .admission
+                .as_ref()
+                .map(vmm_hooks::Admission::shortfall_text)
+                .unwrap_or_default();
+            stop_all(&shared, threads);
+            return Err(VmmError::NotAdmitted { shortfall });
+        }
         let plan = self.config.plan.clone().unwrap_or(offered);
         self.devices.apply_plan(&plan);
         let mut bootstrap = self.prepare_boot(&plan);
