@@ -445,6 +445,24 @@ fn reject_reason(e: &ProtoError) -> &'static str {
     }
 }
 
+/// When the last unknown-VM warning was logged, ms since the Unix epoch.
+static UNKNOWN_VM_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When the last shortfall warning was logged, ms since the Unix epoch.
+static SHORTFALL_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// True at most once a second per `last` (a rate limit for warnings a peer
+/// can trigger).
+fn warn_allowed(last: &std::sync::atomic::AtomicU64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = unix_ms();
+    let prev = last.load(Ordering::Relaxed);
+    now.saturating_sub(prev) >= 1000
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Whether an event of this kind needs a VM the daemon knows (see the
 /// protocol notes in `vmm_hooks::proto`).
 fn needs_known_vm(kind: &EventKind) -> bool {
@@ -475,12 +493,17 @@ fn record(
     let vm = event.vm.vm_id.clone();
     if needs_known_vm(&event.kind) && !st.vms.contains_key(&vm) {
         Metrics::inc(&metrics.rejected, "unknown-vm");
-        tracing::warn!(
-            vm,
-            peer,
-            event = event.kind.name(),
-            "event of a VM this daemon never saw boot: rejected"
-        );
+        // A peer can send these as fast as it likes: one warning a second.
+        if warn_allowed(&UNKNOWN_VM_WARNED) {
+            tracing::warn!(
+                vm,
+                peer,
+                event = event.kind.name(),
+                "event of a VM this daemon never saw boot: rejected (more are counted in prescient_rejected_total{{kind=\"unknown-vm\"}})"
+            );
+        } else {
+            tracing::debug!(vm, peer, event = event.kind.name(), "unknown VM: rejected");
+        }
         return HookReply::Rejected {
             reason: format!(
                 "unknown VM {vm:?}: no created or before-boot event for it since the companion started, and no reservation in its pool (send created or before-boot first)"
@@ -743,14 +766,18 @@ fn admit(
             _ => VmState::Refused,
         };
         rec.shortfall = admission.shortfall_text();
-        tracing::warn!(
-            vm,
-            demand = %forecast.demand,
-            by = forecast.by,
-            action = admission.on_shortfall.name(),
-            "demand does not fit the pool: {}",
-            rec.shortfall
-        );
+        if warn_allowed(&SHORTFALL_WARNED) {
+            tracing::warn!(
+                vm,
+                demand = %forecast.demand,
+                by = forecast.by,
+                action = admission.on_shortfall.name(),
+                "demand does not fit the pool: {} (one warning a second; every one is counted in prescient_allocator_decisions_total{{kind=\"short\"}})",
+                rec.shortfall
+            );
+        } else {
+            tracing::debug!(vm, "demand does not fit the pool: {}", rec.shortfall);
+        }
     }
     persist(st, metrics, &rec);
     st.vms.insert(vm.clone(), rec);
