@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub libvirt: Option<AgentConfig>,
     /// Where the daemon counts what it does.
     pub metrics: Arc<Metrics>,
+    /// The shaping loop (`None`: off). It sees every event and answers
+    /// balloon status with its targets; its ticks run beside the server.
+    pub shaping: Option<Arc<crate::ShapingLoop>>,
 }
 
 impl ServerConfig {
@@ -96,6 +99,7 @@ impl ServerConfig {
             policy: StorePolicy::default(),
             libvirt: None,
             metrics: Arc::new(Metrics::new()),
+            shaping: None,
         }
     }
 }
@@ -275,8 +279,8 @@ async fn handle_connection(
     state: &Mutex<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let uid = match stream.peer_cred() {
-        Ok(c) => c.uid(),
+    let (uid, peer_pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid().and_then(|p| u32::try_from(p).ok())),
         Err(e) => {
             tracing::error!("cannot read peer credentials: {e}; closing");
             return;
@@ -338,6 +342,7 @@ async fn handle_connection(
                 &peer,
                 event,
                 config.balloon.as_deref(),
+                config.shaping.as_deref().map(|s| (s, peer_pid)),
             ),
             other => {
                 let name = other.type_name();
@@ -384,6 +389,7 @@ fn record(
     peer: &str,
     event: Event,
     balloon: Option<&crate::BalloonControl>,
+    shaping: Option<(&crate::ShapingLoop, Option<u32>)>,
 ) -> HookReply {
     Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
@@ -473,6 +479,11 @@ fn record(
     };
     let reply = match balloon {
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
+    };
+    // The shaping loop's target, where it has one, wins over the forecasts file's.
+    let reply = match shaping {
+        Some((s, pid)) => s.observe(&event, pid, reply),
         None => reply,
     };
     match (&event.kind, &reply) {
