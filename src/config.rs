@@ -29,7 +29,7 @@
 //! [shaping]
 //! interval_s = 30              # 0 (the default): the shaping loop is off
 //! policy = "maximise-utilisation"   # minimise-fragmentation | favour-high-priority
-//! lambda = 5.0                 # tuner reward: -(slack + lambda * shortfall)
+//! lambda = 20.0                # tuner reward: -(slack + lambda * shortfall)
 //! floor_mib = 128
 //! host_memory_mib = 65536      # optional (default: the host's MemTotal)
 //! host_cpus = 16.0             # optional (default: the host's CPUs)

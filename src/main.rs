@@ -49,7 +49,7 @@ struct ShapeReplayArgs {
     #[arg(long)]
     trace: PathBuf,
     /// Cost of shortfall against slack in the reward -(slack + lambda * shortfall).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 20.0)]
     lambda: f64,
     /// minimise-fragmentation, maximise-utilisation or favour-high-priority.
     #[arg(long, default_value = "maximise-utilisation")]
@@ -443,7 +443,7 @@ struct ServeArgs {
     /// favour-high-priority [default: maximise-utilisation].
     #[arg(long)]
     shape_policy: Option<prescient::shaping::ShapePolicy>,
-    /// Shaping tuner reward: -(slack + lambda * shortfall) [default: 5].
+    /// Shaping tuner reward: -(slack + lambda * shortfall) [default: 20].
     #[arg(long)]
     shape_lambda: Option<f64>,
     /// Write cpu.weight / cpu.max to a cgroup per VM holding its VMM process.

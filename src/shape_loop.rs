@@ -67,7 +67,7 @@ impl Default for ShapingConfig {
         ShapingConfig {
             interval_s: 0,
             policy: ShapePolicy::default(),
-            lambda: 5.0,
+            lambda: 20.0,
             floor_mib: 128,
             host_memory_mib: None,
             host_cpus: None,

@@ -95,7 +95,7 @@ impl ReplayConfig {
             trace: trace.into(),
             metric: Metric::CpuPct,
             vms: 16,
-            lambda: 5.0,
+            lambda: 20.0,
             policy: ShapePolicy::MaximiseUtilisation,
             host_fraction: 0.5,
             window: 288,
@@ -847,26 +847,41 @@ mod tests {
         c
     }
 
-    /// The tuner, replayed on a real trace with time injected, ends next to
-    /// the best fixed margin and earns at least the median fixed margin's
-    /// reward over the second half.
+    /// The tuner, replayed on a real trace with time injected, ends in the
+    /// best fixed margin's neighbourhood (the arms next to it, or whose
+    /// fixed reward over the second half is within 3 % of the best's: where
+    /// the optimum is flat, several margins are as good), earns within 2 %
+    /// of the best fixed margin's reward and at least the median fixed
+    /// margin's over the second half:
+    /// at a lambda with a clear interior optimum, at a flatter one, under
+    /// each policy, and on a contended host.
     #[test]
     fn tuner_converges_on_a_replayed_azure_trace() {
-        for policy in [
-            ShapePolicy::MaximiseUtilisation,
-            ShapePolicy::FavourHighPriority,
+        for (policy, lambda, host_fraction) in [
+            (ShapePolicy::MaximiseUtilisation, 50.0, 0.5),
+            (ShapePolicy::MaximiseUtilisation, 20.0, 0.5),
+            (ShapePolicy::MinimiseFragmentation, 50.0, 0.5),
+            (ShapePolicy::FavourHighPriority, 50.0, 0.12),
         ] {
             let mut c = slice();
             c.policy = policy;
+            c.lambda = lambda;
+            c.host_fraction = host_fraction;
             let r = replay(&c).unwrap();
+            let case = format!("{policy:?} lambda {lambda} host {host_fraction}");
             assert_eq!(r.vms.len(), 12);
             assert!(r.decisions > 800, "{}", r.decisions);
             let tuned = r.tuned();
             let best = r.best_fixed_arm();
             let ends = r.most_played_last_half(tuned);
+            let best_r = r.runs[2 + best].last_half_reward();
+            // The optimum is inside the arms, not at an edge the tuner
+            // would reach by default.
+            assert!(best > 0 && best + 1 < r.arms.len(), "{case}: best {best}");
+            let ends_r = r.runs[2 + ends].last_half_reward();
             assert!(
-                ends.abs_diff(best) <= 1,
-                "{policy:?}: tuner ends on {} but the best fixed margin is {}\n{}",
+                ends.abs_diff(best) <= 1 || ends_r >= best_r * 1.03,
+                "{case}: tuner ends on {} ({ends_r}) but the best fixed margin is {} ({best_r})\n{}",
                 r.arms[ends],
                 r.arms[best],
                 r.tables()
@@ -879,9 +894,14 @@ mod tests {
             let median = (fixed[1] + fixed[2]) / 2.0;
             assert!(
                 tuned.last_half_reward() >= median,
-                "{policy:?}: tuned {} < median fixed {median}\n{}",
+                "{case}: tuned {} < median fixed {median}\n{}",
                 tuned.last_half_reward(),
                 r.tables()
+            );
+            assert!(
+                tuned.last_half_reward() >= best_r * 1.02,
+                "{case}: tuned {} vs best fixed {best_r}",
+                tuned.last_half_reward()
             );
             // Every run saw the same decisions.
             assert!(r.runs.iter().all(|x| x.reward.len() == r.decisions));
