@@ -76,6 +76,8 @@ pub struct Metrics {
     pub shape_prefault_mib: VmGauge,
     /// Shaping: the headroom margin the tuner chose.
     pub shape_margin: Gauge<f64, AtomicU64>,
+    /// Shaping: each VM's margin after widening by its forecast's spread.
+    pub shape_vm_margin: VmGauge,
 }
 
 impl Default for Metrics {
@@ -140,6 +142,12 @@ impl Metrics {
         let shape_grant_mib = VmGauge::default();
         let shape_prefault_mib = VmGauge::default();
         let shape_margin = Gauge::<f64, AtomicU64>::default();
+        let shape_vm_margin = VmGauge::default();
+        registry.register(
+            "shape_vm_margin",
+            "Headroom margin per VM after widening by its forecast's spread",
+            shape_vm_margin.clone(),
+        );
         registry.register(
             "shape_actions",
             "What the shaping loop did, by kind",
@@ -178,6 +186,7 @@ impl Metrics {
             shape_grant_mib,
             shape_prefault_mib,
             shape_margin,
+            shape_vm_margin,
             events,
             rejected,
             plans,
@@ -221,6 +230,7 @@ impl Metrics {
             &self.shape_actual_mib,
             &self.shape_grant_mib,
             &self.shape_prefault_mib,
+            &self.shape_vm_margin,
         ] {
             f.remove(&l);
         }

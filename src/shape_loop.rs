@@ -519,6 +519,8 @@ impl ShapingLoop {
             }
             self.metrics
                 .shape_gauge(&self.metrics.shape_prefault_mib, vm, a.prefault_mib as f64);
+            self.metrics
+                .shape_gauge(&self.metrics.shape_vm_margin, vm, a.effective_margin);
             if let (Some(b), Some(pid)) = (&self.binder, t.pid) {
                 apply_cgroup(b, vm, pid, a, &mut t.cgroup, &self.metrics);
             }
@@ -715,6 +717,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"prescient_shape_forecast_mib{vm="vm-a",quantile="p90"} 300"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"prescient_shape_vm_margin{vm="vm-a"}"#),
             "{text}"
         );
         assert!(

@@ -120,6 +120,10 @@ fn shaping_loop_sets_a_balloon_target_from_the_forecast_over_the_socket() {
     assert!((300.0..=600.0).contains(&granted), "{text}");
     assert!(sample(&text, "prescient_shape_margin").is_some(), "{text}");
     assert!(
+        sample(&text, r#"prescient_shape_vm_margin{vm="shape-1"}"#).is_some(),
+        "{text}"
+    );
+    assert!(
         sample(
             &text,
             r#"prescient_shape_actions_total{kind="balloon-target"}"#
