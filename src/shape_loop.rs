@@ -36,6 +36,8 @@ use crate::shaping::{
 const HISTORY: usize = 576;
 /// Intervals of history before the first forecast.
 const WARMUP: usize = 2;
+/// Most VMs the loop follows (a peer inventing VM ids cannot grow it further).
+const MAX_VMS: usize = 4096;
 
 /// How the loop runs (`[shaping]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +179,8 @@ struct State {
     /// The last decision's inputs, to score every margin once the interval
     /// has passed.
     last: Option<Vec<VmShapeInput>>,
+    /// Whether the VM limit was reported.
+    full_warned: bool,
 }
 
 /// What one tick did (for tests and logs).
@@ -294,6 +298,7 @@ impl ShapingLoop {
                     u64::MAX,
                 ),
                 last: None,
+                full_warned: false,
             }),
         })
     }
@@ -315,6 +320,13 @@ impl ShapingLoop {
     pub fn observe(&self, event: &Event, peer_pid: Option<u32>, reply: HookReply) -> HookReply {
         let vm = event.vm.vm_id.as_str();
         let mut st = self.lock();
+        if st.vms.len() >= MAX_VMS && !st.vms.contains_key(vm) {
+            if !st.full_warned {
+                st.full_warned = true;
+                tracing::warn!(vm, "shaping follows {MAX_VMS} VMs already; not this one");
+            }
+            return reply;
+        }
         match &event.kind {
             EventKind::Created { spec } => {
                 let mut t = Track::new(spec.memory_mib);
@@ -740,6 +752,16 @@ mod tests {
             HookReply::Ack,
         );
         assert!(!l.metrics.render().contains("vm-a"));
+    }
+
+    #[test]
+    fn a_peer_inventing_vm_ids_cannot_grow_the_loop_past_its_limit() {
+        let l = shaping(ShapePolicy::MaximiseUtilisation);
+        for i in 0..MAX_VMS + 10 {
+            let e = event(&format!("vm-{i}"), 0, EventKind::Balloon(status(0, 10)));
+            assert_eq!(l.observe(&e, None, HookReply::Ack), HookReply::Ack);
+        }
+        assert_eq!(l.lock().vms.len(), MAX_VMS);
     }
 
     #[test]
