@@ -183,7 +183,7 @@ impl FixtureSource {
                         nvml_version: system.nvml_version,
                         cuda_driver_version: system.cuda_driver_version,
                         gpu_models: log.snapshot.gpus.iter().map(|g| g.name.clone()).collect(),
-                        source: format!("nvidia-smi -q -x ({})", path.display()),
+                        source: "nvidia-smi -q -x".to_string(),
                         notes: log.notes,
                     },
                     snapshot: log.snapshot,
