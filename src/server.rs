@@ -172,6 +172,8 @@ impl HooksServer {
                 None
             }
         };
+        // GPUs: probed once, logged once (one info line without a driver).
+        crate::gpu::probe_at_start(config.store.as_deref());
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,

@@ -302,7 +302,17 @@ impl Ledger {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let holders: Vec<Holder> = load(&tx)?.iter().map(Reservation::holder).collect();
-        let choice = place(&inventory.slots(), &holders, demand, distances).map_err(|source| {
+        // A VM holds a device once: what it holds already is not offered again.
+        let slots: Vec<_> = inventory
+            .slots()
+            .into_iter()
+            .filter(|s| {
+                !holders
+                    .iter()
+                    .any(|h| h.vm == demand.vm && h.device_id == s.id)
+            })
+            .collect();
+        let choice = place(&slots, &holders, demand, distances).map_err(|source| {
             LedgerError::Placement {
                 vm: demand.vm.clone(),
                 source,
@@ -364,11 +374,12 @@ impl Ledger {
     /// Checks every reservation against the host at start: a reservation
     /// whose device is gone from `inventory` is dropped (with a warning); one
     /// whose VM is not in `running_vms` is reported and kept (the VM may
-    /// start again; [`Ledger::release`] ends it).
+    /// start again; [`Ledger::release`] ends it). `running_vms: None` (the
+    /// caller does not know yet) checks devices only.
     pub fn reconcile(
         &mut self,
         inventory: &Inventory,
-        running_vms: &[&str],
+        running_vms: Option<&[&str]>,
     ) -> Result<ReconcileReport, LedgerError> {
         let slots = inventory.slots();
         let tx = self
@@ -401,7 +412,7 @@ impl Ledger {
                     "GPU reservation dropped: {reason}"
                 );
                 report.dropped.push((r, reason));
-            } else if !running_vms.contains(&r.vm.as_str()) {
+            } else if running_vms.is_some_and(|vms| !vms.contains(&r.vm.as_str())) {
                 tracing::warn!(
                     vm = r.vm,
                     device = r.device_id,

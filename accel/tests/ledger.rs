@@ -208,6 +208,22 @@ fn shared_reservations_add_up_to_at_most_the_free_memory() {
         l.hold(&again),
         Err(LedgerError::AlreadyHeld { .. })
     ));
+    // A second reservation of a VM goes to another device: the A100's MIG
+    // instances, though the T4 it holds is on its node.
+    l.release("b", ReleaseReason::Operator).unwrap();
+    let full = host();
+    l.reserve(&full, &demand("a", 100, Some(0), false), None, &d, at(3))
+        .unwrap();
+    let held: Vec<String> = l
+        .reservations()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.vm == "a")
+        .map(|r| r.device_id)
+        .collect();
+    assert_eq!(held.len(), 2);
+    assert_eq!(held[0], format!("{A100_UUID}/gi3/ci0"));
+    assert_eq!(held[1], T4_UUID);
 }
 
 #[test]
@@ -247,7 +263,7 @@ fn reconcile_drops_vanished_devices_and_reports_unknown_vms() {
     let mut after = inv.clone();
     after.gpus.retain(|g| g.uuid != T4_UUID);
     let mut l = Ledger::open(&path).unwrap();
-    let report = l.reconcile(&after, &["mig-vm", "t4-vm"]).unwrap();
+    let report = l.reconcile(&after, Some(&["mig-vm", "t4-vm"])).unwrap();
     assert_eq!(report.dropped.len(), 1);
     assert_eq!(report.dropped[0].0.vm, "t4-vm");
     assert!(
@@ -287,7 +303,7 @@ fn reconcile_drops_vanished_devices_and_reports_unknown_vms() {
     no_mig.gpus[0].mig_mode.current = Some(false);
     no_mig.gpus[0].mig_instances.clear();
     let mut l = Ledger::open(&path).unwrap();
-    let report = l.reconcile(&no_mig, &["mig-vm", "gone-vm"]).unwrap();
+    let report = l.reconcile(&no_mig, None).unwrap();
     assert_eq!(report.dropped.len(), 2);
     assert!(
         report.dropped[0].1.contains("MIG layout changed"),

@@ -1,0 +1,44 @@
+//! GPUs in the daemon: the inventory is probed once at start and logged
+//! once; with a store, the reservation ledger is reconciled against it.
+//! A host without the NVIDIA driver gets one info line and nothing else
+//! changes.
+
+use std::path::Path;
+
+use accel::{Inventory, InventoryError, Ledger};
+
+/// Probes the GPUs (NVML), logs what was found in one line, and reconciles
+/// the reservation ledger in `store` with it. Returns the inventory, or
+/// `None` without GPUs or driver.
+pub fn probe_at_start(store: Option<&Path>) -> Option<Inventory> {
+    let inventory = match Inventory::probe() {
+        Ok(inv) => inv,
+        Err(e @ InventoryError::NoDriver { .. }) => {
+            tracing::info!("GPUs: {e}");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(
+                "GPUs: the inventory could not be read: {}",
+                vmm_hooks::error_chain(&e)
+            );
+            return None;
+        }
+    };
+    tracing::info!("GPUs: {}", inventory.summary());
+    if let Some(path) = store {
+        match Ledger::open(path).and_then(|mut l| l.reconcile(&inventory, None)) {
+            Ok(report) => {
+                if !report.dropped.is_empty() || !report.kept.is_empty() {
+                    tracing::info!(
+                        kept = report.kept.len(),
+                        dropped = report.dropped.len(),
+                        "GPU reservations reconciled with the host"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("GPU reservations: {}", vmm_hooks::error_chain(&e)),
+        }
+    }
+    Some(inventory)
+}
