@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use accel::{Inventory, InventoryError, Ledger};
+use accel::{Inventory, InventoryError, Ledger, ReleaseReason};
 
 /// Probes the GPUs (NVML), logs what was found in one line, and reconciles
 /// the reservation ledger in `store` with it. Returns the inventory, or
@@ -41,4 +41,37 @@ pub fn probe_at_start(store: Option<&Path>) -> Option<Inventory> {
         }
     }
     Some(inventory)
+}
+
+/// Ends a VM's GPU reservations when it stops (`failed`: it ended in a
+/// failure, e.g. a restart that did not succeed). Errors are logged: a
+/// stopping VM is never held up by the ledger.
+pub fn release_on_stop(ledger: &mut Ledger, vm: &str, failed: bool) {
+    let why = if failed {
+        ReleaseReason::Failed
+    } else {
+        ReleaseReason::Stopped
+    };
+    if let Err(e) = ledger.release(vm, why) {
+        tracing::error!(
+            vm,
+            "cannot release its GPU reservations: {}",
+            vmm_hooks::error_chain(&e)
+        );
+    }
+}
+
+/// Opens the reservation ledger in the store (its tables are created on
+/// first use); `None`, logged, when it cannot be.
+pub fn open_ledger(store: &Path) -> Option<Ledger> {
+    match Ledger::open(store) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                "GPU reservations unavailable: {}",
+                vmm_hooks::error_chain(&e)
+            );
+            None
+        }
+    }
 }

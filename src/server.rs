@@ -118,6 +118,8 @@ struct State {
     log: Option<BufWriter<File>>,
     store: Option<ProfileStore>,
     libvirt: Option<LibvirtAgent>,
+    /// GPU reservations, in the store file.
+    gpu_ledger: Option<accel::Ledger>,
 }
 
 /// The hooks server.
@@ -174,6 +176,7 @@ impl HooksServer {
         };
         // GPUs: probed once, logged once (one info line without a driver).
         crate::gpu::probe_at_start(config.store.as_deref());
+        let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,
@@ -186,6 +189,7 @@ impl HooksServer {
                 log,
                 store,
                 libvirt,
+                gpu_ledger,
                 ..State::default()
             })),
         })
@@ -453,8 +457,12 @@ fn record(
             }
             HookReply::Ack
         }
-        EventKind::Stopped { .. } => {
+        EventKind::Stopped { status } => {
             st.last_seq.remove(&vm);
+            if let Some(l) = st.gpu_ledger.as_mut() {
+                let failed = matches!(status, vmm_hooks::StopStatus::Failed { .. });
+                crate::gpu::release_on_stop(l, &vm, failed);
+            }
             HookReply::Ack
         }
         EventKind::Libvirt(call) => {
@@ -464,6 +472,13 @@ fn record(
                     operation = call.operation_name,
                     "libvirt hook could not read the domain XML: {problem}"
                 );
+            }
+            // libvirt's last word on a domain (after a stop, or a start
+            // that failed): its GPUs are free again.
+            if call.operation == vmm_hooks::LibvirtOperation::Release
+                && let Some(l) = st.gpu_ledger.as_mut()
+            {
+                crate::gpu::release_on_stop(l, &vm, false);
             }
             // Never waits: the agent acts after this reply, on its own thread.
             if let Some(agent) = st.libvirt.as_ref() {

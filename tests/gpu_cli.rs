@@ -42,6 +42,25 @@ fn nvml_present() -> bool {
 #[test]
 fn serve_logs_the_gpus_once_and_the_ledger_shares_its_store() {
     let server = Server::start();
+    // One round trip first: SIGTERM before the daemon's signal handlers are
+    // installed would kill it.
+    let mut hook =
+        vmm_hooks::SocketHook::new(vmm_hooks::SocketHookConfig::new(&server.socket, "test"));
+    vmm_hooks::LifecycleHook::on_event(
+        &mut hook,
+        &vmm_hooks::Event {
+            vm: vmm_hooks::VmIdentity {
+                vm_id: "none".into(),
+                image_digest: "img".into(),
+                package_digest: "pkg".into(),
+            },
+            seq: 0,
+            at_unix_ms: 1,
+            kind: vmm_hooks::EventKind::Stopped {
+                status: vmm_hooks::StopStatus::Stopped,
+            },
+        },
+    );
     let log = server.stop();
     let gpu_lines: Vec<&str> = log.lines().filter(|l| l.contains("GPUs: ")).collect();
     assert_eq!(gpu_lines.len(), 1, "{log}");
@@ -204,4 +223,60 @@ fn gpu_commands_fail_with_one_clear_line() {
     assert!(!o.status.success());
     assert!(err.starts_with("prescient gpu: bad fixture"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_vm_stopping_releases_its_gpus_in_the_running_daemon() {
+    use vmm_hooks::{
+        Event, EventKind, LifecycleHook, SocketHook, SocketHookConfig, StopStatus, VmIdentity,
+    };
+    let server = Server::start();
+    let db = server.store.to_str().unwrap().to_string();
+    let t4 = fixture("tesla-t4.xml");
+    let a100 = fixture("a100-sxm4-80gb-mig.xml");
+    for (vm, f) in [("gpu-vm", &t4), ("other-vm", &a100)] {
+        stdout(&gpu(&[
+            "reserve",
+            "--store",
+            &db,
+            "--vm",
+            vm,
+            "--mem-mib",
+            "512",
+            "--exclusive",
+            "--fixture",
+            f.to_str().unwrap(),
+        ]));
+    }
+    let event = |vm: &str, kind| Event {
+        vm: VmIdentity {
+            vm_id: vm.into(),
+            image_digest: "img".into(),
+            package_digest: "pkg".into(),
+        },
+        seq: 0,
+        at_unix_ms: 1,
+        kind,
+    };
+    let mut hook = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
+    // The reply comes after the daemon handled the event.
+    hook.on_event(&event(
+        "gpu-vm",
+        EventKind::Stopped {
+            status: StopStatus::Failed {
+                reason: "restart failed".into(),
+            },
+        },
+    ));
+    let rs: serde_json::Value =
+        serde_json::from_str(&stdout(&gpu(&["reservations", "--store", &db, "--json"]))).unwrap();
+    let vms: Vec<&str> = rs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(vms, ["other-vm"]);
+    let log = server.stop();
+    assert!(log.contains("GPU reservation released"), "{log}");
 }

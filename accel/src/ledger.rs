@@ -90,8 +90,8 @@ impl Reservation {
 pub enum ReleaseReason {
     /// The VM stopped.
     Stopped,
-    /// The VM's restart failed.
-    RestartFailed,
+    /// The VM failed (its start or restart did not succeed, or it crashed).
+    Failed,
     /// An operator asked.
     Operator,
 }

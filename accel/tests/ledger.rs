@@ -326,7 +326,7 @@ fn release_on_restart_failure_frees_every_device_of_the_vm() {
         .unwrap();
     l.reserve(&inv, &demand("other", 100, None, false), None, &d, at(2))
         .unwrap();
-    let gone = l.release("big", ReleaseReason::RestartFailed).unwrap();
+    let gone = l.release("big", ReleaseReason::Failed).unwrap();
     assert_eq!(gone.len(), 2);
     assert!(gone.iter().all(|r| r.kind == SlotKind::Mig));
     assert_eq!(l.reservations().unwrap().len(), 1);
