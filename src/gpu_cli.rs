@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use accel::{
-    Demand, FixtureSource, GpuSource, Inventory, Ledger, NodeDistances, NvmlSource, ReleaseReason,
-    record, reservations_table,
+    Demand, Enforcement, FixtureSource, GpuSource, Inventory, Ledger, NodeDistances, NvmlSource,
+    ReleaseReason, record, reservations_table,
 };
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
@@ -82,6 +82,10 @@ pub struct ReserveArgs {
     /// Place against a recording instead of the live driver.
     #[arg(long)]
     fixture: Option<PathBuf>,
+    /// Also enforce the reservation on the device (exclusive compute mode,
+    /// vfio-pci). Not implemented: refused before anything is recorded.
+    #[arg(long)]
+    enforce: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +138,9 @@ pub fn run(cmd: GpuCommand) -> CliResult {
             }
         }
         GpuCommand::Reserve(a) => {
+            let enforcement = Enforcement { enabled: a.enforce };
+            // Refused before anything is recorded when it cannot be done.
+            enforcement.check()?;
             let inv = Inventory::read(source(a.fixture.as_deref())?.as_ref())?;
             let mut ledger = Ledger::open(&a.store)?;
             let demand = Demand {
@@ -150,6 +157,7 @@ pub fn run(cmd: GpuCommand) -> CliResult {
                 SystemTime::now(),
             )?;
             print!("{}", reservations_table(std::slice::from_ref(&r)));
+            println!("{}", enforcement.apply(&r)?);
         }
         GpuCommand::Release(a) => {
             let gone = Ledger::open(&a.store)?.release(&a.vm, ReleaseReason::Operator)?;

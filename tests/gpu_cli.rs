@@ -99,6 +99,23 @@ fn serve_logs_the_gpus_once_and_the_ledger_shares_its_store() {
         "{out}"
     );
     assert!(out.contains("nvidia-222"), "{out}");
+    assert!(out.contains("enforcement is off"), "{out}");
+    // Enforcement asked for: refused, and nothing recorded.
+    let enforced = gpu(&[
+        "reserve",
+        "--store",
+        db_s,
+        "--vm",
+        "web-9",
+        "--mem-mib",
+        "1",
+        "--enforce",
+        "--fixture",
+        t4_s,
+    ]);
+    assert!(!enforced.status.success());
+    let err = String::from_utf8_lossy(&enforced.stderr);
+    assert!(err.contains("GPU enforcement unsupported here"), "{err}");
 
     let second = gpu(&[
         "reserve",

@@ -118,18 +118,23 @@ impl Enforcement {
     /// Enforces `r`: with enforcement off (the default) nothing is changed
     /// and the answer says so; on, this version refuses with the reason.
     pub fn apply(&self, r: &Reservation) -> Result<String, LedgerError> {
+        self.check()?;
+        Ok(format!(
+            "enforcement is off: {} on {} is recorded only; the device is not changed",
+            r.vm, r.device_id
+        ))
+    }
+
+    /// Whether enforcement as configured can be carried out: off, yes; on,
+    /// "unsupported here" with the reason (check before reserving).
+    pub fn check(&self) -> Result<(), LedgerError> {
         if !self.enabled {
-            return Ok(format!(
-                "enforcement is off: {} on {} is recorded only; the device is not changed",
-                r.vm, r.device_id
-            ));
+            return Ok(());
         }
         Err(LedgerError::EnforcementUnsupported {
-            reason: format!(
-                "this version does not change device state (it would set {} to exclusive-process \
-                 compute mode or bind it to vfio-pci); do that with nvidia-smi -c or driverctl",
-                r.device_id
-            ),
+            reason: "this version does not change device state (exclusive-process compute mode, \
+                     binding to vfio-pci); do that with nvidia-smi -c or driverctl"
+                .to_string(),
         })
     }
 }
