@@ -196,18 +196,19 @@ impl NvmlSource {
         d: &Device<'_>,
         index: u32,
     ) -> Result<Vec<GpuProcess>, InventoryError> {
-        let procs = optional(
-            d.running_compute_processes(),
-            "running compute processes",
-            index,
-        )?
-        .unwrap_or_default();
+        // In MIG mode the parent GPU lists every instance's processes only
+        // to a privileged caller; otherwise they are not visible (empty).
+        let procs = match d.running_compute_processes() {
+            Err(NvmlError::NoPermission) => Vec::new(),
+            r => optional(r, "running compute processes", index)?.unwrap_or_default(),
+        };
         // Per-process SM utilisation over the driver's sample buffer; absent
         // on many boards and when nothing ran lately.
         let util = match d.process_utilization_stats(None) {
             Ok(v) => v,
             Err(
                 NvmlError::NotSupported
+                | NvmlError::NoPermission
                 | NvmlError::NotFound
                 | NvmlError::FailedToLoadSymbol(_)
                 | NvmlError::FunctionNotFound,

@@ -264,8 +264,10 @@ fn read_gpu(g: Node<'_, '_>, index: u32) -> Result<GpuReading, InventoryError> {
         Some("Exclusive_Thread") => ComputeMode::ExclusiveThread,
         Some("Prohibited") => ComputeMode::Prohibited,
         Some("Exclusive_Process") => ComputeMode::ExclusiveProcess,
-        Some(other) if !is_na(other) => ComputeMode::Other(clip(other)),
-        _ => return Err(err(format!("{at}: <compute_mode> is missing"))),
+        // As NVML's reading maps NotSupported.
+        Some(other) if is_na(other) => ComputeMode::Other("N/A".to_string()),
+        Some(other) => ComputeMode::Other(clip(other)),
+        None => return Err(err(format!("{at}: <compute_mode> is missing"))),
     };
     let mig_mode = match child(g, "mig_mode") {
         None => MigMode::default(),

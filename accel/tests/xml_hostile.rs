@@ -210,3 +210,20 @@ proptest! {
         let _ = parse_smi_xml(&format!("<nvidia_smi_log>{s}</nvidia_smi_log>"));
     }
 }
+
+#[test]
+fn compute_mode_not_available_reads_as_nvml_would_and_missing_is_refused() {
+    let t4 = real(T4);
+    let na = t4.replacen(
+        "<compute_mode>Default</compute_mode>",
+        "<compute_mode>N/A</compute_mode>",
+        1,
+    );
+    let log = parse_smi_xml(&na).unwrap();
+    assert_eq!(
+        log.snapshot.gpus[0].compute_mode,
+        accel::ComputeMode::Other("N/A".to_string())
+    );
+    let gone = t4.replacen("<compute_mode>Default</compute_mode>", "", 1);
+    assert!(xml_err(&gone).contains("<compute_mode> is missing"));
+}
