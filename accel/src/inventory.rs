@@ -229,8 +229,12 @@ fn usage<'a>(
         if mine.is_empty() {
             continue;
         }
-        let mem: u64 = mine.iter().filter_map(|p| p.used_mib).sum();
-        u.mem_mib += mem;
+        // Saturating: a recording is input, and may hold absurd values.
+        let mem = mine
+            .iter()
+            .filter_map(|p| p.used_mib)
+            .fold(0u64, u64::saturating_add);
+        u.mem_mib = u.mem_mib.saturating_add(mem);
         u.per_gpu.push((uuid.to_string(), mem));
         for p in mine {
             if let Some(sm) = p.sm_util_pct {
