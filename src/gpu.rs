@@ -44,20 +44,29 @@ pub fn probe_at_start(store: Option<&Path>) -> Option<Inventory> {
 }
 
 /// Ends a VM's GPU reservations when it stops (`failed`: it ended in a
-/// failure, e.g. a restart that did not succeed). Errors are logged: a
+/// failure, e.g. a restart that did not succeed), counting them in
+/// `prescient_gpu_reservations_released_total`. Errors are logged: a
 /// stopping VM is never held up by the ledger.
-pub fn release_on_stop(ledger: &mut Ledger, vm: &str, failed: bool) {
+pub fn release_on_stop(ledger: &mut Ledger, metrics: &crate::Metrics, vm: &str, failed: bool) {
     let why = if failed {
         ReleaseReason::Failed
     } else {
         ReleaseReason::Stopped
     };
-    if let Err(e) = ledger.release(vm, why) {
-        tracing::error!(
-            vm,
-            "cannot release its GPU reservations: {}",
-            vmm_hooks::error_chain(&e)
-        );
+    match ledger.release(vm, why) {
+        Ok(gone) => {
+            let kind = if failed { "failed" } else { "stopped" };
+            for _ in &gone {
+                crate::Metrics::inc(&metrics.gpu_released, kind);
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                vm,
+                "cannot release its GPU reservations: {}",
+                vmm_hooks::error_chain(&e)
+            );
+        }
     }
 }
 

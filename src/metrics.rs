@@ -43,6 +43,10 @@ pub struct Metrics {
     /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
     /// `domain-failed`).
     pub libvirt_actions: Family<KindLabel, Counter>,
+    /// GPUs the NVML inventory found at start (0 without a driver).
+    pub gpus: Gauge,
+    /// GPU reservations released, by reason (`stopped`, `failed`).
+    pub gpu_released: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +68,8 @@ impl Metrics {
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
+        let gpus = Gauge::default();
+        let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -101,6 +107,12 @@ impl Metrics {
             "Actions on libvirt domains after their started hook, by action",
             libvirt_actions.clone(),
         );
+        registry.register("gpus", "GPUs found at start (NVML)", gpus.clone());
+        registry.register(
+            "gpu_reservations_released",
+            "GPU reservations released when their VM stopped, by reason",
+            gpu_released.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -112,6 +124,8 @@ impl Metrics {
             time_to_ready,
             balloon_targets,
             libvirt_actions,
+            gpus,
+            gpu_released,
         }
     }
 

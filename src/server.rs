@@ -175,7 +175,11 @@ impl HooksServer {
             }
         };
         // GPUs: probed once, logged once (one info line without a driver).
-        crate::gpu::probe_at_start(config.store.as_deref());
+        let gpus = crate::gpu::probe_at_start(config.store.as_deref());
+        config
+            .metrics
+            .gpus
+            .set(gpus.map_or(0, |g| i64::try_from(g.gpus.len()).unwrap_or(i64::MAX)));
         let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
@@ -461,7 +465,7 @@ fn record(
             st.last_seq.remove(&vm);
             if let Some(l) = st.gpu_ledger.as_mut() {
                 let failed = matches!(status, vmm_hooks::StopStatus::Failed { .. });
-                crate::gpu::release_on_stop(l, &vm, failed);
+                crate::gpu::release_on_stop(l, metrics, &vm, failed);
             }
             HookReply::Ack
         }
@@ -478,7 +482,7 @@ fn record(
             if call.operation == vmm_hooks::LibvirtOperation::Release
                 && let Some(l) = st.gpu_ledger.as_mut()
             {
-                crate::gpu::release_on_stop(l, &vm, false);
+                crate::gpu::release_on_stop(l, metrics, &vm, false);
             }
             // Never waits: the agent acts after this reply, on its own thread.
             if let Some(agent) = st.libvirt.as_ref() {

@@ -247,7 +247,9 @@ fn a_vm_stopping_releases_its_gpus_in_the_running_daemon() {
     use vmm_hooks::{
         Event, EventKind, LifecycleHook, SocketHook, SocketHookConfig, StopStatus, VmIdentity,
     };
-    let server = Server::start();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server::start_args(true, &["--metrics-listen", &addr]);
     let db = server.store.to_str().unwrap().to_string();
     let t4 = fixture("tesla-t4.xml");
     let a100 = fixture("a100-sxm4-80gb-mig.xml");
@@ -294,6 +296,17 @@ fn a_vm_stopping_releases_its_gpus_in_the_running_daemon() {
         .map(|r| r["vm"].as_str().unwrap())
         .collect();
     assert_eq!(vms, ["other-vm"]);
+    let text = common::scrape(port);
+    for needle in [
+        r#"prescient_gpu_reservations_released_total{kind="failed"} 1"#,
+        if nvml_present() {
+            "prescient_gpus "
+        } else {
+            "prescient_gpus 0"
+        },
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
     let log = server.stop();
     assert!(log.contains("GPU reservation released"), "{log}");
 }
