@@ -9,6 +9,7 @@ use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
 mod forecast_cli;
+mod gpu_cli;
 
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
 #[derive(Debug, Parser)]
@@ -41,6 +42,9 @@ enum Command {
     /// Replay a real trace through forecaster, shaper and margin tuner, and
     /// compare the tuned margin with fixed margins.
     ShapeReplay(ShapeReplayArgs),
+    /// GPUs: inventory (NVML or a recording), recordings, reservations.
+    #[command(subcommand)]
+    Gpu(gpu_cli::GpuCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -680,6 +684,13 @@ fn main() -> ExitCode {
         Command::ShapeReplay(args) => shape_replay(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+        Command::Gpu(cmd) => match gpu_cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("prescient gpu: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

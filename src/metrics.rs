@@ -78,6 +78,10 @@ pub struct Metrics {
     pub shape_margin: Gauge<f64, AtomicU64>,
     /// Shaping: each VM's margin after widening by its forecast's spread.
     pub shape_vm_margin: VmGauge,
+    /// GPUs the NVML inventory found at start (0 without a driver).
+    pub gpus: Gauge,
+    /// GPU reservations released, by reason (`stopped`, `failed`).
+    pub gpu_released: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,6 +103,8 @@ impl Metrics {
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
+        let gpus = Gauge::default();
+        let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -178,6 +184,12 @@ impl Metrics {
             "Headroom margin chosen by the online tuner",
             shape_margin.clone(),
         );
+        registry.register("gpus", "GPUs found at start (NVML)", gpus.clone());
+        registry.register(
+            "gpu_reservations_released",
+            "GPU reservations released when their VM stopped, by reason",
+            gpu_released.clone(),
+        );
         Metrics {
             registry,
             shape_actions,
@@ -196,6 +208,8 @@ impl Metrics {
             time_to_ready,
             balloon_targets,
             libvirt_actions,
+            gpus,
+            gpu_released,
         }
     }
 
