@@ -128,8 +128,8 @@ struct Track {
     vcpus: u32,
     priority: i32,
     pid: Option<u32>,
-    /// Memory in use seen this interval, MiB.
-    samples: Vec<f64>,
+    /// Memory in use seen this interval: sum (MiB) and count.
+    samples: (f64, u32),
     /// Per closed interval: memory in use (NaN: nothing seen).
     mem: Vec<f64>,
     /// Per closed interval: CPU in cores (NaN: unknown).
@@ -138,6 +138,8 @@ struct Track {
     cpu_ticks: Option<(Instant, u64)>,
     /// Forecasts of every candidate made at the last tick.
     candidates: Vec<(String, Quantiles)>,
+    /// Which forecaster has measured best on this VM.
+    selector: ForecasterSelector,
     /// The balloon target the loop wants, if it differs from the VMM's.
     pending: Option<u64>,
     /// The target the VMM reported last.
@@ -159,11 +161,17 @@ impl Track {
             vcpus: 1,
             priority: 0,
             pid: None,
-            samples: Vec::new(),
+            samples: (0.0, 0),
             mem: Vec::new(),
             cpu: Vec::new(),
             cpu_ticks: None,
             candidates: Vec::new(),
+            selector: ForecasterSelector::new(
+                "model",
+                &["prev_hour", "prev_24h", "ewma_sd"],
+                0.02,
+                u64::MAX,
+            ),
             pending: None,
             reported_target: None,
             cgroup: CgroupState::None,
@@ -175,7 +183,6 @@ impl Track {
 struct State {
     vms: HashMap<String, Track>,
     tuner: MarginTuner,
-    selector: ForecasterSelector,
     /// The last decision's inputs, to score every margin once the interval
     /// has passed.
     last: Option<Vec<VmShapeInput>>,
@@ -248,14 +255,6 @@ fn used_mib(s: &BalloonStatus) -> Option<f64> {
     Some(total.saturating_sub(avail) as f64 / f64::from(1u32 << 20))
 }
 
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
 impl ShapingLoop {
     /// A loop with this configuration (checked); with `cgroups`, the cgroup
     /// layout is detected now.
@@ -291,12 +290,6 @@ impl ShapingLoop {
             state: Mutex::new(State {
                 vms: HashMap::new(),
                 tuner,
-                selector: ForecasterSelector::new(
-                    "model",
-                    &["prev_hour", "prev_24h", "ewma_sd"],
-                    0.02,
-                    u64::MAX,
-                ),
                 last: None,
                 full_warned: false,
             }),
@@ -346,7 +339,8 @@ impl ShapingLoop {
                     t.pid = peer_pid;
                 }
                 if let Some(u) = used_mib(status) {
-                    t.samples.push(u);
+                    t.samples.0 += u;
+                    t.samples.1 = t.samples.1.saturating_add(1);
                 }
                 t.reported_target = Some(status.target_mib);
                 match t.pending {
@@ -388,8 +382,9 @@ impl ShapingLoop {
         let hz = clock_ticks();
         // Close the interval.
         for t in st.vms.values_mut() {
-            t.mem.push(mean(&t.samples));
-            t.samples.clear();
+            let (sum, n) = std::mem::take(&mut t.samples);
+            t.mem
+                .push(if n == 0 { f64::NAN } else { sum / f64::from(n) });
             let ticks = t.pid.and_then(process_ticks);
             let cores = match (t.cpu_ticks, ticks) {
                 (Some((then, a)), Some(b)) if b >= a => {
@@ -411,10 +406,10 @@ impl ShapingLoop {
             }
         }
         // Score the last forecasts and every margin against what happened.
-        for (vm, t) in &st.vms {
+        for (vm, t) in &mut st.vms {
             if let Some(&y) = t.mem.last().filter(|y| !y.is_nan()) {
                 for (name, q) in &t.candidates {
-                    st.selector.record(vm, name, y, q);
+                    t.selector.record(vm, name, y, q);
                 }
                 self.metrics
                     .shape_gauge(&self.metrics.shape_actual_mib, vm, y);
@@ -458,7 +453,7 @@ impl ShapingLoop {
                     )
                 })
                 .collect();
-            let choice = st.selector.choose(vm);
+            let choice = t.selector.choose(vm);
             let q = all
                 .iter()
                 .find(|(n, _)| *n == choice.forecaster)
