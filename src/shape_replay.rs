@@ -909,6 +909,41 @@ mod tests {
     }
 
     #[test]
+    fn replay_writes_json_and_svg_and_prints_both_tables() {
+        let mut c = slice();
+        c.vms = 3;
+        c.max_slots = Some(100);
+        c.window = 24;
+        let r = replay(&c).unwrap();
+        assert_eq!(r.decisions, 100 - WARMUP_SLOTS + 1);
+        let dir = tempfile::tempdir().unwrap();
+        let (json, svg) = r.write(dir.path()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        assert_eq!(v["runs"].as_array().unwrap().len(), 2 + DEFAULT_ARMS.len());
+        assert_eq!(
+            v["runs"][0]["reward"].as_array().unwrap().len(),
+            r.decisions
+        );
+        let svg = std::fs::read_to_string(svg).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        let t = r.tables();
+        // Five windows of 24 decisions (the last one shorter), then the
+        // comparison with the four fixed margins.
+        assert!(t.contains("per window of 24 decisions"), "{t}");
+        for name in [
+            "tuned (full-information)",
+            "tuned (ucb1)",
+            "fixed 0%",
+            "fixed 10%",
+            "fixed 25%",
+            "fixed 50%",
+        ] {
+            assert!(t.contains(name), "{name}: {t}");
+        }
+    }
+
+    #[test]
     fn replay_refuses_a_metric_the_trace_lacks_and_bad_settings() {
         let mut c = slice();
         c.metric = Metric::MemPct;
