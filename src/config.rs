@@ -56,6 +56,16 @@
 //! disk_mbps = 50
 //! gpus = 0
 //!
+//! [shaping]
+//! interval_s = 30              # 0 (the default): the shaping loop is off
+//! policy = "maximise-utilisation"   # minimise-fragmentation | favour-high-priority
+//! lambda = 20.0                # tuner reward: -(slack + lambda * shortfall)
+//! floor_mib = 128
+//! host_memory_mib = 65536      # optional (default: the host's MemTotal)
+//! host_cpus = 16.0             # optional (default: the host's CPUs)
+//! cgroups = false              # cpu.weight / cpu.max in a cgroup per VM (its VMM process)
+//! cgroup_parent = "prescient"
+//!
 //! [libvirt]
 //! act = true                   # false: only record libvirt hook calls
 //! uri = "qemu:///system"
@@ -113,6 +123,15 @@ pub enum ConfigError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The `[shaping]` section is out of range.
+    #[error("{path}")]
+    Shaping {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        #[source]
+        source: crate::shaping::ShapeError,
+    },
 }
 
 /// The whole configuration.
@@ -133,6 +152,8 @@ pub struct Config {
     pub pool: PoolSection,
     /// The predictive allocator.
     pub allocator: AllocatorSection,
+    /// The shaping loop.
+    pub shaping: crate::ShapingConfig,
 }
 
 /// `[pool]`: what the host has (CPUs and memory probed unless given;
@@ -572,6 +593,12 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = self.shaping.validate() {
+            return Err(ConfigError::Shaping {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -695,6 +722,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("vm_prefx"), "{e}");
+    }
+
+    #[test]
+    fn shaping_section_is_read_and_checked() {
+        let c = parse(
+            "[shaping]\ninterval_s = 15\npolicy = \"favour-high-priority\"\nlambda = 2.5\n[shaping.limits]\nmemory_granule_mib = 256\n",
+        )
+        .unwrap();
+        assert_eq!(c.shaping.interval_s, 15);
+        assert_eq!(
+            c.shaping.policy,
+            crate::shaping::ShapePolicy::FavourHighPriority
+        );
+        assert_eq!(c.shaping.limits.memory_granule_mib, 256);
+        assert_eq!(parse("").unwrap().shaping.interval_s, 0);
+        for text in [
+            "[shaping]\npolicy = \"fastest\"\n",
+            "[shaping]\nintervals = 3\n",
+        ] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        let e = vmm_hooks::error_chain(&parse("[shaping]\nlambda = -1\n").unwrap_err());
+        assert!(e.contains("shaping.lambda"), "{e}");
     }
 
     #[test]

@@ -11,11 +11,15 @@ mod allocator;
 mod balloon_control;
 pub mod bench;
 mod config;
+mod gpu;
 pub mod libvirt;
 mod metrics;
 mod pool;
 mod reconcile;
 mod server;
+mod shape_loop;
+pub mod shape_replay;
+pub mod shaping;
 mod status;
 mod store;
 mod trace_capture;
@@ -31,6 +35,7 @@ pub use metrics::{Metrics, serve_metrics};
 pub use pool::{Demand, Overcommit, Pool, Reservation, Shortfall, host_totals};
 pub use reconcile::process_start;
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use status::{
     DaemonStatus, PoolStatus, StatusError, query as query_status, table as status_table,
 };

@@ -96,6 +96,9 @@ pub struct ServerConfig {
     pub pool: PoolSection,
     /// How boots are forecast and admitted.
     pub allocator: AllocatorPolicy,
+    /// The shaping loop (`None`: off). It sees every event and answers
+    /// balloon status with its targets; its ticks run beside the server.
+    pub shaping: Option<Arc<crate::ShapingLoop>>,
 }
 
 impl ServerConfig {
@@ -114,6 +117,7 @@ impl ServerConfig {
             metrics: Arc::new(Metrics::new()),
             pool: PoolSection::default(),
             allocator: AllocatorPolicy::default(),
+            shaping: None,
         }
     }
 }
@@ -141,6 +145,8 @@ struct State {
     /// Every VM the daemon knows (saw created or before-boot since start,
     /// or restored from the store's pool table), by id.
     vms: HashMap<String, VmRecord>,
+    /// GPU reservations, in the store file.
+    gpu_ledger: Option<accel::Ledger>,
 }
 
 /// Key in `daemon_state`: "1" while a daemon runs on the store, "0" after a
@@ -223,6 +229,13 @@ impl HooksServer {
             vms = vms.len(),
             "resource pool ready"
         );
+        // GPUs: probed once, logged once (one info line without a driver).
+        let gpus = crate::gpu::probe_at_start(config.store.as_deref());
+        config
+            .metrics
+            .gpus
+            .set(gpus.map_or(0, |g| i64::try_from(g.gpus.len()).unwrap_or(i64::MAX)));
+        let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,
@@ -238,6 +251,7 @@ impl HooksServer {
                 libvirt,
                 pool,
                 vms,
+                gpu_ledger,
             })),
         })
     }
@@ -463,6 +477,16 @@ fn warn_allowed(last: &std::sync::atomic::AtomicU64) -> bool {
             .is_ok()
 }
 
+/// Whether `vm` holds GPUs in the store's GPU ledger (reserved outside the
+/// boot path, with `prescient gpu reserve`): such a VM is known too. Read
+/// only for events of VMs the pool does not know.
+fn holds_gpus(st: &State, vm: &str) -> bool {
+    st.gpu_ledger.as_ref().is_some_and(|l| {
+        l.reservations()
+            .is_ok_and(|rs| rs.iter().any(|r| r.vm == vm))
+    })
+}
+
 /// Whether an event of this kind needs a VM the daemon knows (see the
 /// protocol notes in `vmm_hooks::proto`).
 fn needs_known_vm(kind: &EventKind) -> bool {
@@ -491,7 +515,7 @@ fn record(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let vm = event.vm.vm_id.clone();
-    if needs_known_vm(&event.kind) && !st.vms.contains_key(&vm) {
+    if needs_known_vm(&event.kind) && !st.vms.contains_key(&vm) && !holds_gpus(&st, &vm) {
         Metrics::inc(&metrics.rejected, "unknown-vm");
         // A peer can send these as fast as it likes: one warning a second.
         if warn_allowed(&UNKNOWN_VM_WARNED) {
@@ -598,9 +622,13 @@ fn record(
             }
             HookReply::Ack
         }
-        EventKind::Stopped { .. } => {
+        EventKind::Stopped { status } => {
             st.last_seq.remove(&vm);
             release(&mut st, metrics, &vm, event.at_unix_ms, true);
+            if let Some(l) = st.gpu_ledger.as_mut() {
+                let failed = matches!(status, vmm_hooks::StopStatus::Failed { .. });
+                crate::gpu::release_on_stop(l, metrics, &vm, failed);
+            }
             HookReply::Ack
         }
         EventKind::Libvirt(call) => {
@@ -636,6 +664,13 @@ fn record(
                     "libvirt hook could not read the domain XML: {problem}"
                 );
             }
+            // libvirt's last word on a domain (after a stop, or a start
+            // that failed): its GPUs are free again.
+            if call.operation == vmm_hooks::LibvirtOperation::Release
+                && let Some(l) = st.gpu_ledger.as_mut()
+            {
+                crate::gpu::release_on_stop(l, metrics, &vm, false);
+            }
             // Never waits: the agent acts after this reply, on its own thread.
             if let Some(agent) = st.libvirt.as_ref() {
                 agent.notify(&vm, call);
@@ -646,6 +681,11 @@ fn record(
     };
     let reply = match balloon {
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
+    };
+    // The shaping loop's target, where it has one, wins over the forecasts file's.
+    let reply = match config.shaping.as_deref() {
+        Some(s) => s.observe(&event, pid.and_then(|p| u32::try_from(p).ok()), reply),
         None => reply,
     };
     match (&event.kind, &reply) {

@@ -117,8 +117,8 @@
 //! `before-boot` first, so it is never rejected.
 //!
 //! Events that need a VM the companion knows (one it saw `created` or
-//! `before-boot` for since it started, or whose reservation it holds in its
-//! store): every kind except `created`, `before-boot`, `restore`, `migrate`
+//! `before-boot` for since it started, or whose reservation, or GPU
+//! reservation, it holds in its store): every kind except `created`, `before-boot`, `restore`, `migrate`
 //! and libvirt hook calls.
 
 use std::io::{self, Read, Write};
