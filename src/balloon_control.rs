@@ -306,6 +306,7 @@ mod tests {
                 start: 0,
                 len: 1 << 30,
             },
+            admission: Default::default(),
         });
         let plan = c
             .answer(&bb, HookReply::Plan(BootPlan::made_by("t")), t0)

@@ -835,6 +835,7 @@ pub fn load_bench(
                     &mut s,
                     &Message::Hello {
                         peer: format!("load-{c}"),
+                        features: Vec::new(),
                     },
                 )
                 .is_err()
@@ -865,6 +866,7 @@ pub fn load_bench(
                                 start: 0,
                                 len: 1 << 30,
                             },
+                            admission: Default::default(),
                         },
                         EventKind::Ready {
                             time_to_ready_ms: 100.0,

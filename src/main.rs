@@ -371,6 +371,20 @@ struct ServeArgs {
     /// The virsh program [default: virsh].
     #[arg(long)]
     virsh: Option<PathBuf>,
+    /// Memory this host may hand out to VMs, MiB: turns on the interruption
+    /// coordinator (admission against this capacity, balloon shrinks,
+    /// interruption of lower-priority interruptible VMs, deferral). Until
+    /// the resource pool lands, this is its only source of capacity.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_mib: Option<u64>,
+    /// vCPUs this host may hand out to VMs (with --capacity-mib)
+    /// [default: unlimited].
+    #[arg(long, requires = "capacity_mib", value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_vcpus: Option<u64>,
+    /// Memory each VM keeps beyond what the coordinator's shrinks may take,
+    /// MiB (with --capacity-mib).
+    #[arg(long, requires = "capacity_mib", default_value_t = 16)]
+    shrink_headroom_mib: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -464,6 +478,15 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     config.libvirt = c.libvirt_agent();
+    if let Some(mib) = args.capacity_mib {
+        let capacity =
+            prescient::interrupt::Resources::new(mib, args.capacity_vcpus.unwrap_or(u64::MAX));
+        let mut ic = prescient::interrupt::CoordinatorConfig::new(capacity);
+        ic.shrink_headroom_mib = args.shrink_headroom_mib;
+        config.interrupt = Some(std::sync::Arc::new(std::sync::Mutex::new(
+            prescient::interrupt::Coordinator::new(ic),
+        )));
+    }
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)

@@ -43,6 +43,10 @@ pub struct Metrics {
     /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
     /// `domain-failed`).
     pub libvirt_actions: Family<KindLabel, Counter>,
+    /// What the interruption coordinator did, by kind (`admit`,
+    /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
+    /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
+    pub interrupt_actions: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +68,7 @@ impl Metrics {
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
+        let interrupt_actions = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -101,6 +106,11 @@ impl Metrics {
             "Actions on libvirt domains after their started hook, by action",
             libvirt_actions.clone(),
         );
+        registry.register(
+            "interrupt_actions",
+            "What the interruption coordinator did, by kind",
+            interrupt_actions.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -112,6 +122,7 @@ impl Metrics {
             time_to_ready,
             balloon_targets,
             libvirt_actions,
+            interrupt_actions,
         }
     }
 

@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub libvirt: Option<AgentConfig>,
     /// Where the daemon counts what it does.
     pub metrics: Arc<Metrics>,
+    /// The interruption coordinator (`--capacity-mib`); `None`: every VM
+    /// is admitted and none is interrupted.
+    pub interrupt: Option<Arc<Mutex<crate::interrupt::Coordinator>>>,
 }
 
 impl ServerConfig {
@@ -96,6 +99,7 @@ impl ServerConfig {
             policy: StorePolicy::default(),
             libvirt: None,
             metrics: Arc::new(Metrics::new()),
+            interrupt: None,
         }
     }
 }
@@ -297,6 +301,8 @@ async fn handle_connection(
         return;
     }
     let mut peer = String::from("(no hello)");
+    // Whether the peer understands `interrupt` and `defer` replies.
+    let mut can_interrupt = false;
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return,
@@ -327,18 +333,23 @@ async fn handle_connection(
             }
         };
         let reply = match msg {
-            Message::Hello { peer: p } => {
-                tracing::info!(peer = p, uid, "VMM connected");
+            Message::Hello { peer: p, features } => {
+                tracing::info!(peer = p, uid, ?features, "VMM connected");
                 peer = p;
+                can_interrupt = features.iter().any(|f| f == proto::FEATURE_INTERRUPT);
                 continue;
             }
-            Message::Event(event) => record(
-                state,
-                &config.metrics,
-                &peer,
-                event,
-                config.balloon.as_deref(),
-            ),
+            Message::Event(event) => {
+                let interrupt = config.interrupt.as_deref().map(|c| (c, can_interrupt));
+                record(
+                    state,
+                    &config.metrics,
+                    &peer,
+                    event,
+                    config.balloon.as_deref(),
+                    interrupt,
+                )
+            }
             other => {
                 let name = other.type_name();
                 Metrics::inc(&config.metrics.rejected, "unexpected-message");
@@ -384,6 +395,7 @@ fn record(
     peer: &str,
     event: Event,
     balloon: Option<&crate::BalloonControl>,
+    interrupt: Option<(&Mutex<crate::interrupt::Coordinator>, bool)>,
 ) -> HookReply {
     Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
@@ -473,6 +485,12 @@ fn record(
     };
     let reply = match balloon {
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
+    };
+    // The interruption coordinator has the last word (admission, shrink
+    // and interrupt orders).
+    let reply = match interrupt {
+        Some((c, can)) => crate::interrupt::answer(c, metrics, &event, can, reply, unix_ms()),
         None => reply,
     };
     match (&event.kind, &reply) {

@@ -31,6 +31,46 @@ pub struct VmSpec {
     pub interruptible: bool,
 }
 
+/// What the companion's interruption coordinator needs to know of a VM
+/// before it boots (carried in [`EventKind::BeforeBoot`]).
+///
+/// Defaults (also for VMMs that send none): priority 0, not interruptible,
+/// a fresh boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Admission {
+    /// Priority; higher wins. A VM may only cause the interruption of VMs
+    /// of strictly lower priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether the companion may interrupt this VM (pause, save its state
+    /// and stop it) to make room for a higher-priority one.
+    #[serde(default)]
+    pub interruptible: bool,
+    /// This boot restarts a VM the companion interrupted (restored from its
+    /// saved state, or cold-booted again): the companion grants it the
+    /// reservation it pre-calculated at the interruption.
+    #[serde(default)]
+    pub restart: bool,
+}
+
+impl Admission {
+    /// A fresh boot with this priority and interruptibility.
+    pub fn new(priority: i32, interruptible: bool) -> Self {
+        Admission {
+            priority,
+            interruptible,
+            restart: false,
+        }
+    }
+
+    /// The same, marked as the restart of an interrupted VM.
+    pub fn restarting(mut self) -> Self {
+        self.restart = true;
+        self
+    }
+}
+
 /// A range of guest-physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestRange {
@@ -88,6 +128,11 @@ pub enum EventKind {
         vcpu_tids: Vec<i32>,
         /// Guest RAM.
         ram: GuestRange,
+        /// Priority, interruptibility and whether this boot restarts an
+        /// interrupted VM (absent from older VMMs: priority 0, not
+        /// interruptible, a fresh boot).
+        #[serde(default)]
+        admission: Admission,
     },
     /// The guest signalled ready.
     Ready {
@@ -628,6 +673,26 @@ pub enum HookReply {
         /// The new balloon target, in MiB.
         target_mib: u64,
     },
+    /// Interrupt this VM (answer to a `balloon` event, only to a VMM that
+    /// announced [`crate::proto::FEATURE_INTERRUPT`]): pause it, save its
+    /// state (or just stop it, when it is configured to cold-boot on
+    /// restart), send `interrupted`, and exit. See [`crate::proto`].
+    Interrupt {
+        /// Why (for logs).
+        reason: String,
+    },
+    /// Answer to a `before-boot` event (only to a VMM that announced
+    /// [`crate::proto::FEATURE_INTERRUPT`]): the host cannot take this VM
+    /// now; do not start it, ask again with `before-boot` after
+    /// `retry_after_ms`.
+    Defer {
+        /// Why (for logs).
+        reason: String,
+        /// When to ask again, in milliseconds.
+        retry_after_ms: u64,
+        /// Memory the host lacks for this VM, in MiB.
+        missing_mib: u64,
+    },
 }
 
 impl HookReply {
@@ -635,7 +700,10 @@ impl HookReply {
     pub fn into_plan(self) -> BootPlan {
         match self {
             HookReply::Plan(p) => p,
-            HookReply::Ack | HookReply::BalloonTarget { .. } => BootPlan::empty(),
+            HookReply::Ack
+            | HookReply::BalloonTarget { .. }
+            | HookReply::Interrupt { .. }
+            | HookReply::Defer { .. } => BootPlan::empty(),
         }
     }
 }

@@ -22,10 +22,10 @@ pub mod proto;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
-    BalloonStatus, BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange, HookReply,
-    LibvirtDomain, LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings, LifecycleHook,
-    MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport, ProfileRequest,
-    StopStatus, TouchWindow, VmIdentity, VmSpec,
+    Admission, BalloonStatus, BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange,
+    HookReply, LibvirtDomain, LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings,
+    LifecycleHook, MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport,
+    ProfileRequest, StopStatus, TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
 

@@ -82,12 +82,56 @@
 //!
 //! A daemon older than this addition rejects the event as a malformed body;
 //! the hook then exits 0 as it does whenever the daemon is unavailable.
+//!
+//! ## Interruption (an addition to version 1, negotiated)
+//!
+//! A VMM that can be told to interrupt a VM announces the feature
+//! [`FEATURE_INTERRUPT`] in `hello` (`"features": ["interrupt-1"]`; the
+//! field is omitted when empty, and unknown fields are ignored, so either
+//! side may be older). The companion sends the two replies below **only**
+//! on connections whose `hello` announced the feature; to any other VMM it
+//! answers as before, so an older VMM never sees a reply kind it cannot
+//! decode.
+//!
+//! `before-boot` carries an `admission` object (`priority`, higher wins;
+//! `interruptible`; `restart`, true when the boot restarts an interrupted
+//! VM); absent, it means priority 0, not interruptible, a fresh boot.
+//!
+//! ```text
+//! VMM (high priority)                     companion (capacity C)
+//!  event before-boot {admission} ─────────► fits C?  reply plan
+//!                                           (after shrinking others and
+//!                                            ordering interruptions: plan)
+//!                                           cannot free enough: reply defer
+//!                                             {reason, retry_after_ms, missing_mib}
+//!                                             → VMM waits, sends before-boot again
+//! VMM (interruptible victim)
+//!  event balloon {…} ─────────────────────► reply interrupt {reason}
+//!   (pause vCPUs, save state to its file, or only stop when configured
+//!    to cold-boot on restart)
+//!  event interrupted {reason} ────────────► reply ack   (allocation released,
+//!  event stopped {…} ─────────────────────► reply ack    restart reservation kept)
+//! later, the restart (labvm --restore FILE):
+//!  event created, before-boot {restart: true} ► reply plan  (the pre-calculated
+//!                                                reservation, at once) or defer
+//!  event restarted ───────────────────────► reply ack   (instead of ready and
+//!                                                        boot-report)
+//! ```
+//!
+//! Other VMs are shrunk first with `balloon-target` replies to their
+//! `balloon` events. A VMM without a balloon device sends no `balloon`
+//! events and so can be neither shrunk nor interrupted (labvm gives every
+//! `--interruptible` VM a balloon device for this reason).
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, HookReply};
+
+/// The feature a VMM announces in `hello` when it understands the
+/// `interrupt` and `defer` replies (see the module documentation).
+pub const FEATURE_INTERRUPT: &str = "interrupt-1";
 
 /// Protocol version spoken here.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -107,6 +151,11 @@ pub enum Message {
     Hello {
         /// The VMM and its version, e.g. `labvm 0.1.0`.
         peer: String,
+        /// Optional protocol features the VMM understands (e.g.
+        /// [`FEATURE_INTERRUPT`]); empty from older VMMs, and omitted when
+        /// empty so older companions read the hello unchanged.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// A lifecycle event (VMM to companion).
     Event(Event),
@@ -289,13 +338,35 @@ mod tests {
         let msgs = [
             Message::Hello {
                 peer: "labvm 0.1.0".into(),
+                features: Vec::new(),
             },
+            Message::Hello {
+                peer: "labvm 0.2.0".into(),
+                features: vec![FEATURE_INTERRUPT.into()],
+            },
+            Message::Reply(HookReply::Interrupt {
+                reason: "make room".into(),
+            }),
+            Message::Reply(HookReply::Defer {
+                reason: "full".into(),
+                retry_after_ms: 500,
+                missing_mib: 64,
+            }),
+            event(EventKind::BeforeBoot {
+                vcpu_tids: vec![1],
+                ram: GuestRange {
+                    start: 0,
+                    len: 1 << 26,
+                },
+                admission: crate::Admission::new(5, true).restarting(),
+            }),
             event(EventKind::BeforeBoot {
                 vcpu_tids: vec![10, 11],
                 ram: GuestRange {
                     start: 0,
                     len: 1 << 30,
                 },
+                admission: crate::Admission::default(),
             }),
             event(EventKind::Ready {
                 time_to_ready_ms: 12.5,
@@ -334,6 +405,58 @@ mod tests {
         let json =
             serde_json::to_string(&Message::Reply(HookReply::Plan(BootPlan::empty()))).unwrap();
         assert!(!json.contains("balloon"), "{json}");
+    }
+
+    #[test]
+    fn hello_and_before_boot_from_older_peers_decode_with_defaults() {
+        let old = br#"{"type":"hello","peer":"labvm 0.1.0"}"#;
+        assert_eq!(
+            decode_body(old).unwrap(),
+            Message::Hello {
+                peer: "labvm 0.1.0".into(),
+                features: Vec::new()
+            }
+        );
+        let json = serde_json::to_string(&Message::Hello {
+            peer: "p".into(),
+            features: Vec::new(),
+        })
+        .unwrap();
+        assert!(!json.contains("features"), "{json}");
+        let old_bb = br#"{"type":"event","vm":{"vm_id":"a","image_digest":"i","package_digest":"p"},
+            "seq":1,"at_unix_ms":0,"kind":{"kind":"before-boot","vcpu_tids":[7],"ram":{"start":0,"len":4096}}}"#;
+        let Message::Event(e) = decode_body(old_bb).unwrap() else {
+            panic!("not an event");
+        };
+        let EventKind::BeforeBoot { admission, .. } = e.kind else {
+            panic!("not before-boot");
+        };
+        assert_eq!(admission, crate::Admission::default());
+        assert_eq!(
+            (
+                admission.priority,
+                admission.interruptible,
+                admission.restart
+            ),
+            (0, false, false)
+        );
+    }
+
+    #[test]
+    fn hostile_interrupt_and_defer_replies_are_body_errors() {
+        for body in [
+            &br#"{"type":"reply","kind":"interrupt"}"#[..],
+            br#"{"type":"reply","kind":"interrupt","reason":7}"#,
+            br#"{"type":"reply","kind":"defer","reason":"x","retry_after_ms":-1,"missing_mib":0}"#,
+            br#"{"type":"reply","kind":"defer","reason":"x","retry_after_ms":1e99,"missing_mib":0}"#,
+            br#"{"type":"event","vm":{"vm_id":"a","image_digest":"i","package_digest":"p"},"seq":0,"at_unix_ms":0,"kind":{"kind":"before-boot","vcpu_tids":[],"ram":{"start":0,"len":1},"admission":{"priority":4294967296}}}"#,
+        ] {
+            assert!(
+                matches!(decode_body(body), Err(ProtoError::Body(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
