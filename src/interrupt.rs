@@ -1446,10 +1446,10 @@ mod tests {
                     .iter()
                     .map(|i| vms.iter().position(|v| v.id == i.id).unwrap())
                     .collect();
-                for k in 0..idx.len() {
+                for (k, victim) in interrupt.iter().enumerate() {
                     let fewer: Vec<usize> = idx.iter().enumerate().filter(|&(j, _)| j != k).map(|(_, &i)| i).collect();
                     prop_assert!(fewer.is_empty() || !works(&h, &vms, &r, &fewer),
-                        "victim {} could be spared", interrupt[k].id);
+                        "victim {} could be spared", victim.id);
                 }
             }
         }

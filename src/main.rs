@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the companion daemon: listen for VMM lifecycle hooks.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig(CheckConfigArgs),
     /// Record a real program's start-up memory touches as a labvm trace.
@@ -581,7 +581,7 @@ fn main() -> ExitCode {
     }
     init_logging();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::CheckConfig(a) => match Config::load(&a.path) {
             Ok(c) => {
                 println!("{}", toml::to_string_pretty(&c).unwrap_or_default());

@@ -247,6 +247,15 @@ fn hw_kvm_high_priority_vm_interrupts_low_one_which_restores_and_keeps_counting(
     assert!(end > saved_counter, "{end} after {saved_counter}");
     assert!(low2.report.heartbeats > low.report.heartbeats);
 
+    eprintln!(
+        "low saved: counter {saved_counter}, {} bytes, {} pages, {:.1} ms; high waited {:.0} ms; \
+         low restored waited {:.0} ms and ended at counter {end}",
+        saved.bytes,
+        saved.pages,
+        saved.ms,
+        high.waited.as_secs_f64() * 1e3,
+        low2.waited.as_secs_f64() * 1e3
+    );
     mid_stop.store(true, Ordering::SeqCst);
     let mid = mid.join().unwrap();
     assert!(mid.interrupted.is_none(), "mid is not interruptible");
