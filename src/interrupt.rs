@@ -217,8 +217,23 @@ pub enum Decision {
     },
 }
 
+/// How [`decide_with`] searches the candidate sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// Every subset up to [`EXACT_LIMIT`] candidates, greedy beyond (what
+    /// [`decide`] does).
+    Auto,
+    /// Always greedy (by priority, then disruption per MiB freed; pruned).
+    Greedy,
+}
+
 /// One decision: see the module documentation.
 pub fn decide(host: &HostView, vms: &[VmView], req: &Request) -> Decision {
+    decide_with(host, vms, req, Search::Auto)
+}
+
+/// One decision with the given search.
+pub fn decide_with(host: &HostView, vms: &[VmView], req: &Request, search: Search) -> Decision {
     let used = vms.iter().fold(host.held, |acc, v| acc.plus(v.allocated));
     let short = used.plus(req.demand).minus(host.capacity);
     if short.is_zero() {
@@ -239,42 +254,86 @@ pub fn decide(host: &HostView, vms: &[VmView], req: &Request) -> Decision {
         req,
         used,
     };
-    let mut best: Option<(Vec<usize>, Key)> = None;
+    let mut best: Option<(Vec<usize>, Key, u32)> = None;
     let mut restart_overflow: Option<Resources> = None;
-    let mut consider = |set: Vec<usize>| match ctx.check(&set) {
-        Check::Fits => {
+    if search == Search::Auto && cands.len() <= EXACT_LIMIT {
+        // Every subset, as a bit mask over the candidates. Sets that leave
+        // the demand short are dropped by an O(|set|) check without
+        // allocation, and supersets of the best set so far are skipped
+        // (they can only be worse).
+        let total_shrink = shrinkable(vms, &all);
+        for mask in 1u32..(1u32 << cands.len()) {
+            if best.as_ref().is_some_and(|(_, _, b)| mask & b == *b) {
+                continue;
+            }
+            let (mut freed, mut restart, mut shrink) =
+                (Resources::default(), Resources::default(), 0u64);
+            let mut bits = mask;
+            while bits != 0 {
+                let v = &vms[cands[bits.trailing_zeros() as usize]];
+                freed = freed.plus(v.allocated);
+                restart = restart.plus(v.restart_demand);
+                shrink = shrink.saturating_add(v.shrinkable_mib.min(v.allocated.memory_mib));
+                bits &= bits - 1;
+            }
+            let short = used.minus(freed).plus(req.demand).minus(host.capacity);
+            if short.vcpus > 0 || short.memory_mib > total_shrink.saturating_sub(shrink) {
+                continue;
+            }
+            let later = used.minus(freed).plus(restart);
+            if !later.fits(host.capacity) {
+                let o = later.minus(host.capacity);
+                if restart_overflow
+                    .is_none_or(|r| (o.memory_mib, o.vcpus) < (r.memory_mib, r.vcpus))
+                {
+                    restart_overflow = Some(o);
+                }
+                continue;
+            }
+            // The key's first element (highest priority touched, its
+            // disruption) is cheap: skip sets already worse on it.
+            let (mut top, mut at_top) = (i32::MIN, 0u64);
+            let mut bits = mask;
+            while bits != 0 {
+                let v = &vms[cands[bits.trailing_zeros() as usize]];
+                match v.priority.cmp(&top) {
+                    Ordering::Greater => (top, at_top) = (v.priority, v.disruption),
+                    Ordering::Equal => at_top = at_top.saturating_add(v.disruption),
+                    Ordering::Less => {}
+                }
+                bits &= bits - 1;
+            }
+            if best
+                .as_ref()
+                .and_then(|(_, k, _)| k.levels.first())
+                .is_some_and(|&first| (top, at_top) > first)
+            {
+                continue;
+            }
+            let set: Vec<usize> = (0..cands.len())
+                .filter(|b| mask & (1 << b) != 0)
+                .map(|b| cands[b])
+                .collect();
             let key = ctx.key(&set);
             if best
                 .as_ref()
-                .is_none_or(|(_, b)| key.cmp(b) == Ordering::Less)
+                .is_none_or(|(_, b, _)| key.cmp(b) == Ordering::Less)
             {
-                best = Some((set, key));
+                best = Some((set, key, mask));
             }
-        }
-        Check::RestartOverflow(o) => {
-            let better =
-                restart_overflow.is_none_or(|r| (o.memory_mib, o.vcpus) < (r.memory_mib, r.vcpus));
-            if better {
-                restart_overflow = Some(o);
-            }
-        }
-        Check::Short => {}
-    };
-    if cands.len() <= EXACT_LIMIT {
-        for mask in 1u32..(1u32 << cands.len()) {
-            let set: Vec<usize> = cands
-                .iter()
-                .enumerate()
-                .filter(|(b, _)| mask & (1 << b) != 0)
-                .map(|(_, &i)| i)
-                .collect();
-            consider(set);
         }
     } else if let Some(set) = ctx.greedy(&cands) {
-        consider(set);
+        match ctx.check(&set) {
+            Check::Fits => {
+                let key = ctx.key(&set);
+                best = Some((set, key, 0));
+            }
+            Check::RestartOverflow(o) => restart_overflow = Some(o),
+            Check::Short => {}
+        }
     }
     match best {
-        Some((set, _)) => {
+        Some((set, _, _)) => {
             let freed = set
                 .iter()
                 .fold(Resources::default(), |a, &i| a.plus(vms[i].allocated));

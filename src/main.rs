@@ -142,6 +142,19 @@ enum BenchCommand {
     Store(StoreBenchArgs),
     /// Simulated VM lifecycles through the hooks socket at a fixed rate.
     Load(LoadBenchArgs),
+    /// The interruption coordinator's choice: exact search against greedy
+    /// (time per decision and what each chose), on seeded random hosts.
+    Interrupt(InterruptBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InterruptBenchArgs {
+    /// Random requests per host size.
+    #[arg(long, default_value_t = 200)]
+    cases: usize,
+    /// Seed of the random hosts.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -204,6 +217,11 @@ struct StoreBenchArgs {
 fn bench(cmd: BenchCommand) -> ExitCode {
     use prescient::bench;
     match cmd {
+        BenchCommand::Interrupt(a) => {
+            let rows = bench::interrupt_bench(&[4, 8, 12, 16], a.cases.max(1), a.seed);
+            println!("{}", bench::interrupt_table(&rows));
+            ExitCode::SUCCESS
+        }
         BenchCommand::Bootstrap(a) => {
             let labvm = a.labvm.clone().unwrap_or_else(|| {
                 std::env::current_exe()
