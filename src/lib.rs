@@ -8,6 +8,7 @@
 mod balloon_control;
 pub mod bench;
 mod config;
+mod gpu;
 pub mod interrupt;
 pub mod libvirt;
 mod metrics;

@@ -9,6 +9,7 @@ use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
 mod forecast_cli;
+mod gpu_cli;
 
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
 #[derive(Debug, Parser)]
@@ -38,6 +39,9 @@ enum Command {
     LibvirtHook(LibvirtHookArgs),
     /// Install `prescient libvirt-hook` as libvirt's QEMU hook (hooks/qemu).
     InstallLibvirtHook(InstallLibvirtHookArgs),
+    /// GPUs: inventory (NVML or a recording), recordings, reservations.
+    #[command(subcommand)]
+    Gpu(gpu_cli::GpuCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -616,6 +620,13 @@ fn main() -> ExitCode {
         Command::InstallLibvirtHook(args) => install_libvirt_hook(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+        Command::Gpu(cmd) => match gpu_cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("prescient gpu: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

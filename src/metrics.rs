@@ -47,6 +47,10 @@ pub struct Metrics {
     /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
     /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
     pub interrupt_actions: Family<KindLabel, Counter>,
+    /// GPUs the NVML inventory found at start (0 without a driver).
+    pub gpus: Gauge,
+    /// GPU reservations released, by reason (`stopped`, `failed`).
+    pub gpu_released: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,6 +73,8 @@ impl Metrics {
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
         let interrupt_actions = Family::<KindLabel, Counter>::default();
+        let gpus = Gauge::default();
+        let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -111,6 +117,12 @@ impl Metrics {
             "What the interruption coordinator did, by kind",
             interrupt_actions.clone(),
         );
+        registry.register("gpus", "GPUs found at start (NVML)", gpus.clone());
+        registry.register(
+            "gpu_reservations_released",
+            "GPU reservations released when their VM stopped, by reason",
+            gpu_released.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -123,6 +135,8 @@ impl Metrics {
             balloon_targets,
             libvirt_actions,
             interrupt_actions,
+            gpus,
+            gpu_released,
         }
     }
 

@@ -122,6 +122,8 @@ struct State {
     log: Option<BufWriter<File>>,
     store: Option<ProfileStore>,
     libvirt: Option<LibvirtAgent>,
+    /// GPU reservations, in the store file.
+    gpu_ledger: Option<accel::Ledger>,
 }
 
 /// The hooks server.
@@ -176,6 +178,13 @@ impl HooksServer {
                 None
             }
         };
+        // GPUs: probed once, logged once (one info line without a driver).
+        let gpus = crate::gpu::probe_at_start(config.store.as_deref());
+        config
+            .metrics
+            .gpus
+            .set(gpus.map_or(0, |g| i64::try_from(g.gpus.len()).unwrap_or(i64::MAX)));
+        let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,
@@ -188,6 +197,7 @@ impl HooksServer {
                 log,
                 store,
                 libvirt,
+                gpu_ledger,
                 ..State::default()
             })),
         })
@@ -463,8 +473,12 @@ fn record(
             }
             HookReply::Ack
         }
-        EventKind::Stopped { .. } => {
+        EventKind::Stopped { status } => {
             st.last_seq.remove(&vm);
+            if let Some(l) = st.gpu_ledger.as_mut() {
+                let failed = matches!(status, vmm_hooks::StopStatus::Failed { .. });
+                crate::gpu::release_on_stop(l, metrics, &vm, failed);
+            }
             HookReply::Ack
         }
         EventKind::Libvirt(call) => {
@@ -474,6 +488,13 @@ fn record(
                     operation = call.operation_name,
                     "libvirt hook could not read the domain XML: {problem}"
                 );
+            }
+            // libvirt's last word on a domain (after a stop, or a start
+            // that failed): its GPUs are free again.
+            if call.operation == vmm_hooks::LibvirtOperation::Release
+                && let Some(l) = st.gpu_ledger.as_mut()
+            {
+                crate::gpu::release_on_stop(l, metrics, &vm, false);
             }
             // Never waits: the agent acts after this reply, on its own thread.
             if let Some(agent) = st.libvirt.as_ref() {
