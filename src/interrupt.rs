@@ -1324,6 +1324,50 @@ mod tests {
         assert!(matches!(a, Admitted::Boot { .. }), "{a:?}");
     }
 
+    /// One step of a random event sequence against the coordinator.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Boot {
+            vm: usize,
+            priority: i32,
+            interruptible: bool,
+            restart: bool,
+            mem: u64,
+        },
+        Poll {
+            vm: usize,
+            free_mib: u64,
+        },
+        Interrupted {
+            vm: usize,
+        },
+        Stopped {
+            vm: usize,
+        },
+    }
+
+    fn arb_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (
+                0usize..5,
+                -1i32..3,
+                any::<bool>(),
+                any::<bool>(),
+                16u64..160
+            )
+                .prop_map(|(vm, priority, interruptible, restart, mem)| Step::Boot {
+                    vm,
+                    priority,
+                    interruptible,
+                    restart,
+                    mem: mem & !1
+                }),
+            (0usize..5, 0u64..64).prop_map(|(vm, free_mib)| Step::Poll { vm, free_mib }),
+            (0usize..5).prop_map(|vm| Step::Interrupted { vm }),
+            (0usize..5).prop_map(|vm| Step::Stopped { vm }),
+        ]
+    }
+
     // ---- properties ----------------------------------------------------
 
     fn arb_vm(i: usize) -> impl Strategy<Value = VmView> {
@@ -1542,6 +1586,62 @@ mod tests {
                     }
                 }
                 Decision::Admit { .. } => prop_assert!(false, "admitted while short: {d:?}"),
+            }
+        }
+
+        // Random event sequences: the ledger never panics; an interrupt
+        // order only reaches an interruptible VM whose VMM can be told,
+        // chosen for a requester of higher priority; a restart that boots
+        // gets exactly the reservation held for it.
+        #[test]
+        fn coordinator_orders_only_lower_priority_interruptible_vms(
+            steps in proptest::collection::vec(arb_step(), 1..60)
+        ) {
+            use vmm_hooks::HookReply;
+            let mut c = Coordinator::new(CoordinatorConfig::new(Resources::new(256, 64)));
+            // Victim → (requester, its priority when it chose the victim).
+            let mut ordered_by: BTreeMap<String, (String, i32)> = BTreeMap::new();
+            for (t, step) in steps.into_iter().enumerate() {
+                let now = t as u64 * 100;
+                match step {
+                    Step::Boot { vm, priority, interruptible, restart, mem } => {
+                        let id = format!("vm{vm}");
+                        let held = c.vms().get(&id).filter(|v| v.state == VmState::Interrupted).and_then(|v| v.restart);
+                        let ask = BootAsk { vm: &id, priority, interruptible, restart, memory_mib: mem, vcpus: 1 };
+                        let a = c.before_boot(&ask, now);
+                        if let Admitted::Defer { decision: Some(Decision::Interrupt { interrupt, .. }), .. } = &a {
+                            for i in interrupt {
+                                ordered_by.insert(i.id.clone(), (id.clone(), priority));
+                            }
+                        }
+                        if let Admitted::Boot { reserved, restart: r, .. } = a {
+                            prop_assert_eq!(r, restart && held.is_some());
+                            if r {
+                                prop_assert_eq!(Some(reserved), held);
+                            }
+                            prop_assert_eq!(&c.vms()[&id].state, &VmState::Running);
+                        }
+                    }
+                    Step::Poll { vm, free_mib } => {
+                        let id = format!("vm{vm}");
+                        let memory = c.vms().get(&id).map_or(64, |v| v.memory_mib);
+                        let before = c.vms().get(&id).cloned();
+                        let order = c.balloon(&id, &status(memory, 0, 0, free_mib));
+                        if let Some(HookReply::Interrupt { reason }) = order {
+                            let v = before.unwrap();
+                            prop_assert!(v.interruptible);
+                            let VmState::Interrupting { for_vm, .. } = &v.state else {
+                                panic!("interrupt sent to a VM in state {:?}", v.state);
+                            };
+                            let (requester, p) = &ordered_by[&id];
+                            prop_assert_eq!(requester, for_vm);
+                            prop_assert!(reason.contains(for_vm.as_str()));
+                            prop_assert!(*p > v.priority);
+                        }
+                    }
+                    Step::Interrupted { vm } => c.interrupted(&format!("vm{vm}")),
+                    Step::Stopped { vm } => c.stopped(&format!("vm{vm}")),
+                }
             }
         }
 
