@@ -18,7 +18,9 @@ mod trace_capture;
 mod working_set;
 
 pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
-pub use config::{BalloonSection, Config, ConfigError, DaemonConfig, PlanConfig, StoreConfig};
+pub use config::{
+    BalloonSection, Config, ConfigError, DaemonConfig, InterruptSection, PlanConfig, StoreConfig,
+};
 pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};

@@ -395,18 +395,18 @@ struct ServeArgs {
     virsh: Option<PathBuf>,
     /// Memory this host may hand out to VMs, MiB: turns on the interruption
     /// coordinator (admission against this capacity, balloon shrinks,
-    /// interruption of lower-priority interruptible VMs, deferral). Until
-    /// the resource pool lands, this is its only source of capacity.
+    /// interruption of lower-priority interruptible VMs, deferral); also
+    /// `[interrupt] capacity_mib`. Until the resource pool lands, this is
+    /// its only source of capacity.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     capacity_mib: Option<u64>,
-    /// vCPUs this host may hand out to VMs (with --capacity-mib)
-    /// [default: unlimited].
-    #[arg(long, requires = "capacity_mib", value_parser = clap::value_parser!(u64).range(1..))]
+    /// vCPUs this host may hand out to VMs [default: unlimited].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     capacity_vcpus: Option<u64>,
     /// Memory each VM keeps beyond what the coordinator's shrinks may take,
-    /// MiB (with --capacity-mib).
-    #[arg(long, requires = "capacity_mib", default_value_t = 16)]
-    shrink_headroom_mib: u64,
+    /// MiB [default: 16].
+    #[arg(long)]
+    shrink_headroom_mib: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -440,6 +440,15 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     }
     if args.balloon_forecasts.is_some() {
         c.balloon.forecasts = args.balloon_forecasts.clone();
+    }
+    if args.capacity_mib.is_some() {
+        c.interrupt.capacity_mib = args.capacity_mib;
+    }
+    if args.capacity_vcpus.is_some() {
+        c.interrupt.capacity_vcpus = args.capacity_vcpus;
+    }
+    if let Some(h) = args.shrink_headroom_mib {
+        c.interrupt.shrink_headroom_mib = h;
     }
     let l = &mut c.libvirt;
     if args.no_libvirt {
@@ -500,11 +509,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     config.libvirt = c.libvirt_agent();
-    if let Some(mib) = args.capacity_mib {
-        let capacity =
-            prescient::interrupt::Resources::new(mib, args.capacity_vcpus.unwrap_or(u64::MAX));
-        let mut ic = prescient::interrupt::CoordinatorConfig::new(capacity);
-        ic.shrink_headroom_mib = args.shrink_headroom_mib;
+    if let Some(ic) = c.interrupt_coordinator() {
+        tracing::info!(
+            capacity_mib = ic.capacity.memory_mib,
+            capacity_vcpus = ic.capacity.vcpus,
+            "interruption coordinator on"
+        );
         config.interrupt = Some(std::sync::Arc::new(std::sync::Mutex::new(
             prescient::interrupt::Coordinator::new(ic),
         )));
