@@ -54,12 +54,17 @@ fn run_vm(
         let mut hook = SocketHook::new(hc);
         let identity = lab_identity(id, &vm);
         let should_stop = move || stop.load(Ordering::SeqCst);
+        let restart = admission.restart;
         let mut reporter = HookReporter::new(&mut hook, identity)
             .with_stop(&should_stop)
             .with_admission(admission, Duration::from_secs(120))
             .with_balloon(vm.balloon().unwrap(), Duration::from_millis(100));
         if let Some(path) = save {
             reporter = reporter.with_interrupt(OnInterrupt::Save(path));
+        }
+        if restart {
+            // Every restart in this test is a restore from the saved file.
+            reporter = reporter.restored();
         }
         reporter.created(&vm);
         let result = vm.run(&mut reporter);

@@ -52,6 +52,7 @@ pub struct HookReporter<'a> {
     on_interrupt: Option<OnInterrupt>,
     interrupt_requested: Option<String>,
     interrupted: Option<Interruption>,
+    restored: bool,
 }
 
 /// What a lab VM does when the companion interrupts it.
@@ -111,7 +112,15 @@ impl<'a> HookReporter<'a> {
             on_interrupt: None,
             interrupt_requested: None,
             interrupted: None,
+            restored: false,
         }
+    }
+
+    /// The VM was restored from a saved state (it resumes instead of
+    /// booting): `restarted` is sent instead of `ready` and `boot-report`.
+    pub fn restored(mut self) -> Self {
+        self.restored = true;
+        self
     }
 
     /// Sends this admission (priority, interruptible, restart) in
@@ -321,7 +330,7 @@ impl RunObserver for HookReporter<'_> {
     }
 
     fn ready(&mut self, elapsed: Duration, report: &BootReport) {
-        if self.admission.restart {
+        if self.restored {
             // A restored VM did not boot: nothing to measure or learn from.
             self.send(EventKind::Restarted);
             return;
@@ -330,6 +339,10 @@ impl RunObserver for HookReporter<'_> {
             time_to_ready_ms: elapsed.as_secs_f64() * 1e3,
         });
         self.send(EventKind::BootReport(report.clone()));
+        if self.admission.restart {
+            // A cold boot that restarts an interrupted VM.
+            self.send(EventKind::Restarted);
+        }
     }
 
     fn admission_wait(&self) -> Duration {

@@ -455,6 +455,9 @@ fn main() -> ExitCode {
             admission,
             Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
         );
+    if cli.restore.is_some() {
+        reporter = reporter.restored();
+    }
     if cli.interruptible {
         reporter = reporter.with_interrupt(match &cli.save_on_interrupt {
             Some(path) if cli.interrupt_mode == "save" => OnInterrupt::Save(path.clone()),

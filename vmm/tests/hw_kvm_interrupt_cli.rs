@@ -215,3 +215,112 @@ fn hw_kvm_cli_interrupted_vm_exits_75_and_restores_with_its_counter() {
     let end = json["counter"].as_u64().unwrap();
     assert!(end > saved, "counter {end} after restore from {saved}");
 }
+
+#[test]
+fn hw_kvm_cli_stop_mode_exits_75_without_a_file_and_cold_restart_boots_again() {
+    if !kvm_or_skip("hw_kvm_cli_stop_mode_exits_75_without_a_file_and_cold_restart_boots_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (child, mut conn) = start(
+        &dir.path().join("a.sock"),
+        &[
+            "--mem",
+            "64",
+            "--workload",
+            "dirty:2000:8",
+            "--interruptible",
+            "--interrupt-mode",
+            "stop",
+            "--run-for",
+            "120",
+        ],
+    );
+    hello(&mut conn);
+    let mut ready = false;
+    loop {
+        let e = event(&mut conn);
+        match e.kind {
+            EventKind::BeforeBoot { .. } => {
+                reply(&mut conn, HookReply::Plan(BootPlan::empty()));
+                continue;
+            }
+            EventKind::Ready { .. } => ready = true,
+            EventKind::Balloon(_) if ready => {
+                reply(
+                    &mut conn,
+                    HookReply::Interrupt {
+                        reason: "room".into(),
+                    },
+                );
+                break;
+            }
+            _ => {}
+        }
+        reply(&mut conn, HookReply::Ack);
+    }
+    let e = event(&mut conn);
+    assert!(
+        matches!(e.kind, EventKind::Interrupted { .. }),
+        "{:?}",
+        e.kind
+    );
+    reply(&mut conn, HookReply::Ack);
+    let e = event(&mut conn);
+    assert!(matches!(e.kind, EventKind::Stopped { .. }), "{:?}", e.kind);
+    reply(&mut conn, HookReply::Ack);
+    let (code, out) = finish(child);
+    assert_eq!(code, i32::from(labvm::EXIT_INTERRUPTED), "{out}");
+    assert!(out.contains("interrupted (room): stopped"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the socket"
+    );
+
+    // The cold restart boots from scratch and says it is a restart.
+    let (child, mut conn) = start(
+        &dir.path().join("b.sock"),
+        &[
+            "--mem",
+            "64",
+            "--workload",
+            "dirty:2000:8",
+            "--restart",
+            "--run-for",
+            "0.3",
+        ],
+    );
+    hello(&mut conn);
+    let mut kinds = Vec::new();
+    loop {
+        let e = event(&mut conn);
+        let name = e.kind.name();
+        match &e.kind {
+            EventKind::BeforeBoot { admission, .. } => {
+                assert!(admission.restart);
+                reply(&mut conn, HookReply::Plan(BootPlan::empty()));
+            }
+            _ => reply(&mut conn, HookReply::Ack),
+        }
+        if name != "balloon" {
+            kinds.push(name);
+        }
+        if name == "stopped" {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "before-boot",
+            "ready",
+            "boot-report",
+            "restarted",
+            "stopped"
+        ]
+    );
+    let (code, out) = finish(child);
+    assert_eq!(code, 0, "{out}");
+}
