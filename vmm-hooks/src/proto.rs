@@ -114,8 +114,9 @@
 //! later, the restart (labvm --restore FILE):
 //!  event created, before-boot {restart: true} ► reply plan  (the pre-calculated
 //!                                                reservation, at once) or defer
-//!  event restarted ───────────────────────► reply ack   (instead of ready and
-//!                                                        boot-report)
+//!  event restarted ───────────────────────► reply ack   (a restore: instead of
+//!                                                        ready and boot-report;
+//!                                                        a cold boot: after them)
 //! ```
 //!
 //! Other VMs are shrunk first with `balloon-target` replies to their
