@@ -26,6 +26,16 @@
 //! [balloon]
 //! forecasts = "/etc/prescient/balloon-forecasts.json"   # optional (see BalloonForecasts)
 //!
+//! [shaping]
+//! interval_s = 30              # 0 (the default): the shaping loop is off
+//! policy = "maximise-utilisation"   # minimise-fragmentation | favour-high-priority
+//! lambda = 20.0                # tuner reward: -(slack + lambda * shortfall)
+//! floor_mib = 128
+//! host_memory_mib = 65536      # optional (default: the host's MemTotal)
+//! host_cpus = 16.0             # optional (default: the host's CPUs)
+//! cgroups = false              # cpu.weight / cpu.max in a cgroup per VM (its VMM process)
+//! cgroup_parent = "prescient"
+//!
 //! [libvirt]
 //! act = true                   # false: only record libvirt hook calls
 //! uri = "qemu:///system"
@@ -86,6 +96,15 @@ pub enum ConfigError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The `[shaping]` section is out of range.
+    #[error("{path}")]
+    Shaping {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        #[source]
+        source: crate::shaping::ShapeError,
+    },
 }
 
 /// The whole configuration.
@@ -102,6 +121,8 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     /// Balloon control.
     pub balloon: BalloonSection,
+    /// The shaping loop.
+    pub shaping: crate::ShapingConfig,
     /// The interruption coordinator.
     pub interrupt: InterruptSection,
 }
@@ -381,6 +402,12 @@ impl Config {
                 "must be at least interrupt.retry_after_ms",
             ));
         }
+        if let Err(e) = self.shaping.validate() {
+            return Err(ConfigError::Shaping {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -490,6 +517,29 @@ mod tests {
         let c = parse("[balloon]\nforecasts = \"/etc/f.json\"\n").unwrap();
         assert_eq!(c.balloon.forecasts, Some(PathBuf::from("/etc/f.json")));
         assert!(parse("[balloon]\nforecast = \"/etc/f.json\"\n").is_err());
+    }
+
+    #[test]
+    fn shaping_section_is_read_and_checked() {
+        let c = parse(
+            "[shaping]\ninterval_s = 15\npolicy = \"favour-high-priority\"\nlambda = 2.5\n[shaping.limits]\nmemory_granule_mib = 256\n",
+        )
+        .unwrap();
+        assert_eq!(c.shaping.interval_s, 15);
+        assert_eq!(
+            c.shaping.policy,
+            crate::shaping::ShapePolicy::FavourHighPriority
+        );
+        assert_eq!(c.shaping.limits.memory_granule_mib, 256);
+        assert_eq!(parse("").unwrap().shaping.interval_s, 0);
+        for text in [
+            "[shaping]\npolicy = \"fastest\"\n",
+            "[shaping]\nintervals = 3\n",
+        ] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        let e = vmm_hooks::error_chain(&parse("[shaping]\nlambda = -1\n").unwrap_err());
+        assert!(e.contains("shaping.lambda"), "{e}");
     }
 
     #[test]

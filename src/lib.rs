@@ -13,6 +13,9 @@ pub mod interrupt;
 pub mod libvirt;
 mod metrics;
 mod server;
+mod shape_loop;
+pub mod shape_replay;
+pub mod shaping;
 mod store;
 mod trace_capture;
 mod working_set;
@@ -23,6 +26,7 @@ pub use config::{
 };
 pub use metrics::{Metrics, serve_metrics};
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
+pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use store::{BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy};
 pub use trace_capture::{Capture, CaptureError, Touch, capture};
 pub use working_set::{

@@ -39,9 +39,74 @@ enum Command {
     LibvirtHook(LibvirtHookArgs),
     /// Install `prescient libvirt-hook` as libvirt's QEMU hook (hooks/qemu).
     InstallLibvirtHook(InstallLibvirtHookArgs),
+    /// Replay a real trace through forecaster, shaper and margin tuner, and
+    /// compare the tuned margin with fixed margins.
+    ShapeReplay(ShapeReplayArgs),
     /// GPUs: inventory (NVML or a recording), recordings, reservations.
     #[command(subcommand)]
     Gpu(gpu_cli::GpuCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ShapeReplayArgs {
+    /// The trace file (shared/data/traces format, gzip CSV).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Cost of shortfall against slack in the reward -(slack + lambda * shortfall).
+    #[arg(long, default_value_t = 20.0)]
+    lambda: f64,
+    /// minimise-fragmentation, maximise-utilisation or favour-high-priority.
+    #[arg(long, default_value = "maximise-utilisation")]
+    policy: prescient::shaping::ShapePolicy,
+    /// The demand column: cpu_pct (shapes cpu.max) or mem_pct (shapes the balloon).
+    #[arg(long, default_value = "cpu_pct")]
+    metric: String,
+    /// VMs: the first N series of the file with that column.
+    #[arg(long, default_value_t = 16)]
+    vms: usize,
+    /// Host capacity as a share of the VMs' total size.
+    #[arg(long, default_value_t = 0.5)]
+    host_fraction: f64,
+    /// Decisions per row of the window table.
+    #[arg(long, default_value_t = 288)]
+    window: usize,
+    /// Replay at most this many 5-minute slots.
+    #[arg(long)]
+    max_slots: Option<usize>,
+    /// Where JSON and the SVG plot go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn shape_replay(a: ShapeReplayArgs) -> ExitCode {
+    use prescient::shape_replay::{ReplayConfig, replay};
+    let metric = match a.metric.as_str() {
+        "cpu_pct" => models::Metric::CpuPct,
+        "mem_pct" => models::Metric::MemPct,
+        other => {
+            eprintln!("prescient: --metric {other}: use cpu_pct or mem_pct");
+            return ExitCode::from(2);
+        }
+    };
+    let mut c = ReplayConfig::new(&a.trace);
+    c.metric = metric;
+    c.lambda = a.lambda;
+    c.policy = a.policy;
+    c.vms = a.vms.max(1);
+    c.host_fraction = a.host_fraction;
+    c.window = a.window.max(1);
+    c.max_slots = a.max_slots;
+    match replay(&c).and_then(|r| r.write(&a.out).map(|f| (r, f))) {
+        Ok((r, (json, svg))) => {
+            println!("{}", r.tables());
+            println!("JSON: {}\nplot: {}", json.display(), svg.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -407,6 +472,19 @@ struct ServeArgs {
     /// MiB [default: 16].
     #[arg(long)]
     shrink_headroom_mib: Option<u64>,
+    /// Run the shaping loop every N seconds (0: off) [default: 0].
+    #[arg(long)]
+    shape_interval_s: Option<u64>,
+    /// Shaping policy: minimise-fragmentation, maximise-utilisation or
+    /// favour-high-priority [default: maximise-utilisation].
+    #[arg(long)]
+    shape_policy: Option<prescient::shaping::ShapePolicy>,
+    /// Shaping tuner reward: -(slack + lambda * shortfall) [default: 20].
+    #[arg(long)]
+    shape_lambda: Option<f64>,
+    /// Write cpu.weight / cpu.max to a cgroup per VM holding its VMM process.
+    #[arg(long)]
+    shape_cgroups: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -472,6 +550,18 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if let Some(v) = &args.virsh {
         l.virsh = v.clone();
     }
+    if let Some(n) = args.shape_interval_s {
+        c.shaping.interval_s = n;
+    }
+    if let Some(p) = args.shape_policy {
+        c.shaping.policy = p;
+    }
+    if let Some(l) = args.shape_lambda {
+        c.shaping.lambda = l;
+    }
+    if args.shape_cgroups {
+        c.shaping.cgroups = true;
+    }
     // Flags are checked like the file.
     c.validate(std::path::Path::new("(command line)"))?;
     Ok(c)
@@ -519,6 +609,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             prescient::interrupt::Coordinator::new(ic),
         )));
     }
+    if c.shaping.interval_s > 0 {
+        match prescient::ShapingLoop::new(c.shaping.clone(), std::sync::Arc::clone(&config.metrics))
+        {
+            Ok(l) => config.shaping = Some(std::sync::Arc::new(l)),
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let shaping = config.shaping.clone();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)
@@ -557,6 +658,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                     tracing::error!("metrics endpoint on {addr} failed: {e}");
                 }
             });
+        }
+        if let Some(l) = shaping {
+            tokio::spawn(l.run(rx.clone()));
         }
         tokio::spawn(async move {
             wait_for_shutdown_signal().await;
@@ -628,6 +732,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench(cmd),
         Command::LibvirtHook(args) => libvirt_hook(args),
         Command::InstallLibvirtHook(args) => install_libvirt_hook(args),
+        Command::ShapeReplay(args) => shape_replay(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
         Command::Gpu(cmd) => match gpu_cli::run(cmd) {

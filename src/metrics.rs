@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -17,6 +18,25 @@ pub struct KindLabel {
     /// The kind (event kind, rejection reason, plan kind).
     pub kind: String,
 }
+
+/// Label of a per-VM gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmLabel {
+    /// The VM id.
+    pub vm: String,
+}
+
+/// Label of a per-VM forecast quantile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmQuantileLabel {
+    /// The VM id.
+    pub vm: String,
+    /// `p50`, `p90` or `p99`.
+    pub quantile: String,
+}
+
+/// A per-VM floating-point gauge.
+pub type VmGauge = Family<VmLabel, Gauge<f64, AtomicU64>>;
 
 /// Every metric the daemon exports.
 #[derive(Debug)]
@@ -47,6 +67,21 @@ pub struct Metrics {
     /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
     /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
     pub interrupt_actions: Family<KindLabel, Counter>,
+    /// What the shaping loop did, by kind (`balloon-target`, `cgroup-set`,
+    /// `cgroup-failed`).
+    pub shape_actions: Family<KindLabel, Counter>,
+    /// Shaping: forecast memory in use per VM and quantile, MiB.
+    pub shape_forecast_mib: Family<VmQuantileLabel, Gauge<f64, AtomicU64>>,
+    /// Shaping: memory in use per VM over the last interval, MiB.
+    pub shape_actual_mib: VmGauge,
+    /// Shaping: memory granted per VM (guest RAM minus balloon), MiB.
+    pub shape_grant_mib: VmGauge,
+    /// Shaping: predicted growth to pre-fault per VM, MiB.
+    pub shape_prefault_mib: VmGauge,
+    /// Shaping: the headroom margin the tuner chose.
+    pub shape_margin: Gauge<f64, AtomicU64>,
+    /// Shaping: each VM's margin after widening by its forecast's spread.
+    pub shape_vm_margin: VmGauge,
     /// GPUs the NVML inventory found at start (0 without a driver).
     pub gpus: Gauge,
     /// GPU reservations released, by reason (`stopped`, `failed`).
@@ -117,6 +152,48 @@ impl Metrics {
             "What the interruption coordinator did, by kind",
             interrupt_actions.clone(),
         );
+        let shape_actions = Family::<KindLabel, Counter>::default();
+        let shape_forecast_mib = Family::<VmQuantileLabel, Gauge<f64, AtomicU64>>::default();
+        let shape_actual_mib = VmGauge::default();
+        let shape_grant_mib = VmGauge::default();
+        let shape_prefault_mib = VmGauge::default();
+        let shape_margin = Gauge::<f64, AtomicU64>::default();
+        let shape_vm_margin = VmGauge::default();
+        registry.register(
+            "shape_vm_margin",
+            "Headroom margin per VM after widening by its forecast's spread",
+            shape_vm_margin.clone(),
+        );
+        registry.register(
+            "shape_actions",
+            "What the shaping loop did, by kind",
+            shape_actions.clone(),
+        );
+        registry.register(
+            "shape_forecast_mib",
+            "Forecast memory in use per VM (next hour), MiB",
+            shape_forecast_mib.clone(),
+        );
+        registry.register(
+            "shape_actual_mib",
+            "Memory in use per VM over the last shaping interval, MiB",
+            shape_actual_mib.clone(),
+        );
+        registry.register(
+            "shape_grant_mib",
+            "Memory granted per VM by the shaping loop, MiB",
+            shape_grant_mib.clone(),
+        );
+        registry.register(
+            "shape_prefault_mib",
+            "Predicted growth to pre-fault per VM, MiB",
+            shape_prefault_mib.clone(),
+        );
+        registry.register(
+            "shape_margin",
+            "Headroom margin chosen by the online tuner",
+            shape_margin.clone(),
+        );
         registry.register("gpus", "GPUs found at start (NVML)", gpus.clone());
         registry.register(
             "gpu_reservations_released",
@@ -125,6 +202,13 @@ impl Metrics {
         );
         Metrics {
             registry,
+            shape_actions,
+            shape_forecast_mib,
+            shape_actual_mib,
+            shape_grant_mib,
+            shape_prefault_mib,
+            shape_margin,
+            shape_vm_margin,
             events,
             rejected,
             plans,
@@ -147,6 +231,40 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+    }
+
+    /// Sets a per-VM gauge.
+    pub fn shape_gauge(&self, family: &VmGauge, vm: &str, v: f64) {
+        family.get_or_create(&VmLabel { vm: vm.to_string() }).set(v);
+    }
+
+    /// Sets a VM's forecast quantile.
+    pub fn shape_forecast(&self, vm: &str, quantile: &str, v: f64) {
+        self.shape_forecast_mib
+            .get_or_create(&VmQuantileLabel {
+                vm: vm.to_string(),
+                quantile: quantile.to_string(),
+            })
+            .set(v);
+    }
+
+    /// Drops a stopped VM's shaping gauges.
+    pub fn forget_shaped_vm(&self, vm: &str) {
+        let l = VmLabel { vm: vm.to_string() };
+        for f in [
+            &self.shape_actual_mib,
+            &self.shape_grant_mib,
+            &self.shape_prefault_mib,
+            &self.shape_vm_margin,
+        ] {
+            f.remove(&l);
+        }
+        for q in ["p50", "p90", "p99"] {
+            self.shape_forecast_mib.remove(&VmQuantileLabel {
+                vm: vm.to_string(),
+                quantile: q.to_string(),
+            });
+        }
     }
 
     /// The exposition text.

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     /// The interruption coordinator (`--capacity-mib`); `None`: every VM
     /// is admitted and none is interrupted.
     pub interrupt: Option<Arc<Mutex<crate::interrupt::Coordinator>>>,
+    /// The shaping loop (`None`: off). It sees every event and answers
+    /// balloon status with its targets; its ticks run beside the server.
+    pub shaping: Option<Arc<crate::ShapingLoop>>,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             libvirt: None,
             metrics: Arc::new(Metrics::new()),
             interrupt: None,
+            shaping: None,
         }
     }
 }
@@ -289,8 +293,8 @@ async fn handle_connection(
     state: &Mutex<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let uid = match stream.peer_cred() {
-        Ok(c) => c.uid(),
+    let (uid, peer_pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid().and_then(|p| u32::try_from(p).ok())),
         Err(e) => {
             tracing::error!("cannot read peer credentials: {e}; closing");
             return;
@@ -357,6 +361,7 @@ async fn handle_connection(
                     &peer,
                     event,
                     config.balloon.as_deref(),
+                    config.shaping.as_deref().map(|s| (s, peer_pid)),
                     interrupt,
                 )
             }
@@ -405,6 +410,7 @@ fn record(
     peer: &str,
     event: Event,
     balloon: Option<&crate::BalloonControl>,
+    shaping: Option<(&crate::ShapingLoop, Option<u32>)>,
     interrupt: Option<(&Mutex<crate::interrupt::Coordinator>, bool)>,
 ) -> HookReply {
     Metrics::inc(&metrics.events, event.kind.name());
@@ -506,6 +512,11 @@ fn record(
     };
     let reply = match balloon {
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
+        None => reply,
+    };
+    // The shaping loop's target, where it has one, wins over the forecasts file's.
+    let reply = match shaping {
+        Some((s, pid)) => s.observe(&event, pid, reply),
         None => reply,
     };
     // The interruption coordinator has the last word (admission, shrink
