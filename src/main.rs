@@ -642,6 +642,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Signal handlers first: from the moment the socket exists a client
+        // (or systemd) may send SIGTERM, and before the handlers are in
+        // place that would kill the daemon without its orderly shutdown.
+        let shutdown_signal = shutdown_signal();
         let server = match HooksServer::bind(config) {
             Ok(s) => s,
             Err(e) => {
@@ -663,7 +667,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             tokio::spawn(l.run(rx.clone()));
         }
         tokio::spawn(async move {
-            wait_for_shutdown_signal().await;
+            shutdown_signal.await;
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
@@ -672,21 +676,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn wait_for_shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that
+/// completes when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
