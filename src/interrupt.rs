@@ -918,7 +918,10 @@ impl Coordinator {
                 return None;
             }
             v.shrink_to_mib = None;
-            return Some(vmm_hooks::HookReply::BalloonTarget { target_mib: t });
+            return Some(vmm_hooks::HookReply::BalloonTarget {
+                target_mib: t,
+                prefault_mib: 0,
+            });
         }
         None
     }
@@ -1292,7 +1295,10 @@ mod tests {
         assert!(matches!(r, Admitted::Boot { .. }), "{r:?}");
         assert_eq!(
             c.balloon("a", &status(96, 0, 0, 60)),
-            Some(HookReply::BalloonTarget { target_mib: 26 })
+            Some(HookReply::BalloonTarget {
+                target_mib: 26,
+                prefault_mib: 0
+            })
         );
         assert_eq!(c.balloon("a", &status(96, 26, 26, 34)), None);
     }

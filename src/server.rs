@@ -529,7 +529,7 @@ fn record(
         (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
             Metrics::inc(&metrics.balloon_targets, "pre-balloon");
         }
-        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib }) => {
+        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib, .. }) => {
             let kind = if *target_mib > s.target_mib {
                 "inflate"
             } else {

@@ -672,6 +672,11 @@ pub enum HookReply {
     BalloonTarget {
         /// The new balloon target, in MiB.
         target_mib: u64,
+        /// Predicted growth: make up to this many MiB of what the guest
+        /// deflates resident as it deflates them, before its first touch
+        /// (0, and absent on the wire, for none; older VMMs ignore it).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        prefault_mib: u64,
     },
     /// Interrupt this VM (answer to a `balloon` event, only to a VMM that
     /// announced [`crate::proto::FEATURE_INTERRUPT`]): pause it, save its
@@ -744,6 +749,10 @@ pub struct BalloonStatus {
     pub inflated_pages: u64,
     /// Pages the guest took back by deflation so far.
     pub deflated_pages: u64,
+    /// Deflated pages the host made resident ahead of the guest (the
+    /// `prefault_mib` of a balloon target) so far.
+    #[serde(default)]
+    pub prefaulted_pages: u64,
     /// Pages given back through free page reporting so far.
     pub reported_pages: u64,
     /// The guest's latest memory statistics (virtio-balloon stats tags by
@@ -776,4 +785,8 @@ impl BalloonStatus {
             .find(|(n, _)| n == name)
             .map(|&(_, v)| v)
     }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

@@ -377,7 +377,14 @@ mod tests {
             Message::Reply(HookReply::Plan(
                 BootPlan::made_by("test").with_balloon_target_mib(256),
             )),
-            Message::Reply(HookReply::BalloonTarget { target_mib: 128 }),
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 128,
+                prefault_mib: 0,
+            }),
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 64,
+                prefault_mib: 48,
+            }),
             event(EventKind::Balloon(crate::BalloonStatus::new(1024))),
             event(EventKind::BalloonUnresponsive {
                 target_mib: 256,
@@ -393,6 +400,21 @@ mod tests {
             let back = read_message(&mut frame.as_slice()).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn balloon_target_without_prefault_is_the_v1_wire_form_both_ways() {
+        let old = br#"{"type":"reply","kind":"balloon-target","target_mib":128}"#;
+        let m: Message = serde_json::from_slice(old).unwrap();
+        assert_eq!(
+            m,
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 128,
+                prefault_mib: 0
+            })
+        );
+        // With nothing to pre-fault an older VMM sees exactly what it knows.
+        assert_eq!(serde_json::to_vec(&m).unwrap(), old.to_vec());
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl<'a> HookReporter<'a> {
         s.driver_ok = r.driver_ok;
         s.inflated_pages = r.counters.inflated_pages;
         s.deflated_pages = r.counters.deflated_pages;
+        s.prefaulted_pages = r.counters.prefaulted_pages;
         s.reported_pages = r.counters.reported_pages;
         s.stats_updates = r.counters.stats_updates;
         s.guest_stats = r.stats;
@@ -200,10 +201,25 @@ impl<'a> HookReporter<'a> {
         let (target_mib, actual_mib) = (status.target_mib, status.actual_mib);
         let reply = self.send(EventKind::Balloon(status));
         match reply {
-            HookReply::BalloonTarget { target_mib: t } => match handle.set_target_mib(t) {
-                Ok(()) => tracing::debug!(target_mib = t, "balloon target from the companion"),
-                Err(e) => tracing::warn!("companion's balloon target refused: {e}"),
-            },
+            HookReply::BalloonTarget {
+                target_mib: t,
+                prefault_mib,
+            } => {
+                // The budget goes in first: the guest may deflate as soon as
+                // it sees the new target.
+                handle.prefault_deflated_mib(prefault_mib);
+                match handle.set_target_mib(t) {
+                    Ok(()) => tracing::debug!(
+                        target_mib = t,
+                        prefault_mib,
+                        "balloon target from the companion"
+                    ),
+                    Err(e) => {
+                        handle.prefault_deflated_mib(0);
+                        tracing::warn!("companion's balloon target refused: {e}");
+                    }
+                }
+            }
             HookReply::Interrupt { reason } => {
                 tracing::info!(reason, "the companion interrupts this VM");
                 self.interrupt_requested = Some(reason);
