@@ -23,7 +23,7 @@
 //! Pure: the daemon passes the history in and applies the result.
 
 use serde::{Deserialize, Serialize};
-use vmm_hooks::{Admission, Resources, ShortfallAction};
+use vmm_hooks::{Allocation, Resources, ShortfallAction};
 
 use crate::pool::{Demand, Pool};
 
@@ -209,14 +209,14 @@ impl AllocatorPolicy {
         )
     }
 
-    /// Forecasts, checks against the pool and reserves: the admission the
+    /// Forecasts, checks against the pool and reserves: the allocation the
     /// plan carries. On a shortfall the pool is unchanged.
-    pub fn admit(&self, pool: &mut Pool, vm_id: &str, forecast: &Forecast) -> Admission {
+    pub fn admit(&self, pool: &mut Pool, vm_id: &str, forecast: &Forecast) -> Allocation {
         let short = match pool.reserve(vm_id, forecast.demand) {
             Ok(_) => Vec::new(),
             Err(s) => s.short,
         };
-        Admission::new(
+        Allocation::new(
             forecast.demand,
             forecast.quantile,
             forecast.by.clone(),

@@ -853,6 +853,7 @@ pub fn load_bench(
                     &mut s,
                     &Message::Hello {
                         peer: format!("load-{c}"),
+                        features: Vec::new(),
                     },
                 )
                 .is_err()
@@ -883,6 +884,7 @@ pub fn load_bench(
                                 start: 0,
                                 len: 1 << 30,
                             },
+                            admission: Default::default(),
                         },
                         EventKind::Ready {
                             time_to_ready_ms: 100.0,
@@ -906,7 +908,7 @@ pub fn load_bench(
                             None
                         };
                         if let Some(Message::Reply(vmm_hooks::HookReply::Plan(p))) = &reply
-                            && let Some(a) = &p.admission
+                            && let Some(a) = &p.allocation
                         {
                             admissions[usize::from(!a.admitted)] += 1;
                         }
@@ -1002,4 +1004,157 @@ pub fn load_table(r: &LoadResult) -> String {
         r.latency_ms[2],
         r.latency_ms[3]
     )
+}
+
+/// One row of `prescient bench interrupt`: `n` VMs on a host, every one a
+/// candidate, many random requests that need interruptions, decided by the
+/// exact search and by the greedy one.
+#[derive(Clone, Debug, Serialize)]
+pub struct InterruptBenchRow {
+    /// VMs on the host (all interruptible, of lower priority).
+    pub vms: usize,
+    /// Requests decided.
+    pub cases: usize,
+    /// Median time of one exact decision, microseconds.
+    pub exact_us_p50: f64,
+    /// Slowest exact decision, microseconds.
+    pub exact_us_max: f64,
+    /// Median time of one greedy decision, microseconds.
+    pub greedy_us_p50: f64,
+    /// Cases where the exact search interrupted someone.
+    pub exact_interrupts: usize,
+    /// Of those, cases where the greedy search found no set (it delayed).
+    pub greedy_missed: usize,
+    /// Of the cases both solved, how often greedy chose a set with more
+    /// disruption at the highest priority level it touched, or touched a
+    /// higher level.
+    pub greedy_worse: usize,
+    /// Total disruption of greedy's choices over exact's, where both chose.
+    pub greedy_disruption_ratio: f64,
+}
+
+/// Random hosts and requests (seeded, reproducible) decided by both
+/// searches; see [`InterruptBenchRow`].
+pub fn interrupt_bench(sizes: &[usize], cases: usize, seed: u64) -> Vec<InterruptBenchRow> {
+    use crate::interrupt::{Decision, HostView, Request, Resources, Search, VmView, decide_with};
+    let mut x = seed.max(1);
+    let mut rnd = move |lo: u64, hi: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + x % (hi - lo).max(1)
+    };
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let (mut exact_t, mut greedy_t) = (Vec::new(), Vec::new());
+        let (mut interrupts, mut missed, mut worse) = (0, 0, 0);
+        let (mut d_exact, mut d_greedy) = (0u64, 0u64);
+        for _ in 0..cases {
+            let vms: Vec<VmView> = (0..n)
+                .map(|i| {
+                    let mem = rnd(64, 2048);
+                    VmView {
+                        id: format!("vm{i:03}"),
+                        priority: i32::try_from(rnd(0, 4)).unwrap_or(0),
+                        interruptible: true,
+                        allocated: Resources::new(mem, rnd(1, 8)),
+                        shrinkable_mib: rnd(0, mem / 8 + 1),
+                        restart_demand: Resources::new(mem, 1),
+                        disruption: mem,
+                    }
+                })
+                .collect();
+            let used: u64 = vms.iter().map(|v| v.allocated.memory_mib).sum();
+            let host = HostView {
+                capacity: Resources::new(used + rnd(0, 512), u64::MAX),
+                held: Resources::default(),
+            };
+            let req = Request {
+                id: "new".into(),
+                priority: 10,
+                demand: Resources::new(rnd(1024, 8192), 2),
+            };
+            let t = Instant::now();
+            let e = decide_with(&host, &vms, &req, Search::Auto);
+            exact_t.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            let g = decide_with(&host, &vms, &req, Search::Greedy);
+            greedy_t.push(t.elapsed().as_secs_f64() * 1e6);
+            let cost = |d: &Decision| match d {
+                Decision::Interrupt { interrupt, .. } => {
+                    let top = interrupt
+                        .iter()
+                        .map(|i| vms.iter().find(|v| v.id == i.id).map_or(0, |v| v.priority))
+                        .max()
+                        .unwrap_or(0);
+                    let at_top: u64 = interrupt
+                        .iter()
+                        .filter_map(|i| vms.iter().find(|v| v.id == i.id))
+                        .filter(|v| v.priority == top)
+                        .map(|v| v.disruption)
+                        .sum();
+                    let all: u64 = interrupt.iter().map(|i| i.frees.memory_mib).sum();
+                    Some((top, at_top, all))
+                }
+                _ => None,
+            };
+            if let Some((etop, eat, eall)) = cost(&e) {
+                interrupts += 1;
+                match cost(&g) {
+                    None => missed += 1,
+                    Some((gtop, gat, gall)) => {
+                        if (gtop, gat) > (etop, eat) {
+                            worse += 1;
+                        }
+                        d_exact += eall;
+                        d_greedy += gall;
+                    }
+                }
+            }
+        }
+        let p50 = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        rows.push(InterruptBenchRow {
+            vms: n,
+            cases,
+            exact_us_max: exact_t.iter().copied().fold(0.0, f64::max),
+            exact_us_p50: p50(&mut exact_t),
+            greedy_us_p50: p50(&mut greedy_t),
+            exact_interrupts: interrupts,
+            greedy_missed: missed,
+            greedy_worse: worse,
+            greedy_disruption_ratio: if d_exact == 0 {
+                0.0
+            } else {
+                d_greedy as f64 / d_exact as f64
+            },
+        });
+    }
+    rows
+}
+
+/// The table `prescient bench interrupt` prints.
+pub fn interrupt_table(rows: &[InterruptBenchRow]) -> String {
+    let mut t = String::from(
+        "| VMs | cases | exact p50 µs | exact max µs | greedy p50 µs | exact interrupted | greedy found none | greedy touched worse | greedy/exact disruption |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.3} |",
+            r.vms,
+            r.cases,
+            r.exact_us_p50,
+            r.exact_us_max,
+            r.greedy_us_p50,
+            r.exact_interrupts,
+            r.greedy_missed,
+            r.greedy_worse,
+            r.greedy_disruption_ratio
+        );
+    }
+    t
 }

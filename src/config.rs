@@ -74,6 +74,13 @@
 //! cpus = "2-7"                 # optional: CPUs for vCPU threads (default: the daemon's own)
 //! sample_interval_ms = 10000
 //! record = "/var/log/prescient/libvirt.jsonl"   # optional
+//!
+//! [interrupt]
+//! capacity_mib = 16384        # optional: turns the interruption coordinator on
+//! capacity_vcpus = 32         # optional (default: unlimited)
+//! shrink_headroom_mib = 16
+//! retry_after_ms = 250
+//! waiting_expiry_ms = 10000
 //! ```
 
 use std::net::SocketAddr;
@@ -154,6 +161,39 @@ pub struct Config {
     pub allocator: AllocatorSection,
     /// The shaping loop.
     pub shaping: crate::ShapingConfig,
+    /// The interruption coordinator.
+    pub interrupt: InterruptSection,
+}
+
+/// `[interrupt]`: the interruption coordinator (`crate::interrupt`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterruptSection {
+    /// Memory the host may hand out to VMs, MiB; unset: no coordinator
+    /// (every VM admitted, none interrupted).
+    pub capacity_mib: Option<u64>,
+    /// vCPUs the host may hand out; unset: unlimited.
+    pub capacity_vcpus: Option<u64>,
+    /// Memory each VM keeps beyond what shrinks may take, MiB.
+    pub shrink_headroom_mib: u64,
+    /// When a deferred VMM asks again, ms (10 to 10000).
+    pub retry_after_ms: u64,
+    /// A deferred VM that has not asked again for this long is forgotten,
+    /// ms (at least `retry_after_ms`).
+    pub waiting_expiry_ms: u64,
+}
+
+impl Default for InterruptSection {
+    fn default() -> Self {
+        let c = crate::interrupt::CoordinatorConfig::new(crate::interrupt::Resources::default());
+        InterruptSection {
+            capacity_mib: None,
+            capacity_vcpus: None,
+            shrink_headroom_mib: c.shrink_headroom_mib,
+            retry_after_ms: c.retry_after_ms,
+            waiting_expiry_ms: c.waiting_expiry_ms,
+        }
+    }
 }
 
 /// `[pool]`: what the host has (CPUs and memory probed unless given;
@@ -593,6 +633,35 @@ impl Config {
                 ));
             }
         }
+        let i = &self.interrupt;
+        if i.capacity_mib == Some(0) {
+            return Err(bad(
+                "interrupt.capacity_mib",
+                "0".into(),
+                "must be at least 1 (or unset: no coordinator)",
+            ));
+        }
+        if i.capacity_vcpus == Some(0) {
+            return Err(bad(
+                "interrupt.capacity_vcpus",
+                "0".into(),
+                "must be at least 1 (or unset: unlimited)",
+            ));
+        }
+        if !(10..=10_000).contains(&i.retry_after_ms) {
+            return Err(bad(
+                "interrupt.retry_after_ms",
+                i.retry_after_ms.to_string(),
+                "must be 10 to 10000",
+            ));
+        }
+        if i.waiting_expiry_ms < i.retry_after_ms {
+            return Err(bad(
+                "interrupt.waiting_expiry_ms",
+                i.waiting_expiry_ms.to_string(),
+                "must be at least interrupt.retry_after_ms",
+            ));
+        }
         if let Err(e) = self.shaping.validate() {
             return Err(ConfigError::Shaping {
                 path: path.to_path_buf(),
@@ -607,6 +676,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The interruption coordinator this configuration asks for (`None`:
+    /// no `interrupt.capacity_mib`).
+    pub fn interrupt_coordinator(&self) -> Option<crate::interrupt::CoordinatorConfig> {
+        let i = &self.interrupt;
+        let capacity =
+            crate::interrupt::Resources::new(i.capacity_mib?, i.capacity_vcpus.unwrap_or(u64::MAX));
+        let mut c = crate::interrupt::CoordinatorConfig::new(capacity);
+        c.shrink_headroom_mib = i.shrink_headroom_mib;
+        c.retry_after_ms = i.retry_after_ms;
+        c.waiting_expiry_ms = i.waiting_expiry_ms;
+        Some(c)
     }
 
     /// The libvirt agent this configuration asks for (`None`: only record
@@ -650,6 +732,41 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interrupt_section_is_checked_and_turns_the_coordinator_on() {
+        assert_eq!(parse("").unwrap().interrupt_coordinator(), None);
+        let c = parse("[interrupt]\ncapacity_mib = 2048\nshrink_headroom_mib = 32\n")
+            .unwrap()
+            .interrupt_coordinator()
+            .unwrap();
+        assert_eq!(c.capacity, crate::interrupt::Resources::new(2048, u64::MAX));
+        assert_eq!(c.shrink_headroom_mib, 32);
+        for (text, key) in [
+            ("[interrupt]\ncapacity_mib = 0\n", "interrupt.capacity_mib"),
+            (
+                "[interrupt]\ncapacity_vcpus = 0\n",
+                "interrupt.capacity_vcpus",
+            ),
+            (
+                "[interrupt]\nretry_after_ms = 1\n",
+                "interrupt.retry_after_ms",
+            ),
+            (
+                "[interrupt]\nretry_after_ms = 500\nwaiting_expiry_ms = 100\n",
+                "interrupt.waiting_expiry_ms",
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("[interrupt]\ncapacity = 5\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)

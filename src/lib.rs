@@ -12,6 +12,7 @@ mod balloon_control;
 pub mod bench;
 mod config;
 mod gpu;
+pub mod interrupt;
 pub mod libvirt;
 mod metrics;
 mod pool;
@@ -28,8 +29,8 @@ mod working_set;
 pub use allocator::{AllocatorPolicy, BootUsage, Declared, Forecast, VmClass};
 pub use balloon_control::{BalloonControl, BalloonControlError, BalloonForecasts, VmBalloonPlan};
 pub use config::{
-    AllocatorSection, BalloonSection, Config, ConfigError, DaemonConfig, PlanConfig, PoolSection,
-    StoreConfig,
+    AllocatorSection, BalloonSection, Config, ConfigError, DaemonConfig, InterruptSection,
+    PlanConfig, PoolSection, StoreConfig,
 };
 pub use metrics::{Metrics, serve_metrics};
 pub use pool::{Demand, Overcommit, Pool, Reservation, Shortfall, host_totals};

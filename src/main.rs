@@ -214,6 +214,19 @@ enum BenchCommand {
     Store(StoreBenchArgs),
     /// Simulated VM lifecycles through the hooks socket at a fixed rate.
     Load(LoadBenchArgs),
+    /// The interruption coordinator's choice: exact search against greedy
+    /// (time per decision and what each chose), on seeded random hosts.
+    Interrupt(InterruptBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InterruptBenchArgs {
+    /// Random requests per host size.
+    #[arg(long, default_value_t = 200)]
+    cases: usize,
+    /// Seed of the random hosts.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -276,6 +289,11 @@ struct StoreBenchArgs {
 fn bench(cmd: BenchCommand) -> ExitCode {
     use prescient::bench;
     match cmd {
+        BenchCommand::Interrupt(a) => {
+            let rows = bench::interrupt_bench(&[4, 8, 12, 16], a.cases.max(1), a.seed);
+            println!("{}", bench::interrupt_table(&rows));
+            ExitCode::SUCCESS
+        }
         BenchCommand::Bootstrap(a) => {
             let labvm = a.labvm.clone().unwrap_or_else(|| {
                 std::env::current_exe()
@@ -443,6 +461,20 @@ struct ServeArgs {
     /// The virsh program [default: virsh].
     #[arg(long)]
     virsh: Option<PathBuf>,
+    /// Memory this host may hand out to VMs, MiB: turns on the interruption
+    /// coordinator (admission against this capacity, balloon shrinks,
+    /// interruption of lower-priority interruptible VMs, deferral); also
+    /// `[interrupt] capacity_mib`. Until the resource pool lands, this is
+    /// its only source of capacity.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_mib: Option<u64>,
+    /// vCPUs this host may hand out to VMs [default: unlimited].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_vcpus: Option<u64>,
+    /// Memory each VM keeps beyond what the coordinator's shrinks may take,
+    /// MiB [default: 16].
+    #[arg(long)]
+    shrink_headroom_mib: Option<u64>,
     /// Run the shaping loop every N seconds (0: off) [default: 0].
     #[arg(long)]
     shape_interval_s: Option<u64>,
@@ -527,6 +559,15 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.balloon_forecasts.is_some() {
         c.balloon.forecasts = args.balloon_forecasts.clone();
     }
+    if args.capacity_mib.is_some() {
+        c.interrupt.capacity_mib = args.capacity_mib;
+    }
+    if args.capacity_vcpus.is_some() {
+        c.interrupt.capacity_vcpus = args.capacity_vcpus;
+    }
+    if let Some(h) = args.shrink_headroom_mib {
+        c.interrupt.shrink_headroom_mib = h;
+    }
     let l = &mut c.libvirt;
     if args.no_libvirt {
         l.act = false;
@@ -600,6 +641,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     config.libvirt = c.libvirt_agent();
+    if let Some(ic) = c.interrupt_coordinator() {
+        tracing::info!(
+            capacity_mib = ic.capacity.memory_mib,
+            capacity_vcpus = ic.capacity.vcpus,
+            "interruption coordinator on"
+        );
+        config.interrupt = Some(std::sync::Arc::new(std::sync::Mutex::new(
+            prescient::interrupt::Coordinator::new(ic),
+        )));
+    }
     if c.shaping.interval_s > 0 {
         match prescient::ShapingLoop::new(c.shaping.clone(), std::sync::Arc::clone(&config.metrics))
         {
@@ -633,6 +684,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Signal handlers first: from the moment the socket exists a client
+        // (or systemd) may send SIGTERM, and before the handlers are in
+        // place that would kill the daemon without its orderly shutdown.
+        let shutdown_signal = shutdown_signal();
         let server = match HooksServer::bind(config) {
             Ok(s) => s,
             Err(e) => {
@@ -654,7 +709,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             tokio::spawn(l.run(rx.clone()));
         }
         tokio::spawn(async move {
-            wait_for_shutdown_signal().await;
+            shutdown_signal.await;
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
@@ -663,21 +718,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn wait_for_shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that
+/// completes when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

@@ -82,6 +82,10 @@ pub struct Metrics {
     /// Resources that fell short, by resource (one per short resource per
     /// decision).
     pub allocator_short: Family<ResourceLabel, Counter>,
+    /// What the interruption coordinator did, by kind (`admit`,
+    /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
+    /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
+    pub interrupt_actions: Family<KindLabel, Counter>,
     /// What the shaping loop did, by kind (`balloon-target`, `cgroup-set`,
     /// `cgroup-failed`).
     pub shape_actions: Family<KindLabel, Counter>,
@@ -152,6 +156,7 @@ impl Metrics {
             "Resources that fell short in allocator decisions, by resource",
             allocator_short.clone(),
         );
+        let interrupt_actions = Family::<KindLabel, Counter>::default();
         let gpus = Gauge::default();
         let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -190,6 +195,11 @@ impl Metrics {
             "libvirt_actions",
             "Actions on libvirt domains after their started hook, by action",
             libvirt_actions.clone(),
+        );
+        registry.register(
+            "interrupt_actions",
+            "What the interruption coordinator did, by kind",
+            interrupt_actions.clone(),
         );
         let shape_actions = Family::<KindLabel, Counter>::default();
         let shape_forecast_mib = Family::<VmQuantileLabel, Gauge<f64, AtomicU64>>::default();
@@ -262,6 +272,7 @@ impl Metrics {
             pool_reservations,
             allocator_decisions,
             allocator_short,
+            interrupt_actions,
             gpus,
             gpu_released,
         }

@@ -15,8 +15,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
 use vmm_hooks::{
-    Admission, BootPlan, Event, EventKind, HookReply, LibvirtOperation, Resources, ShortfallAction,
-    error_chain,
+    Allocation, BootPlan, Event, EventKind, HookReply, LibvirtOperation, Resources,
+    ShortfallAction, error_chain,
 };
 
 use crate::allocator::{AllocatorPolicy, Declared, Forecast};
@@ -96,6 +96,9 @@ pub struct ServerConfig {
     pub pool: PoolSection,
     /// How boots are forecast and admitted.
     pub allocator: AllocatorPolicy,
+    /// The interruption coordinator (`--capacity-mib`); `None`: every VM
+    /// is admitted and none is interrupted.
+    pub interrupt: Option<Arc<Mutex<crate::interrupt::Coordinator>>>,
     /// The shaping loop (`None`: off). It sees every event and answers
     /// balloon status with its targets; its ticks run beside the server.
     pub shaping: Option<Arc<crate::ShapingLoop>>,
@@ -117,6 +120,7 @@ impl ServerConfig {
             metrics: Arc::new(Metrics::new()),
             pool: PoolSection::default(),
             allocator: AllocatorPolicy::default(),
+            interrupt: None,
             shaping: None,
         }
     }
@@ -366,6 +370,8 @@ async fn handle_connection(
         return;
     }
     let mut peer = String::from("(no hello)");
+    // Whether the peer understands `interrupt` and `defer` replies.
+    let mut can_interrupt = false;
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return,
@@ -396,12 +402,13 @@ async fn handle_connection(
             }
         };
         let reply = match msg {
-            Message::Hello { peer: p } => {
-                tracing::info!(peer = p, uid, "VMM connected");
+            Message::Hello { peer: p, features } => {
+                tracing::info!(peer = p, uid, ?features, "VMM connected");
                 peer = p;
+                can_interrupt = features.iter().any(|f| f == proto::FEATURE_INTERRUPT);
                 continue;
             }
-            Message::Event(event) => record(state, config, &peer, pid, event),
+            Message::Event(event) => record(state, config, &peer, pid, can_interrupt, event),
             Message::StatusRequest => {
                 let status = {
                     let st = state
@@ -506,6 +513,7 @@ fn record(
     config: &ServerConfig,
     peer: &str,
     pid: Option<i32>,
+    can_interrupt: bool,
     event: Event,
 ) -> HookReply {
     let metrics = &*config.metrics;
@@ -571,31 +579,31 @@ fn record(
                 .or_insert_with(|| new_record(&vm, &key, VmSource::Vmm, pid, event.at_unix_ms));
             HookReply::Ack
         }
-        EventKind::BeforeBoot { vcpu_tids, ram } => {
+        EventKind::BeforeBoot { vcpu_tids, ram, .. } => {
             let declared = Declared {
                 vcpus: u64::try_from(vcpu_tids.len()).unwrap_or(u64::MAX).max(1),
                 memory_mib: ram.len >> 20,
             };
-            let admission = admit(&mut st, config, &event, VmSource::Vmm, pid, declared);
+            let allocation = admit(&mut st, config, &event, VmSource::Vmm, pid, declared);
             let mut plan = plan_for(st.store.as_ref(), &key);
-            if !admission.admitted {
+            if !allocation.admitted {
                 // Nothing is promised to this VM: no pre-faulting (it would
                 // commit memory the pool does not have), no profiling.
                 plan = BootPlan::made_by(plan.made_by);
             }
             let kind = match (&plan.prefault, &plan.profile) {
-                _ if !admission.admitted => "not-admitted",
+                _ if !allocation.admitted => "not-admitted",
                 (Some(_), _) => "prefault",
                 (None, Some(_)) => "profile-only",
                 (None, None) => "empty",
             };
             Metrics::inc(&metrics.plans, kind);
-            HookReply::Plan(plan.with_admission(admission))
+            HookReply::Plan(plan.with_allocation(allocation))
         }
         EventKind::Restarted => {
-            let admission = readmit(&mut st, metrics, &vm, event.at_unix_ms);
+            let allocation = readmit(&mut st, metrics, &vm, event.at_unix_ms);
             HookReply::Plan(
-                BootPlan::made_by(admission.forecast_by.clone()).with_admission(admission),
+                BootPlan::made_by(allocation.forecast_by.clone()).with_allocation(allocation),
             )
         }
         EventKind::Interrupted { .. } => {
@@ -688,11 +696,17 @@ fn record(
         Some(s) => s.observe(&event, pid.and_then(|p| u32::try_from(p).ok()), reply),
         None => reply,
     };
+    // The interruption coordinator has the last word (admission, shrink
+    // and interrupt orders).
+    let reply = match config.interrupt.as_deref() {
+        Some(c) => crate::interrupt::answer(c, metrics, &event, can_interrupt, reply, unix_ms()),
+        None => reply,
+    };
     match (&event.kind, &reply) {
         (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
             Metrics::inc(&metrics.balloon_targets, "pre-balloon");
         }
-        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib }) => {
+        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib, .. }) => {
             let kind = if *target_mib > s.target_mib {
                 "inflate"
             } else {
@@ -747,7 +761,7 @@ fn admit(
     source: VmSource,
     pid: Option<i32>,
     declared: Declared,
-) -> Admission {
+) -> Allocation {
     let metrics = &*config.metrics;
     let vm = &event.vm.vm_id;
     let key = ProfileKey {
@@ -772,7 +786,7 @@ fn admit(
         config
             .allocator
             .forecast(vm, &event.vm.image_digest, declared, &history);
-    let admission = config.allocator.admit(&mut st.pool, vm, &forecast);
+    let allocation = config.allocator.admit(&mut st.pool, vm, &forecast);
     let mut rec = st
         .vms
         .remove(vm)
@@ -788,7 +802,7 @@ fn admit(
     rec.forecast_by = forecast.by.clone();
     rec.class = forecast.class.clone();
     rec.updated_unix_ms = i64::try_from(event.at_unix_ms).unwrap_or(i64::MAX);
-    if admission.admitted {
+    if allocation.admitted {
         Metrics::inc(&metrics.allocator_decisions, "fit");
         rec.state = VmState::Reserved;
         rec.shortfall.clear();
@@ -798,20 +812,20 @@ fn admit(
         // it up: it is not promised anything now.
         st.pool.release(vm);
         Metrics::inc(&metrics.allocator_decisions, "short");
-        for s in &admission.short {
+        for s in &allocation.short {
             metrics.inc_short(s.resource);
         }
-        rec.state = match admission.on_shortfall {
+        rec.state = match allocation.on_shortfall {
             ShortfallAction::BootLazily => VmState::Unreserved,
             _ => VmState::Refused,
         };
-        rec.shortfall = admission.shortfall_text();
+        rec.shortfall = allocation.shortfall_text();
         if warn_allowed(&SHORTFALL_WARNED) {
             tracing::warn!(
                 vm,
                 demand = %forecast.demand,
                 by = forecast.by,
-                action = admission.on_shortfall.name(),
+                action = allocation.on_shortfall.name(),
                 "demand does not fit the pool: {} (one warning a second; every one is counted in prescient_allocator_decisions_total{{kind=\"short\"}})",
                 rec.shortfall
             );
@@ -822,11 +836,11 @@ fn admit(
     persist(st, metrics, &rec);
     st.vms.insert(vm.clone(), rec);
     metrics.set_pool(&st.pool);
-    admission
+    allocation
 }
 
 /// A restart: the resources forecast at boot are reserved again at once.
-fn readmit(st: &mut State, metrics: &Metrics, vm: &str, at: u64) -> Admission {
+fn readmit(st: &mut State, metrics: &Metrics, vm: &str, at: u64) -> Allocation {
     // Only known VMs get here (checked by the caller); an unknown one
     // would be reserved nothing.
     let mut rec = st.vms.remove(vm).unwrap_or_else(|| {
@@ -845,31 +859,31 @@ fn readmit(st: &mut State, metrics: &Metrics, vm: &str, at: u64) -> Admission {
         Ok(_) => Vec::new(),
         Err(s) => s.short,
     };
-    let admission = Admission::new(
+    let allocation = Allocation::new(
         rec.demand,
         rec.quantile,
         format!("forecast at boot: {}", rec.forecast_by),
         short,
         ShortfallAction::Refuse,
     );
-    if admission.admitted {
+    if allocation.admitted {
         Metrics::inc(&metrics.allocator_decisions, "fit");
         rec.state = VmState::Reserved;
         rec.shortfall.clear();
     } else {
         Metrics::inc(&metrics.allocator_decisions, "short");
-        for s in &admission.short {
+        for s in &allocation.short {
             metrics.inc_short(s.resource);
         }
         rec.state = VmState::Refused;
-        rec.shortfall = admission.shortfall_text();
+        rec.shortfall = allocation.shortfall_text();
         tracing::warn!(vm, "restart does not fit the pool: {}", rec.shortfall);
     }
     rec.updated_unix_ms = i64::try_from(at).unwrap_or(i64::MAX);
     persist(st, metrics, &rec);
     st.vms.insert(vm.to_string(), rec);
     metrics.set_pool(&st.pool);
-    admission
+    allocation
 }
 
 /// Releases what a VM holds; `forget` drops its record too (stopped),

@@ -140,8 +140,9 @@ struct Track {
     candidates: Vec<(String, Quantiles)>,
     /// Which forecaster has measured best on this VM.
     selector: ForecasterSelector,
-    /// The balloon target the loop wants, if it differs from the VMM's.
-    pending: Option<u64>,
+    /// The balloon target the loop wants, if it differs from the VMM's, and
+    /// how much of what that deflates to pre-fault (predicted growth).
+    pending: Option<(u64, u64)>,
     /// The target the VMM reported last.
     reported_target: Option<u64>,
     cgroup: CgroupState,
@@ -344,17 +345,23 @@ impl ShapingLoop {
                 }
                 t.reported_target = Some(status.target_mib);
                 match t.pending {
-                    Some(p) if p == status.target_mib => {
+                    Some((p, _)) if p == status.target_mib => {
                         t.pending = None;
                         reply
                     }
                     // A guest that deflated under memory pressure keeps
                     // what it took: never ask for more than it holds.
-                    Some(p) if status.deflated_on_oom && p > status.actual_mib => reply,
-                    Some(p) => {
-                        tracing::debug!(vm, target_mib = p, "shaping balloon target");
+                    Some((p, _)) if status.deflated_on_oom && p > status.actual_mib => reply,
+                    Some((p, prefault_mib)) => {
+                        tracing::debug!(vm, target_mib = p, prefault_mib, "shaping balloon target");
                         Metrics::inc(&self.metrics.shape_actions, "balloon-target");
-                        HookReply::BalloonTarget { target_mib: p }
+                        if prefault_mib > 0 {
+                            Metrics::inc(&self.metrics.shape_actions, "prefault-growth");
+                        }
+                        HookReply::BalloonTarget {
+                            target_mib: p,
+                            prefault_mib,
+                        }
                     }
                     None => reply,
                 }
@@ -517,7 +524,11 @@ impl ShapingLoop {
                 continue;
             };
             if let Some(b) = a.balloon_target_mib {
-                t.pending = (t.reported_target != Some(b)).then_some(b);
+                // Growth is met by deflating: pre-fault what the forecast
+                // expects the guest to use of the memory handed back.
+                let handed_back = t.reported_target.map_or(0, |r| r.saturating_sub(b));
+                let prefault = a.prefault_mib.min(handed_back);
+                t.pending = (t.reported_target != Some(b)).then_some((b, prefault));
             }
             let vm = a.vm.as_str();
             if let Some(m) = a.memory_mib {
@@ -701,7 +712,8 @@ mod tests {
             for _ in 0..3 {
                 let e = event("vm-a", seq, EventKind::Balloon(status(target, 300)));
                 seq += 1;
-                if let HookReply::BalloonTarget { target_mib } = l.observe(&e, None, HookReply::Ack)
+                if let HookReply::BalloonTarget { target_mib, .. } =
+                    l.observe(&e, None, HookReply::Ack)
                 {
                     answered.get_or_insert(k);
                     target = target_mib;
@@ -747,6 +759,63 @@ mod tests {
             HookReply::Ack,
         );
         assert!(!l.metrics.render().contains("vm-a"));
+    }
+
+    /// A guest squeezed by its balloon whose use swings up: the loop
+    /// deflates, and asks for the growth it forecasts to be pre-faulted,
+    /// never more than the deflation hands back.
+    #[test]
+    fn loop_deflates_for_forecast_growth_and_asks_for_it_to_be_prefaulted() {
+        let l = shaping(ShapePolicy::MaximiseUtilisation);
+        let t0 = Instant::now();
+        let created = event(
+            "vm-g",
+            0,
+            EventKind::Created {
+                spec: VmSpec {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                    vmm: "labvm".into(),
+                    priority: 0,
+                    interruptible: false,
+                },
+            },
+        );
+        l.observe(&created, None, HookReply::Ack);
+        // The balloon holds 800 MiB: the guest has 224 and its use swings
+        // between 120 and 300 MiB from one interval to the next; it is in a
+        // low interval now.
+        let reported = 800;
+        let mut seq = 1;
+        for k in 0..9u64 {
+            let used = if k % 2 == 0 { 120 } else { 300 };
+            for _ in 0..3 {
+                let e = event("vm-g", seq, EventKind::Balloon(status(reported, used)));
+                seq += 1;
+                l.observe(&e, None, HookReply::Ack);
+            }
+            l.tick(t0 + Duration::from_secs(10 * (k + 1)));
+        }
+        let e = event("vm-g", seq, EventKind::Balloon(status(reported, 120)));
+        let HookReply::BalloonTarget {
+            target_mib: target,
+            prefault_mib: prefault,
+        } = l.observe(&e, None, HookReply::Ack)
+        else {
+            panic!("no balloon target: {}", l.metrics.render());
+        };
+        assert!(target < reported, "target {target}: no deflation");
+        assert!(prefault > 0, "no pre-fault asked for the forecast growth");
+        assert!(
+            prefault <= reported - target,
+            "pre-fault {prefault} MiB exceeds the {} MiB handed back",
+            reported - target
+        );
+        assert!(
+            l.metrics
+                .render()
+                .contains("prescient_shape_actions_total{kind=\"prefault-growth\"}"),
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ fn before_boot(vm: &str, seq: u64, vcpus: usize, mib: u64) -> Event {
                 start: 0,
                 len: mib << 20,
             },
+            admission: vmm_hooks::Admission::default(),
         },
     )
 }
@@ -130,7 +131,7 @@ fn boots_reserve_shortfalls_are_named_stops_release_and_sigterm_keeps_the_books(
     // A fits: its declared size (cold start) is reserved.
     assert_eq!(hook.on_event(&created("a", 2, 1024)), HookReply::Ack);
     let plan = plan_of(hook.on_event(&before_boot("a", 1, 2, 1024)));
-    let a = plan.admission.clone().unwrap();
+    let a = plan.allocation.clone().unwrap();
     assert!(a.admitted, "{a:?}");
     assert!(!plan.refuses_boot());
     assert_eq!(
@@ -145,7 +146,7 @@ fn boots_reserve_shortfalls_are_named_stops_release_and_sigterm_keeps_the_books(
     // 8000 - (8000 - 2000) = 2000 millicores; refused, pre-faulting dropped.
     assert_eq!(hook.on_event(&created("b", 8, 4096)), HookReply::Ack);
     let plan = plan_of(hook.on_event(&before_boot("b", 1, 8, 4096)));
-    let b = plan.admission.clone().unwrap();
+    let b = plan.allocation.clone().unwrap();
     assert!(!b.admitted);
     assert!(plan.refuses_boot());
     assert!(plan.prefault.is_none() && plan.profile.is_none());
@@ -253,7 +254,7 @@ fn boots_reserve_shortfalls_are_named_stops_release_and_sigterm_keeps_the_books(
     assert!(s.vms.is_empty(), "{s:?}");
     assert_eq!(s.pool.allocated, Resources::ZERO);
     let plan = plan_of(hook.on_event(&before_boot("c", 0, 2, 4096)));
-    assert!(plan.admission.unwrap().admitted);
+    assert!(plan.allocation.unwrap().admitted);
     // A stopped VM is forgotten: its later events are unknown.
     assert!(matches!(
         hook.on_event(&event("a", 5, EventKind::Paused)),
@@ -297,13 +298,13 @@ fn first_daemon_counts_fits_shortfalls_and_short_resources() {
     let mut hook = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
     assert!(
         plan_of(hook.on_event(&before_boot("x", 0, 1, 3000)))
-            .admission
+            .allocation
             .unwrap()
             .admitted
     );
     // Boot lazily: not admitted, but not refused either.
     let plan = plan_of(hook.on_event(&before_boot("y", 0, 1, 3000)));
-    let y = plan.admission.clone().unwrap();
+    let y = plan.allocation.clone().unwrap();
     assert!(!y.admitted && !plan.refuses_boot());
     assert_eq!(y.on_shortfall, ShortfallAction::BootLazily);
     assert_eq!(
@@ -343,7 +344,7 @@ fn forecasts_follow_the_keys_history_at_the_class_quantile() {
         let mut e = before_boot(&id, 0, 4, 2048);
         e.vm.image_digest = "img-web".into();
         let plan = plan_of(hook.on_event(&e));
-        let a = plan.admission.unwrap();
+        let a = plan.allocation.unwrap();
         if n <= 3 {
             // Fewer than min_samples (3) boots before this one: declared size.
             assert_eq!(a.demand.memory_mib, 2048, "boot {n}: {a:?}");
@@ -511,7 +512,7 @@ fn a_schema_version_1_store_is_migrated_and_keeps_its_boots() {
     let server = Server::start_in(dir, true, &[]);
     let mut hook = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
     let plan = plan_of(hook.on_event(&before_boot("m", 0, 1, 64)));
-    assert!(plan.admission.unwrap().admitted);
+    assert!(plan.allocation.unwrap().admitted);
     assert_eq!(status(&server.socket).vms.len(), 1);
     drop(hook);
     let path = server.store.clone();
@@ -581,7 +582,7 @@ fn hw_kvm_labvm_boots_when_its_demand_fits_and_is_refused_when_it_does_not() {
     let mut other = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
     assert!(
         plan_of(other.on_event(&before_boot("holder", 0, 1, 64)))
-            .admission
+            .allocation
             .unwrap()
             .admitted
     );

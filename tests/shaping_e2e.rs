@@ -85,7 +85,7 @@ fn shaping_loop_sets_a_balloon_target_from_the_forecast_over_the_socket() {
     let target = loop {
         let reply = hook.on_event(&event(seq, EventKind::Balloon(status(0))));
         seq += 1;
-        if let HookReply::BalloonTarget { target_mib } = reply {
+        if let HookReply::BalloonTarget { target_mib, .. } = reply {
             break target_mib;
         }
         assert!(

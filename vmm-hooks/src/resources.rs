@@ -1,5 +1,5 @@
 //! Host resources as the companion's pool counts them, and the allocator's
-//! answer to a boot (carried in [`crate::BootPlan::admission`]).
+//! answer to a boot (carried in [`crate::BootPlan::allocation`]).
 
 use std::fmt;
 
@@ -191,7 +191,7 @@ impl ShortfallAction {
 /// by how much.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct Admission {
+pub struct Allocation {
     /// True when the demand was reserved in the host's pool.
     pub admitted: bool,
     /// The forecast demand (what was reserved, when admitted).
@@ -208,7 +208,7 @@ pub struct Admission {
     pub on_shortfall: ShortfallAction,
 }
 
-impl Admission {
+impl Allocation {
     /// A decision: admitted when nothing falls short.
     pub fn new(
         demand: Resources,
@@ -217,7 +217,7 @@ impl Admission {
         short: Vec<ResourceShort>,
         on_shortfall: ShortfallAction,
     ) -> Self {
-        Admission {
+        Allocation {
             admitted: short.is_empty(),
             demand,
             quantile,
