@@ -195,7 +195,10 @@ impl BalloonControl {
                 match decided {
                     Ok(Some(target)) => {
                         tracing::debug!(vm, target_mib = target, "balloon target");
-                        HookReply::BalloonTarget { target_mib: target }
+                        HookReply::BalloonTarget {
+                            target_mib: target,
+                            prefault_mib: 0,
+                        }
                     }
                     Ok(None) => reply,
                     Err(e) => {
@@ -306,6 +309,7 @@ mod tests {
                 start: 0,
                 len: 1 << 30,
             },
+            admission: Default::default(),
         });
         let plan = c
             .answer(&bb, HookReply::Plan(BootPlan::made_by("t")), t0)
@@ -323,7 +327,7 @@ mod tests {
                 HookReply::Ack,
                 t0 + Duration::from_secs(s),
             );
-            if let HookReply::BalloonTarget { target_mib } = reply {
+            if let HookReply::BalloonTarget { target_mib, .. } = reply {
                 assert!(target_mib.abs_diff(target) <= 100, "rate at {s} s");
                 if target_mib < target && first_deflate.is_none() {
                     first_deflate = Some(s);
@@ -358,7 +362,13 @@ mod tests {
             HookReply::Ack,
             t0 + Duration::from_secs(1),
         );
-        assert_eq!(reply, HookReply::BalloonTarget { target_mib: 700 });
+        assert_eq!(
+            reply,
+            HookReply::BalloonTarget {
+                target_mib: 700,
+                prefault_mib: 0
+            }
+        );
     }
 
     #[test]

@@ -754,6 +754,9 @@ mod tests {
         assert_eq!(r.failures, 0);
         assert_eq!(r.events_logged, r.events_sent);
         assert_eq!(r.boots_stored * 5, r.events_sent);
+        // Every boot was admitted and every reservation released.
+        assert_eq!(r.admitted, r.boots_stored);
+        assert_eq!((r.not_admitted, r.reservations_left), (0, 0));
     }
 
     #[test]
@@ -788,8 +791,15 @@ pub struct LoadResult {
     pub boots_stored: u64,
     /// Event round-trip latency percentiles (p50, p99, p99.9, max), ms.
     pub latency_ms: [f64; 4],
-    /// Exchanges that failed (timeouts, errors).
+    /// Exchanges that failed (timeouts, errors, rejections).
     pub failures: u64,
+    /// Boots the allocator admitted (demand reserved in the pool).
+    pub admitted: u64,
+    /// Boots it did not admit (demand short).
+    pub not_admitted: u64,
+    /// VM records left in the store's pool table after every VM stopped
+    /// (0: nothing leaked).
+    pub reservations_left: u64,
 }
 
 /// Runs the load benchmark.
@@ -812,6 +822,13 @@ pub fn load_bench(
     let mut config = crate::ServerConfig::new(&socket);
     config.event_log = Some(log.clone());
     config.store = Some(store.clone());
+    // A pool that holds every client's VM at once (each client runs one VM
+    // of 2 vCPUs and 1 GiB at a time), so every boot is admitted and the
+    // allocator's full path (forecast, reserve, persist, release) is timed.
+    let clients = clients.max(1);
+    config.pool.cpus = Some(u64::from(clients) * 2);
+    config.pool.memory_mib = Some(u64::from(clients) * 1024 + 512);
+    config.pool.cpu_overcommit = 1.0;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -824,29 +841,31 @@ pub fn load_bench(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let serving = runtime.spawn(server.serve(rx));
 
-    let clients = clients.max(1);
     let per_client = f64::from(per_s) / f64::from(clients);
     let duration = Duration::from_secs(u64::from(seconds));
     let start = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
             let socket = socket.clone();
-            std::thread::spawn(move || -> (Vec<f64>, u64, u64, u64) {
+            std::thread::spawn(move || -> (Vec<f64>, u64, u64, u64, [u64; 2]) {
                 let mut lat = Vec::new();
                 let (mut sent, mut failures, mut lifecycles) = (0u64, 0u64, 0u64);
+                // Boots admitted, boots not admitted.
+                let mut admissions = [0u64; 2];
                 let Ok(mut s) = UnixStream::connect(&socket) else {
-                    return (lat, 0, 1, 0);
+                    return (lat, 0, 1, 0, admissions);
                 };
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 if proto::write_message(
                     &mut s,
                     &Message::Hello {
                         peer: format!("load-{c}"),
+                        features: Vec::new(),
                     },
                 )
                 .is_err()
                 {
-                    return (lat, 0, 1, 0);
+                    return (lat, 0, 1, 0, admissions);
                 }
                 let interval = Duration::from_secs_f64(1.0 / per_client.max(1e-3));
                 let mut next = Instant::now();
@@ -872,6 +891,7 @@ pub fn load_bench(
                                 start: 0,
                                 len: 1 << 30,
                             },
+                            admission: Default::default(),
                         },
                         EventKind::Ready {
                             time_to_ready_ms: 100.0,
@@ -889,8 +909,20 @@ pub fn load_bench(
                             kind,
                         };
                         let t = Instant::now();
-                        let ok = proto::write_message(&mut s, &Message::Event(e)).is_ok()
-                            && matches!(proto::read_message(&mut s), Ok(Message::Reply(_)));
+                        let reply = if proto::write_message(&mut s, &Message::Event(e)).is_ok() {
+                            proto::read_message(&mut s).ok()
+                        } else {
+                            None
+                        };
+                        if let Some(Message::Reply(vmm_hooks::HookReply::Plan(p))) = &reply
+                            && let Some(a) = &p.allocation
+                        {
+                            admissions[usize::from(!a.admitted)] += 1;
+                        }
+                        let ok = matches!(
+                            reply,
+                            Some(Message::Reply(r)) if !matches!(r, vmm_hooks::HookReply::Rejected { .. })
+                        );
                         if ok {
                             sent += 1;
                             lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -904,20 +936,23 @@ pub fn load_bench(
                         std::thread::sleep(d);
                     }
                 }
-                (lat, sent, failures, lifecycles)
+                (lat, sent, failures, lifecycles, admissions)
             })
         })
         .collect();
     let mut lat = Vec::new();
     let (mut sent, mut failures, mut lifecycles) = (0, 0, 0);
+    let mut admissions = [0u64; 2];
     for h in handles {
-        let (l, s, f, n) = h
+        let (l, s, f, n, a) = h
             .join()
             .map_err(|_| BenchError::Io("a load client panicked".into()))?;
         lat.extend(l);
         sent += s;
         failures += f;
         lifecycles += n;
+        admissions[0] += a[0];
+        admissions[1] += a[1];
     }
     let elapsed = start.elapsed().as_secs_f64();
     let _ = tx.send(true);
@@ -925,7 +960,9 @@ pub fn load_bench(
     let events_logged = std::fs::read_to_string(&log)
         .map(|t| t.lines().count() as u64)
         .unwrap_or(0);
-    let boots_stored = ProfileStore::open(&store, StorePolicy::default())?.boot_rows()?;
+    let opened = ProfileStore::open(&store, StorePolicy::default())?;
+    let boots_stored = opened.boot_rows()?;
+    let reservations_left = opened.pool_records()?.len() as u64;
     lat.sort_by(f64::total_cmp);
     let pct = |p: usize| {
         lat.get((lat.len() * p / 1000).min(lat.len().saturating_sub(1)))
@@ -946,15 +983,18 @@ pub fn load_bench(
             lat.last().copied().unwrap_or(f64::NAN),
         ],
         failures,
+        admitted: admissions[0],
+        not_admitted: admissions[1],
+        reservations_left,
     })
 }
 
 /// The load benchmark as a table.
 pub fn load_table(r: &LoadResult) -> String {
     format!(
-        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
         r.offered_per_s,
         r.achieved_per_s,
         r.seconds,
@@ -962,10 +1002,166 @@ pub fn load_table(r: &LoadResult) -> String {
         r.events_logged,
         r.events_sent.saturating_sub(r.events_logged),
         r.boots_stored,
+        r.admitted,
+        r.not_admitted,
+        r.reservations_left,
         r.failures,
         r.latency_ms[0],
         r.latency_ms[1],
         r.latency_ms[2],
         r.latency_ms[3]
     )
+}
+
+/// One row of `prescient bench interrupt`: `n` VMs on a host, every one a
+/// candidate, many random requests that need interruptions, decided by the
+/// exact search and by the greedy one.
+#[derive(Clone, Debug, Serialize)]
+pub struct InterruptBenchRow {
+    /// VMs on the host (all interruptible, of lower priority).
+    pub vms: usize,
+    /// Requests decided.
+    pub cases: usize,
+    /// Median time of one exact decision, microseconds.
+    pub exact_us_p50: f64,
+    /// Slowest exact decision, microseconds.
+    pub exact_us_max: f64,
+    /// Median time of one greedy decision, microseconds.
+    pub greedy_us_p50: f64,
+    /// Cases where the exact search interrupted someone.
+    pub exact_interrupts: usize,
+    /// Of those, cases where the greedy search found no set (it delayed).
+    pub greedy_missed: usize,
+    /// Of the cases both solved, how often greedy chose a set with more
+    /// disruption at the highest priority level it touched, or touched a
+    /// higher level.
+    pub greedy_worse: usize,
+    /// Total disruption of greedy's choices over exact's, where both chose.
+    pub greedy_disruption_ratio: f64,
+}
+
+/// Random hosts and requests (seeded, reproducible) decided by both
+/// searches; see [`InterruptBenchRow`].
+pub fn interrupt_bench(sizes: &[usize], cases: usize, seed: u64) -> Vec<InterruptBenchRow> {
+    use crate::interrupt::{Decision, HostView, Request, Resources, Search, VmView, decide_with};
+    let mut x = seed.max(1);
+    let mut rnd = move |lo: u64, hi: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + x % (hi - lo).max(1)
+    };
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let (mut exact_t, mut greedy_t) = (Vec::new(), Vec::new());
+        let (mut interrupts, mut missed, mut worse) = (0, 0, 0);
+        let (mut d_exact, mut d_greedy) = (0u64, 0u64);
+        for _ in 0..cases {
+            let vms: Vec<VmView> = (0..n)
+                .map(|i| {
+                    let mem = rnd(64, 2048);
+                    VmView {
+                        id: format!("vm{i:03}"),
+                        priority: i32::try_from(rnd(0, 4)).unwrap_or(0),
+                        interruptible: true,
+                        allocated: Resources::new(mem, rnd(1, 8)),
+                        shrinkable_mib: rnd(0, mem / 8 + 1),
+                        restart_demand: Resources::new(mem, 1),
+                        disruption: mem,
+                    }
+                })
+                .collect();
+            let used: u64 = vms.iter().map(|v| v.allocated.memory_mib).sum();
+            let host = HostView {
+                capacity: Resources::new(used + rnd(0, 512), u64::MAX),
+                held: Resources::default(),
+            };
+            let req = Request {
+                id: "new".into(),
+                priority: 10,
+                demand: Resources::new(rnd(1024, 8192), 2),
+            };
+            let t = Instant::now();
+            let e = decide_with(&host, &vms, &req, Search::Auto);
+            exact_t.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            let g = decide_with(&host, &vms, &req, Search::Greedy);
+            greedy_t.push(t.elapsed().as_secs_f64() * 1e6);
+            let cost = |d: &Decision| match d {
+                Decision::Interrupt { interrupt, .. } => {
+                    let top = interrupt
+                        .iter()
+                        .map(|i| vms.iter().find(|v| v.id == i.id).map_or(0, |v| v.priority))
+                        .max()
+                        .unwrap_or(0);
+                    let at_top: u64 = interrupt
+                        .iter()
+                        .filter_map(|i| vms.iter().find(|v| v.id == i.id))
+                        .filter(|v| v.priority == top)
+                        .map(|v| v.disruption)
+                        .sum();
+                    let all: u64 = interrupt.iter().map(|i| i.frees.memory_mib).sum();
+                    Some((top, at_top, all))
+                }
+                _ => None,
+            };
+            if let Some((etop, eat, eall)) = cost(&e) {
+                interrupts += 1;
+                match cost(&g) {
+                    None => missed += 1,
+                    Some((gtop, gat, gall)) => {
+                        if (gtop, gat) > (etop, eat) {
+                            worse += 1;
+                        }
+                        d_exact += eall;
+                        d_greedy += gall;
+                    }
+                }
+            }
+        }
+        let p50 = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        rows.push(InterruptBenchRow {
+            vms: n,
+            cases,
+            exact_us_max: exact_t.iter().copied().fold(0.0, f64::max),
+            exact_us_p50: p50(&mut exact_t),
+            greedy_us_p50: p50(&mut greedy_t),
+            exact_interrupts: interrupts,
+            greedy_missed: missed,
+            greedy_worse: worse,
+            greedy_disruption_ratio: if d_exact == 0 {
+                0.0
+            } else {
+                d_greedy as f64 / d_exact as f64
+            },
+        });
+    }
+    rows
+}
+
+/// The table `prescient bench interrupt` prints.
+pub fn interrupt_table(rows: &[InterruptBenchRow]) -> String {
+    let mut t = String::from(
+        "| VMs | cases | exact p50 µs | exact max µs | greedy p50 µs | exact interrupted | greedy found none | greedy touched worse | greedy/exact disruption |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.3} |",
+            r.vms,
+            r.cases,
+            r.exact_us_p50,
+            r.exact_us_max,
+            r.greedy_us_p50,
+            r.exact_interrupts,
+            r.greedy_missed,
+            r.greedy_worse,
+            r.greedy_disruption_ratio
+        );
+    }
+    t
 }

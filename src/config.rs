@@ -26,6 +26,46 @@
 //! [balloon]
 //! forecasts = "/etc/prescient/balloon-forecasts.json"   # optional (see BalloonForecasts)
 //!
+//! [pool]
+//! # cpus = 16                  # default: this process's CPUs (sched_getaffinity)
+//! # memory_mib = 65536         # default: MemTotal
+//! net_mbps = 0
+//! disk_mbps = 0
+//! gpus = 0
+//! reserved_cpus = 0.0
+//! reserved_memory_mib = 512
+//! reserved_net_mbps = 0
+//! reserved_disk_mbps = 0
+//! reserved_gpus = 0
+//! cpu_overcommit = 4.0
+//! memory_overcommit = 1.0
+//! net_overcommit = 1.0
+//! disk_overcommit = 1.0
+//!
+//! [allocator]
+//! quantile = 0.9
+//! min_samples = 3
+//! model_min_samples = 20
+//! history = 200
+//! on_shortfall = "refuse"      # refuse | boot-lazily
+//! [[allocator.class]]
+//! name = "batch"
+//! vm_prefix = "batch-"         # and/or image = "<digest>"
+//! quantile = 0.5
+//! net_mbps = 100
+//! disk_mbps = 50
+//! gpus = 0
+//!
+//! [shaping]
+//! interval_s = 30              # 0 (the default): the shaping loop is off
+//! policy = "maximise-utilisation"   # minimise-fragmentation | favour-high-priority
+//! lambda = 20.0                # tuner reward: -(slack + lambda * shortfall)
+//! floor_mib = 128
+//! host_memory_mib = 65536      # optional (default: the host's MemTotal)
+//! host_cpus = 16.0             # optional (default: the host's CPUs)
+//! cgroups = false              # cpu.weight / cpu.max in a cgroup per VM (its VMM process)
+//! cgroup_parent = "prescient"
+//!
 //! [libvirt]
 //! act = true                   # false: only record libvirt hook calls
 //! uri = "qemu:///system"
@@ -34,6 +74,13 @@
 //! cpus = "2-7"                 # optional: CPUs for vCPU threads (default: the daemon's own)
 //! sample_interval_ms = 10000
 //! record = "/var/log/prescient/libvirt.jsonl"   # optional
+//!
+//! [interrupt]
+//! capacity_mib = 16384        # optional: turns the interruption coordinator on
+//! capacity_vcpus = 32         # optional (default: unlimited)
+//! shrink_headroom_mib = 16
+//! retry_after_ms = 250
+//! waiting_expiry_ms = 10000
 //! ```
 
 use std::net::SocketAddr;
@@ -42,7 +89,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{PrefaultMode, ProfileRequest};
 
+use vmm_hooks::{Resources, ShortfallAction};
+
+use crate::allocator::{AllocatorPolicy, VmClass};
 use crate::libvirt::{AgentConfig, parse_cpu_list};
+use crate::pool::{Overcommit, Pool};
 use crate::store::StorePolicy;
 use crate::working_set::PlanPolicy;
 
@@ -79,6 +130,15 @@ pub enum ConfigError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The `[shaping]` section is out of range.
+    #[error("{path}")]
+    Shaping {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        #[source]
+        source: crate::shaping::ShapeError,
+    },
 }
 
 /// The whole configuration.
@@ -95,6 +155,191 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     /// Balloon control.
     pub balloon: BalloonSection,
+    /// The host's resource pool.
+    pub pool: PoolSection,
+    /// The predictive allocator.
+    pub allocator: AllocatorSection,
+    /// The shaping loop.
+    pub shaping: crate::ShapingConfig,
+    /// The interruption coordinator.
+    pub interrupt: InterruptSection,
+}
+
+/// `[interrupt]`: the interruption coordinator (`crate::interrupt`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterruptSection {
+    /// Memory the host may hand out to VMs, MiB; unset: no coordinator
+    /// (every VM admitted, none interrupted).
+    pub capacity_mib: Option<u64>,
+    /// vCPUs the host may hand out; unset: unlimited.
+    pub capacity_vcpus: Option<u64>,
+    /// Memory each VM keeps beyond what shrinks may take, MiB.
+    pub shrink_headroom_mib: u64,
+    /// When a deferred VMM asks again, ms (10 to 10000).
+    pub retry_after_ms: u64,
+    /// A deferred VM that has not asked again for this long is forgotten,
+    /// ms (at least `retry_after_ms`).
+    pub waiting_expiry_ms: u64,
+}
+
+impl Default for InterruptSection {
+    fn default() -> Self {
+        let c = crate::interrupt::CoordinatorConfig::new(crate::interrupt::Resources::default());
+        InterruptSection {
+            capacity_mib: None,
+            capacity_vcpus: None,
+            shrink_headroom_mib: c.shrink_headroom_mib,
+            retry_after_ms: c.retry_after_ms,
+            waiting_expiry_ms: c.waiting_expiry_ms,
+        }
+    }
+}
+
+/// `[pool]`: what the host has (CPUs and memory probed unless given;
+/// bandwidths and GPUs cannot be probed reliably and are given here), what
+/// it keeps for itself, and how far VMs may be promised more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    /// Host CPUs (default: this process's CPUs, from sched_getaffinity).
+    pub cpus: Option<u64>,
+    /// Host memory, MiB (default: MemTotal from /proc/meminfo).
+    pub memory_mib: Option<u64>,
+    /// Network bandwidth, Mbit/s.
+    pub net_mbps: u64,
+    /// Disk bandwidth, MB/s.
+    pub disk_mbps: u64,
+    /// GPUs.
+    pub gpus: u64,
+    /// CPUs kept for the host (may be fractional).
+    pub reserved_cpus: f64,
+    /// Memory kept for the host, MiB.
+    pub reserved_memory_mib: u64,
+    /// Network bandwidth kept for the host, Mbit/s.
+    pub reserved_net_mbps: u64,
+    /// Disk bandwidth kept for the host, MB/s.
+    pub reserved_disk_mbps: u64,
+    /// GPUs kept for the host.
+    pub reserved_gpus: u64,
+    /// CPU over-commit ratio (0.1 to 64).
+    pub cpu_overcommit: f64,
+    /// Memory over-commit ratio (0.1 to 64).
+    pub memory_overcommit: f64,
+    /// Network over-commit ratio (0.1 to 64).
+    pub net_overcommit: f64,
+    /// Disk over-commit ratio (0.1 to 64).
+    pub disk_overcommit: f64,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        let o = Overcommit::default();
+        PoolSection {
+            cpus: None,
+            memory_mib: None,
+            net_mbps: 0,
+            disk_mbps: 0,
+            gpus: 0,
+            reserved_cpus: 0.0,
+            reserved_memory_mib: 512,
+            reserved_net_mbps: 0,
+            reserved_disk_mbps: 0,
+            reserved_gpus: 0,
+            cpu_overcommit: o.cpu,
+            memory_overcommit: o.memory,
+            net_overcommit: o.network,
+            disk_overcommit: o.disk,
+        }
+    }
+}
+
+impl PoolSection {
+    /// The pool this section describes, probing the host for what it does
+    /// not give.
+    pub fn build(&self) -> Result<Pool, std::io::Error> {
+        let (cpus, memory_mib) = match (self.cpus, self.memory_mib) {
+            (Some(c), Some(m)) => (c, m),
+            (c, m) => {
+                let (hc, hm) = crate::pool::host_totals()?;
+                (c.unwrap_or(hc), m.unwrap_or(hm))
+            }
+        };
+        let total = Resources {
+            cpu_millis: cpus.saturating_mul(1000),
+            memory_mib,
+            net_mbps: self.net_mbps,
+            disk_mbps: self.disk_mbps,
+            gpus: self.gpus,
+        };
+        let reserved_millis = (self.reserved_cpus * 1000.0).round();
+        let reserved = Resources {
+            // Validated finite and within 0..=1e6 CPUs, so the cast is exact.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            cpu_millis: reserved_millis.max(0.0) as u64,
+            memory_mib: self.reserved_memory_mib,
+            net_mbps: self.reserved_net_mbps,
+            disk_mbps: self.reserved_disk_mbps,
+            gpus: self.reserved_gpus,
+        };
+        Ok(Pool::new(
+            total,
+            reserved,
+            Overcommit {
+                cpu: self.cpu_overcommit,
+                memory: self.memory_overcommit,
+                network: self.net_overcommit,
+                disk: self.disk_overcommit,
+            },
+        ))
+    }
+}
+
+/// `[allocator]`: how boots are forecast and what happens when they do not
+/// fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllocatorSection {
+    /// Forecast quantile for VMs no class covers (0 < q <= 1).
+    pub quantile: f64,
+    /// Boots of history before it replaces the declared size (at least 1).
+    pub min_samples: usize,
+    /// Boots of history before the models crate's forecaster is used.
+    pub model_min_samples: usize,
+    /// Newest boots considered (at least 1).
+    pub history: usize,
+    /// What a VMM is told when a demand does not fit: refuse | boot-lazily.
+    pub on_shortfall: ShortfallAction,
+    /// VM classes (first match wins).
+    pub class: Vec<VmClass>,
+}
+
+impl Default for AllocatorSection {
+    fn default() -> Self {
+        let p = AllocatorPolicy::default();
+        AllocatorSection {
+            quantile: p.quantile,
+            min_samples: p.min_samples,
+            model_min_samples: p.model_min_samples,
+            history: p.history,
+            on_shortfall: p.on_shortfall,
+            class: p.classes,
+        }
+    }
+}
+
+impl AllocatorSection {
+    /// The allocator policy.
+    pub fn policy(&self) -> AllocatorPolicy {
+        AllocatorPolicy {
+            quantile: self.quantile,
+            min_samples: self.min_samples,
+            model_min_samples: self.model_min_samples,
+            history: self.history,
+            on_shortfall: self.on_shortfall,
+            classes: self.class.clone(),
+        }
+    }
 }
 
 /// `[balloon]`.
@@ -312,6 +557,117 @@ impl Config {
         if l.uri.is_empty() {
             return Err(bad("libvirt.uri", String::new(), "must name a libvirt URI"));
         }
+        let pool = &self.pool;
+        if !(pool.reserved_cpus.is_finite() && (0.0..=1e6).contains(&pool.reserved_cpus)) {
+            return Err(bad(
+                "pool.reserved_cpus",
+                pool.reserved_cpus.to_string(),
+                "must be 0 to 1000000 CPUs",
+            ));
+        }
+        for (key, v) in [
+            ("pool.cpu_overcommit", pool.cpu_overcommit),
+            ("pool.memory_overcommit", pool.memory_overcommit),
+            ("pool.net_overcommit", pool.net_overcommit),
+            ("pool.disk_overcommit", pool.disk_overcommit),
+        ] {
+            if !(v.is_finite() && (0.1..=64.0).contains(&v)) {
+                return Err(bad(key, v.to_string(), "must be 0.1 to 64"));
+            }
+        }
+        if pool.cpus == Some(0) {
+            return Err(bad(
+                "pool.cpus",
+                "0".into(),
+                "must be at least 1 (or omitted to probe)",
+            ));
+        }
+        let a = &self.allocator;
+        let quantile_ok = |q: f64| q > 0.0 && q <= 1.0;
+        if !quantile_ok(a.quantile) {
+            return Err(bad(
+                "allocator.quantile",
+                a.quantile.to_string(),
+                "must be above 0 and at most 1",
+            ));
+        }
+        if a.min_samples == 0 {
+            return Err(bad(
+                "allocator.min_samples",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        if a.history == 0 {
+            return Err(bad("allocator.history", "0".into(), "must be at least 1"));
+        }
+        if a.model_min_samples < a.min_samples {
+            return Err(bad(
+                "allocator.model_min_samples",
+                a.model_min_samples.to_string(),
+                "must be at least allocator.min_samples",
+            ));
+        }
+        for c in &a.class {
+            if c.name.is_empty() {
+                return Err(bad(
+                    "allocator.class.name",
+                    String::new(),
+                    "must name the class",
+                ));
+            }
+            if c.vm_prefix.is_none() && c.image.is_none() {
+                return Err(bad(
+                    "allocator.class",
+                    c.name.clone(),
+                    "must say which VMs it covers (vm_prefix or image)",
+                ));
+            }
+            if let Some(q) = c.quantile
+                && !quantile_ok(q)
+            {
+                return Err(bad(
+                    "allocator.class.quantile",
+                    format!("{q} (class {})", c.name),
+                    "must be above 0 and at most 1",
+                ));
+            }
+        }
+        let i = &self.interrupt;
+        if i.capacity_mib == Some(0) {
+            return Err(bad(
+                "interrupt.capacity_mib",
+                "0".into(),
+                "must be at least 1 (or unset: no coordinator)",
+            ));
+        }
+        if i.capacity_vcpus == Some(0) {
+            return Err(bad(
+                "interrupt.capacity_vcpus",
+                "0".into(),
+                "must be at least 1 (or unset: unlimited)",
+            ));
+        }
+        if !(10..=10_000).contains(&i.retry_after_ms) {
+            return Err(bad(
+                "interrupt.retry_after_ms",
+                i.retry_after_ms.to_string(),
+                "must be 10 to 10000",
+            ));
+        }
+        if i.waiting_expiry_ms < i.retry_after_ms {
+            return Err(bad(
+                "interrupt.waiting_expiry_ms",
+                i.waiting_expiry_ms.to_string(),
+                "must be at least interrupt.retry_after_ms",
+            ));
+        }
+        if let Err(e) = self.shaping.validate() {
+            return Err(ConfigError::Shaping {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -320,6 +676,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The interruption coordinator this configuration asks for (`None`:
+    /// no `interrupt.capacity_mib`).
+    pub fn interrupt_coordinator(&self) -> Option<crate::interrupt::CoordinatorConfig> {
+        let i = &self.interrupt;
+        let capacity =
+            crate::interrupt::Resources::new(i.capacity_mib?, i.capacity_vcpus.unwrap_or(u64::MAX));
+        let mut c = crate::interrupt::CoordinatorConfig::new(capacity);
+        c.shrink_headroom_mib = i.shrink_headroom_mib;
+        c.retry_after_ms = i.retry_after_ms;
+        c.waiting_expiry_ms = i.waiting_expiry_ms;
+        Some(c)
     }
 
     /// The libvirt agent this configuration asks for (`None`: only record
@@ -364,6 +733,41 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn interrupt_section_is_checked_and_turns_the_coordinator_on() {
+        assert_eq!(parse("").unwrap().interrupt_coordinator(), None);
+        let c = parse("[interrupt]\ncapacity_mib = 2048\nshrink_headroom_mib = 32\n")
+            .unwrap()
+            .interrupt_coordinator()
+            .unwrap();
+        assert_eq!(c.capacity, crate::interrupt::Resources::new(2048, u64::MAX));
+        assert_eq!(c.shrink_headroom_mib, 32);
+        for (text, key) in [
+            ("[interrupt]\ncapacity_mib = 0\n", "interrupt.capacity_mib"),
+            (
+                "[interrupt]\ncapacity_vcpus = 0\n",
+                "interrupt.capacity_vcpus",
+            ),
+            (
+                "[interrupt]\nretry_after_ms = 1\n",
+                "interrupt.retry_after_ms",
+            ),
+            (
+                "[interrupt]\nretry_after_ms = 500\nwaiting_expiry_ms = 100\n",
+                "interrupt.waiting_expiry_ms",
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("[interrupt]\ncapacity = 5\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
     }
@@ -373,6 +777,91 @@ mod tests {
         let c = parse("[balloon]\nforecasts = \"/etc/f.json\"\n").unwrap();
         assert_eq!(c.balloon.forecasts, Some(PathBuf::from("/etc/f.json")));
         assert!(parse("[balloon]\nforecast = \"/etc/f.json\"\n").is_err());
+    }
+
+    #[test]
+    fn pool_and_allocator_sections_are_read_and_checked() {
+        let c = parse(
+            r#"
+            [pool]
+            cpus = 8
+            memory_mib = 16384
+            net_mbps = 10000
+            gpus = 2
+            reserved_cpus = 1.5
+            reserved_memory_mib = 2048
+            cpu_overcommit = 2.0
+            [allocator]
+            quantile = 0.99
+            on_shortfall = "boot-lazily"
+            [[allocator.class]]
+            name = "batch"
+            vm_prefix = "batch-"
+            quantile = 0.5
+            gpus = 1
+            "#,
+        )
+        .unwrap();
+        let pool = c.pool.build().unwrap();
+        assert_eq!(pool.capacity().cpu_millis, 13_000);
+        assert_eq!(pool.capacity().memory_mib, 14_336);
+        assert_eq!(pool.capacity().gpus, 2);
+        let p = c.allocator.policy();
+        assert_eq!(p.on_shortfall, ShortfallAction::BootLazily);
+        assert_eq!(p.class_of("batch-1", "x").unwrap().quantile, Some(0.5));
+        // Probed when not given.
+        let probed = Config::default().pool.build().unwrap();
+        assert!(probed.total().cpu_millis >= 1000 && probed.total().memory_mib > 0);
+        for (text, key) in [
+            ("[pool]\ncpu_overcommit = 0\n", "pool.cpu_overcommit"),
+            ("[pool]\nreserved_cpus = -1\n", "pool.reserved_cpus"),
+            ("[pool]\ncpus = 0\n", "pool.cpus"),
+            ("[allocator]\nquantile = 1.5\n", "allocator.quantile"),
+            ("[allocator]\nmin_samples = 0\n", "allocator.min_samples"),
+            (
+                "[allocator]\nmin_samples = 5\nmodel_min_samples = 4\n",
+                "allocator.model_min_samples",
+            ),
+            ("[[allocator.class]]\nname = \"x\"\n", "allocator.class"),
+            (
+                "[[allocator.class]]\nname = \"x\"\nvm_prefix = \"x\"\nquantile = 0\n",
+                "allocator.class.quantile",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = parse("[allocator]\non_shortfall = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") || e.contains("unknown variant"), "{e}");
+        let e = parse("[[allocator.class]]\nname = \"x\"\nvm_prefx = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm_prefx"), "{e}");
+    }
+
+    #[test]
+    fn shaping_section_is_read_and_checked() {
+        let c = parse(
+            "[shaping]\ninterval_s = 15\npolicy = \"favour-high-priority\"\nlambda = 2.5\n[shaping.limits]\nmemory_granule_mib = 256\n",
+        )
+        .unwrap();
+        assert_eq!(c.shaping.interval_s, 15);
+        assert_eq!(
+            c.shaping.policy,
+            crate::shaping::ShapePolicy::FavourHighPriority
+        );
+        assert_eq!(c.shaping.limits.memory_granule_mib, 256);
+        assert_eq!(parse("").unwrap().shaping.interval_s, 0);
+        for text in [
+            "[shaping]\npolicy = \"fastest\"\n",
+            "[shaping]\nintervals = 3\n",
+        ] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        let e = vmm_hooks::error_chain(&parse("[shaping]\nlambda = -1\n").unwrap_err());
+        assert!(e.contains("shaping.lambda"), "{e}");
     }
 
     #[test]
@@ -387,6 +876,8 @@ mod tests {
         let c = parse(include_str!("../deploy/prescient.toml")).unwrap();
         assert!(c.daemon.metrics_listen.is_some());
         assert_eq!(c.store_policy(), StorePolicy::default());
+        assert_eq!(c.pool, PoolSection::default());
+        assert_eq!(c.allocator, AllocatorSection::default());
     }
 
     #[test]

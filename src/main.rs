@@ -9,6 +9,7 @@ use prescient::{Config, HooksServer, ServerConfig};
 use vmm_hooks::error_chain;
 
 mod forecast_cli;
+mod gpu_cli;
 
 /// Prescient: a KVM host companion that prepares the host before VM demand arrives.
 #[derive(Debug, Parser)]
@@ -21,9 +22,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the companion daemon: listen for VMM lifecycle hooks.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig(CheckConfigArgs),
+    /// Ask the running daemon for its VMs, resource pool, reservations and
+    /// forecasts; print them as a table (or JSON).
+    Status(StatusArgs),
     /// Record a real program's start-up memory touches as a labvm trace.
     TraceCapture(TraceCaptureArgs),
     /// Benchmarks that compare strategies side by side.
@@ -38,6 +42,74 @@ enum Command {
     LibvirtHook(LibvirtHookArgs),
     /// Install `prescient libvirt-hook` as libvirt's QEMU hook (hooks/qemu).
     InstallLibvirtHook(InstallLibvirtHookArgs),
+    /// Replay a real trace through forecaster, shaper and margin tuner, and
+    /// compare the tuned margin with fixed margins.
+    ShapeReplay(ShapeReplayArgs),
+    /// GPUs: inventory (NVML or a recording), recordings, reservations.
+    #[command(subcommand)]
+    Gpu(gpu_cli::GpuCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ShapeReplayArgs {
+    /// The trace file (shared/data/traces format, gzip CSV).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Cost of shortfall against slack in the reward -(slack + lambda * shortfall).
+    #[arg(long, default_value_t = 20.0)]
+    lambda: f64,
+    /// minimise-fragmentation, maximise-utilisation or favour-high-priority.
+    #[arg(long, default_value = "maximise-utilisation")]
+    policy: prescient::shaping::ShapePolicy,
+    /// The demand column: cpu_pct (shapes cpu.max) or mem_pct (shapes the balloon).
+    #[arg(long, default_value = "cpu_pct")]
+    metric: String,
+    /// VMs: the first N series of the file with that column.
+    #[arg(long, default_value_t = 16)]
+    vms: usize,
+    /// Host capacity as a share of the VMs' total size.
+    #[arg(long, default_value_t = 0.5)]
+    host_fraction: f64,
+    /// Decisions per row of the window table.
+    #[arg(long, default_value_t = 288)]
+    window: usize,
+    /// Replay at most this many 5-minute slots.
+    #[arg(long)]
+    max_slots: Option<usize>,
+    /// Where JSON and the SVG plot go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn shape_replay(a: ShapeReplayArgs) -> ExitCode {
+    use prescient::shape_replay::{ReplayConfig, replay};
+    let metric = match a.metric.as_str() {
+        "cpu_pct" => models::Metric::CpuPct,
+        "mem_pct" => models::Metric::MemPct,
+        other => {
+            eprintln!("prescient: --metric {other}: use cpu_pct or mem_pct");
+            return ExitCode::from(2);
+        }
+    };
+    let mut c = ReplayConfig::new(&a.trace);
+    c.metric = metric;
+    c.lambda = a.lambda;
+    c.policy = a.policy;
+    c.vms = a.vms.max(1);
+    c.host_fraction = a.host_fraction;
+    c.window = a.window.max(1);
+    c.max_slots = a.max_slots;
+    match replay(&c).and_then(|r| r.write(&a.out).map(|f| (r, f))) {
+        Ok((r, (json, svg))) => {
+            println!("{}", r.tables());
+            println!("JSON: {}\nplot: {}", json.display(), svg.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -145,6 +217,9 @@ enum BenchCommand {
     /// The forecasting model's batch kernels on the CPU and the GPU side by
     /// side, their agreement, and the measured crossover.
     Offload(OffloadBenchArgs),
+    /// The interruption coordinator's choice: exact search against greedy
+    /// (time per decision and what each chose), on seeded random hosts.
+    Interrupt(InterruptBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +255,16 @@ struct OffloadBenchArgs {
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct InterruptBenchArgs {
+    /// Random requests per host size.
+    #[arg(long, default_value_t = 200)]
+    cases: usize,
+    /// Seed of the random hosts.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -242,6 +327,11 @@ struct StoreBenchArgs {
 fn bench(cmd: BenchCommand) -> ExitCode {
     use prescient::bench;
     match cmd {
+        BenchCommand::Interrupt(a) => {
+            let rows = bench::interrupt_bench(&[4, 8, 12, 16], a.cases.max(1), a.seed);
+            println!("{}", bench::interrupt_table(&rows));
+            ExitCode::SUCCESS
+        }
         BenchCommand::Bootstrap(a) => {
             let labvm = a.labvm.clone().unwrap_or_else(|| {
                 std::env::current_exe()
@@ -453,6 +543,70 @@ struct ServeArgs {
     /// The virsh program [default: virsh].
     #[arg(long)]
     virsh: Option<PathBuf>,
+    /// Memory this host may hand out to VMs, MiB: turns on the interruption
+    /// coordinator (admission against this capacity, balloon shrinks,
+    /// interruption of lower-priority interruptible VMs, deferral); also
+    /// `[interrupt] capacity_mib`. Until the resource pool lands, this is
+    /// its only source of capacity.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_mib: Option<u64>,
+    /// vCPUs this host may hand out to VMs [default: unlimited].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_vcpus: Option<u64>,
+    /// Memory each VM keeps beyond what the coordinator's shrinks may take,
+    /// MiB [default: 16].
+    #[arg(long)]
+    shrink_headroom_mib: Option<u64>,
+    /// Run the shaping loop every N seconds (0: off) [default: 0].
+    #[arg(long)]
+    shape_interval_s: Option<u64>,
+    /// Shaping policy: minimise-fragmentation, maximise-utilisation or
+    /// favour-high-priority [default: maximise-utilisation].
+    #[arg(long)]
+    shape_policy: Option<prescient::shaping::ShapePolicy>,
+    /// Shaping tuner reward: -(slack + lambda * shortfall) [default: 20].
+    #[arg(long)]
+    shape_lambda: Option<f64>,
+    /// Write cpu.weight / cpu.max to a cgroup per VM holding its VMM process.
+    #[arg(long)]
+    shape_cgroups: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the daemon, ms.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_millis(args.timeout_ms.clamp(10, 600_000));
+    // Written, not printed: a closed pipe (`| head`) ends the output quietly.
+    let out = |text: String| {
+        use std::io::Write;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        ExitCode::SUCCESS
+    };
+    match prescient::query_status(&args.socket, timeout) {
+        Ok(s) if args.json => match serde_json::to_string_pretty(&s) {
+            Ok(j) => out(j + "\n"),
+            Err(e) => {
+                eprintln!("prescient: cannot encode the status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(s) => out(prescient::status_table(&s)),
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -487,6 +641,15 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.balloon_forecasts.is_some() {
         c.balloon.forecasts = args.balloon_forecasts.clone();
     }
+    if args.capacity_mib.is_some() {
+        c.interrupt.capacity_mib = args.capacity_mib;
+    }
+    if args.capacity_vcpus.is_some() {
+        c.interrupt.capacity_vcpus = args.capacity_vcpus;
+    }
+    if let Some(h) = args.shrink_headroom_mib {
+        c.interrupt.shrink_headroom_mib = h;
+    }
     let l = &mut c.libvirt;
     if args.no_libvirt {
         l.act = false;
@@ -508,6 +671,18 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     }
     if let Some(v) = &args.virsh {
         l.virsh = v.clone();
+    }
+    if let Some(n) = args.shape_interval_s {
+        c.shaping.interval_s = n;
+    }
+    if let Some(p) = args.shape_policy {
+        c.shaping.policy = p;
+    }
+    if let Some(l) = args.shape_lambda {
+        c.shaping.lambda = l;
+    }
+    if args.shape_cgroups {
+        c.shaping.cgroups = true;
     }
     // Flags are checked like the file.
     c.validate(std::path::Path::new("(command line)"))?;
@@ -536,6 +711,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.event_log = c.daemon.event_log.clone();
     config.allowed_uids = c.daemon.allow_uids.clone();
     config.policy = c.store_policy();
+    config.pool = c.pool.clone();
+    config.allocator = c.allocator.policy();
     if let Some(path) = &c.balloon.forecasts {
         match prescient::BalloonControl::load(path) {
             Ok(c) => config.balloon = Some(std::sync::Arc::new(c)),
@@ -546,6 +723,27 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     config.libvirt = c.libvirt_agent();
+    if let Some(ic) = c.interrupt_coordinator() {
+        tracing::info!(
+            capacity_mib = ic.capacity.memory_mib,
+            capacity_vcpus = ic.capacity.vcpus,
+            "interruption coordinator on"
+        );
+        config.interrupt = Some(std::sync::Arc::new(std::sync::Mutex::new(
+            prescient::interrupt::Coordinator::new(ic),
+        )));
+    }
+    if c.shaping.interval_s > 0 {
+        match prescient::ShapingLoop::new(c.shaping.clone(), std::sync::Arc::clone(&config.metrics))
+        {
+            Ok(l) => config.shaping = Some(std::sync::Arc::new(l)),
+            Err(e) => {
+                eprintln!("prescient: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let shaping = config.shaping.clone();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)
@@ -568,6 +766,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Signal handlers first: from the moment the socket exists a client
+        // (or systemd) may send SIGTERM, and before the handlers are in
+        // place that would kill the daemon without its orderly shutdown.
+        let shutdown_signal = shutdown_signal();
         let server = match HooksServer::bind(config) {
             Ok(s) => s,
             Err(e) => {
@@ -585,8 +787,11 @@ fn serve(args: ServeArgs) -> ExitCode {
                 }
             });
         }
+        if let Some(l) = shaping {
+            tokio::spawn(l.run(rx.clone()));
+        }
         tokio::spawn(async move {
-            wait_for_shutdown_signal().await;
+            shutdown_signal.await;
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
@@ -595,21 +800,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn wait_for_shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that
+/// completes when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
@@ -640,7 +850,7 @@ fn main() -> ExitCode {
     }
     init_logging();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::CheckConfig(a) => match Config::load(&a.path) {
             Ok(c) => {
                 println!("{}", toml::to_string_pretty(&c).unwrap_or_default());
@@ -651,12 +861,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Status(args) => status(args),
         Command::TraceCapture(args) => trace_capture(args),
         Command::Bench(cmd) => bench(cmd),
         Command::LibvirtHook(args) => libvirt_hook(args),
         Command::InstallLibvirtHook(args) => install_libvirt_hook(args),
+        Command::ShapeReplay(args) => shape_replay(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+        Command::Gpu(cmd) => match gpu_cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("prescient gpu: {}", error_chain(e.as_ref()));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -17,6 +18,32 @@ pub struct KindLabel {
     /// The kind (event kind, rejection reason, plan kind).
     pub kind: String,
 }
+
+/// Label of a per-resource gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// The resource (`cpu`, `memory`, `network`, `disk`, `gpu`).
+    pub resource: String,
+}
+
+/// Label of a per-VM gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmLabel {
+    /// The VM id.
+    pub vm: String,
+}
+
+/// Label of a per-VM forecast quantile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmQuantileLabel {
+    /// The VM id.
+    pub vm: String,
+    /// `p50`, `p90` or `p99`.
+    pub quantile: String,
+}
+
+/// A per-VM floating-point gauge.
+pub type VmGauge = Family<VmLabel, Gauge<f64, AtomicU64>>;
 
 /// Every metric the daemon exports.
 #[derive(Debug)]
@@ -43,6 +70,41 @@ pub struct Metrics {
     /// `pin-failed`, `balloon-set`, `balloon-failed`, `usage-sampled`,
     /// `domain-failed`).
     pub libvirt_actions: Family<KindLabel, Counter>,
+    /// What VMs may be promised, per resource (the resource's unit).
+    pub pool_capacity: Family<ResourceLabel, Gauge>,
+    /// What VMs hold now, per resource.
+    pub pool_allocated: Family<ResourceLabel, Gauge>,
+    /// VMs holding a reservation.
+    pub pool_reservations: Gauge,
+    /// Allocator decisions, by kind (`fit`, `short`, `released`,
+    /// `reconciled-released`, `restored`).
+    pub allocator_decisions: Family<KindLabel, Counter>,
+    /// Resources that fell short, by resource (one per short resource per
+    /// decision).
+    pub allocator_short: Family<ResourceLabel, Counter>,
+    /// What the interruption coordinator did, by kind (`admit`,
+    /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
+    /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
+    pub interrupt_actions: Family<KindLabel, Counter>,
+    /// What the shaping loop did, by kind (`balloon-target`, `cgroup-set`,
+    /// `cgroup-failed`).
+    pub shape_actions: Family<KindLabel, Counter>,
+    /// Shaping: forecast memory in use per VM and quantile, MiB.
+    pub shape_forecast_mib: Family<VmQuantileLabel, Gauge<f64, AtomicU64>>,
+    /// Shaping: memory in use per VM over the last interval, MiB.
+    pub shape_actual_mib: VmGauge,
+    /// Shaping: memory granted per VM (guest RAM minus balloon), MiB.
+    pub shape_grant_mib: VmGauge,
+    /// Shaping: predicted growth to pre-fault per VM, MiB.
+    pub shape_prefault_mib: VmGauge,
+    /// Shaping: the headroom margin the tuner chose.
+    pub shape_margin: Gauge<f64, AtomicU64>,
+    /// Shaping: each VM's margin after widening by its forecast's spread.
+    pub shape_vm_margin: VmGauge,
+    /// GPUs the NVML inventory found at start (0 without a driver).
+    pub gpus: Gauge,
+    /// GPU reservations released, by reason (`stopped`, `failed`).
+    pub gpu_released: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +126,39 @@ impl Metrics {
         let time_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let balloon_targets = Family::<KindLabel, Counter>::default();
         let libvirt_actions = Family::<KindLabel, Counter>::default();
+        let pool_capacity = Family::<ResourceLabel, Gauge>::default();
+        let pool_allocated = Family::<ResourceLabel, Gauge>::default();
+        let pool_reservations = Gauge::default();
+        let allocator_decisions = Family::<KindLabel, Counter>::default();
+        let allocator_short = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "pool_capacity",
+            "What VMs may be promised, per resource (cpu in millicores, memory in MiB, network in Mbit/s, disk in MB/s, GPUs)",
+            pool_capacity.clone(),
+        );
+        registry.register(
+            "pool_allocated",
+            "What VMs hold now, per resource (units as pool_capacity)",
+            pool_allocated.clone(),
+        );
+        registry.register(
+            "pool_reservations",
+            "VMs holding a reservation",
+            pool_reservations.clone(),
+        );
+        registry.register(
+            "allocator_decisions",
+            "Allocator decisions, by kind (fit, short, released, reconciled-released, restored)",
+            allocator_decisions.clone(),
+        );
+        registry.register(
+            "allocator_short",
+            "Resources that fell short in allocator decisions, by resource",
+            allocator_short.clone(),
+        );
+        let interrupt_actions = Family::<KindLabel, Counter>::default();
+        let gpus = Gauge::default();
+        let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
             "events",
             "Lifecycle events received from VMMs",
@@ -101,8 +196,68 @@ impl Metrics {
             "Actions on libvirt domains after their started hook, by action",
             libvirt_actions.clone(),
         );
+        registry.register(
+            "interrupt_actions",
+            "What the interruption coordinator did, by kind",
+            interrupt_actions.clone(),
+        );
+        let shape_actions = Family::<KindLabel, Counter>::default();
+        let shape_forecast_mib = Family::<VmQuantileLabel, Gauge<f64, AtomicU64>>::default();
+        let shape_actual_mib = VmGauge::default();
+        let shape_grant_mib = VmGauge::default();
+        let shape_prefault_mib = VmGauge::default();
+        let shape_margin = Gauge::<f64, AtomicU64>::default();
+        let shape_vm_margin = VmGauge::default();
+        registry.register(
+            "shape_vm_margin",
+            "Headroom margin per VM after widening by its forecast's spread",
+            shape_vm_margin.clone(),
+        );
+        registry.register(
+            "shape_actions",
+            "What the shaping loop did, by kind",
+            shape_actions.clone(),
+        );
+        registry.register(
+            "shape_forecast_mib",
+            "Forecast memory in use per VM (next hour), MiB",
+            shape_forecast_mib.clone(),
+        );
+        registry.register(
+            "shape_actual_mib",
+            "Memory in use per VM over the last shaping interval, MiB",
+            shape_actual_mib.clone(),
+        );
+        registry.register(
+            "shape_grant_mib",
+            "Memory granted per VM by the shaping loop, MiB",
+            shape_grant_mib.clone(),
+        );
+        registry.register(
+            "shape_prefault_mib",
+            "Predicted growth to pre-fault per VM, MiB",
+            shape_prefault_mib.clone(),
+        );
+        registry.register(
+            "shape_margin",
+            "Headroom margin chosen by the online tuner",
+            shape_margin.clone(),
+        );
+        registry.register("gpus", "GPUs found at start (NVML)", gpus.clone());
+        registry.register(
+            "gpu_reservations_released",
+            "GPU reservations released when their VM stopped, by reason",
+            gpu_released.clone(),
+        );
         Metrics {
             registry,
+            shape_actions,
+            shape_forecast_mib,
+            shape_actual_mib,
+            shape_grant_mib,
+            shape_prefault_mib,
+            shape_margin,
+            shape_vm_margin,
             events,
             rejected,
             plans,
@@ -112,7 +267,41 @@ impl Metrics {
             time_to_ready,
             balloon_targets,
             libvirt_actions,
+            pool_capacity,
+            pool_allocated,
+            pool_reservations,
+            allocator_decisions,
+            allocator_short,
+            interrupt_actions,
+            gpus,
+            gpu_released,
         }
+    }
+
+    /// Sets the pool gauges from the pool.
+    pub fn set_pool(&self, pool: &crate::pool::Pool) {
+        let (cap, alloc) = (pool.capacity(), pool.allocated());
+        for r in vmm_hooks::Resource::ALL {
+            let label = ResourceLabel {
+                resource: r.name().to_string(),
+            };
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.pool_capacity.get_or_create(&label).set(g(cap.get(r)));
+            self.pool_allocated
+                .get_or_create(&label)
+                .set(g(alloc.get(r)));
+        }
+        self.pool_reservations
+            .set(i64::try_from(pool.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one short resource.
+    pub fn inc_short(&self, r: vmm_hooks::Resource) {
+        self.allocator_short
+            .get_or_create(&ResourceLabel {
+                resource: r.name().to_string(),
+            })
+            .inc();
     }
 
     /// Counts one of a labelled family.
@@ -122,6 +311,40 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+    }
+
+    /// Sets a per-VM gauge.
+    pub fn shape_gauge(&self, family: &VmGauge, vm: &str, v: f64) {
+        family.get_or_create(&VmLabel { vm: vm.to_string() }).set(v);
+    }
+
+    /// Sets a VM's forecast quantile.
+    pub fn shape_forecast(&self, vm: &str, quantile: &str, v: f64) {
+        self.shape_forecast_mib
+            .get_or_create(&VmQuantileLabel {
+                vm: vm.to_string(),
+                quantile: quantile.to_string(),
+            })
+            .set(v);
+    }
+
+    /// Drops a stopped VM's shaping gauges.
+    pub fn forget_shaped_vm(&self, vm: &str) {
+        let l = VmLabel { vm: vm.to_string() };
+        for f in [
+            &self.shape_actual_mib,
+            &self.shape_grant_mib,
+            &self.shape_prefault_mib,
+            &self.shape_vm_margin,
+        ] {
+            f.remove(&l);
+        }
+        for q in ["p50", "p90", "p99"] {
+            self.shape_forecast_mib.remove(&VmQuantileLabel {
+                vm: vm.to_string(),
+                quantile: q.to_string(),
+            });
+        }
     }
 
     /// The exposition text.

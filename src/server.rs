@@ -14,11 +14,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use vmm_hooks::proto::{self, HEADER_LEN, Message, ProtoError};
-use vmm_hooks::{BootPlan, Event, EventKind, HookReply, error_chain};
+use vmm_hooks::{
+    Allocation, BootPlan, Event, EventKind, HookReply, LibvirtOperation, Resources,
+    ShortfallAction, error_chain,
+};
 
+use crate::allocator::{AllocatorPolicy, Declared, Forecast};
+use crate::config::PoolSection;
 use crate::libvirt::{AgentConfig, LibvirtAgent, LibvirtError};
 use crate::metrics::Metrics;
-use crate::store::{ProfileKey, ProfileStore, StoreError, StorePolicy};
+use crate::pool::Pool;
+use crate::status::{DaemonStatus, PoolStatus};
+use crate::store::{
+    ProfileKey, ProfileStore, StoreError, StorePolicy, VmRecord, VmSource, VmState,
+};
 
 /// What can go wrong running the server.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +54,9 @@ pub enum ServeError {
     /// The libvirt agent could not start.
     #[error("cannot start the libvirt agent")]
     Libvirt(#[from] LibvirtError),
+    /// The host's resources could not be read.
+    #[error("cannot read the host's resources for the pool (set pool.cpus and pool.memory_mib)")]
+    Pool(#[source] std::io::Error),
     /// The event log could not be opened.
     #[error("cannot open event log {path}")]
     EventLog {
@@ -80,6 +92,16 @@ pub struct ServerConfig {
     pub libvirt: Option<AgentConfig>,
     /// Where the daemon counts what it does.
     pub metrics: Arc<Metrics>,
+    /// The host's resource pool (totals, host reserve, over-commit).
+    pub pool: PoolSection,
+    /// How boots are forecast and admitted.
+    pub allocator: AllocatorPolicy,
+    /// The interruption coordinator (`--capacity-mib`); `None`: every VM
+    /// is admitted and none is interrupted.
+    pub interrupt: Option<Arc<Mutex<crate::interrupt::Coordinator>>>,
+    /// The shaping loop (`None`: off). It sees every event and answers
+    /// balloon status with its targets; its ticks run beside the server.
+    pub shaping: Option<Arc<crate::ShapingLoop>>,
 }
 
 impl ServerConfig {
@@ -96,6 +118,10 @@ impl ServerConfig {
             policy: StorePolicy::default(),
             libvirt: None,
             metrics: Arc::new(Metrics::new()),
+            pool: PoolSection::default(),
+            allocator: AllocatorPolicy::default(),
+            interrupt: None,
+            shaping: None,
         }
     }
 }
@@ -111,14 +137,25 @@ pub struct EventRecord {
     pub event: Event,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// Last sequence number seen per VM, to spot lost or reordered events.
     last_seq: HashMap<String, u64>,
     log: Option<BufWriter<File>>,
     store: Option<ProfileStore>,
     libvirt: Option<LibvirtAgent>,
+    /// The host's resources and what each VM holds.
+    pool: Pool,
+    /// Every VM the daemon knows (saw created or before-boot since start,
+    /// or restored from the store's pool table), by id.
+    vms: HashMap<String, VmRecord>,
+    /// GPU reservations, in the store file.
+    gpu_ledger: Option<accel::Ledger>,
 }
+
+/// Key in `daemon_state`: "1" while a daemon runs on the store, "0" after a
+/// clean shutdown.
+const RUNNING_KEY: &str = "running";
 
 /// The hooks server.
 #[derive(Debug)]
@@ -172,6 +209,37 @@ impl HooksServer {
                 None
             }
         };
+        let mut pool = config.pool.build().map_err(ServeError::Pool)?;
+        let mut vms = HashMap::new();
+        let mut last_seq = HashMap::new();
+        if let Some(s) = &store {
+            let run_dir = config
+                .libvirt
+                .as_ref()
+                .map_or_else(|| AgentConfig::system().run_dir, |a| a.run_dir.clone());
+            restore_pool(
+                s,
+                &mut pool,
+                &mut vms,
+                &mut last_seq,
+                &run_dir,
+                &config.metrics,
+            )?;
+        }
+        config.metrics.set_pool(&pool);
+        tracing::info!(
+            capacity = %pool.capacity(),
+            allocated = %pool.allocated(),
+            vms = vms.len(),
+            "resource pool ready"
+        );
+        // GPUs: probed once, logged once (one info line without a driver).
+        let gpus = crate::gpu::probe_at_start(config.store.as_deref());
+        config
+            .metrics
+            .gpus
+            .set(gpus.map_or(0, |g| i64::try_from(g.gpus.len()).unwrap_or(i64::MAX)));
+        let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
             Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
             None => None,
@@ -181,10 +249,13 @@ impl HooksServer {
             config,
             listener,
             state: Arc::new(Mutex::new(State {
+                last_seq,
                 log,
                 store,
                 libvirt,
-                ..State::default()
+                pool,
+                vms,
+                gpu_ledger,
             })),
         })
     }
@@ -222,14 +293,16 @@ impl HooksServer {
                 }
             }
         }
-        let agent = match self.state.lock() {
-            Ok(mut st) => {
-                if let Some(log) = st.log.as_mut() {
-                    let _ = log.flush();
-                }
-                st.libvirt.take()
+        let agent = {
+            let mut st = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(log) = st.log.as_mut() {
+                let _ = log.flush();
             }
-            Err(_) => None,
+            persist_at_shutdown(&mut st);
+            st.libvirt.take()
         };
         // Outside the lock: stopping the agent waits for its thread.
         drop(agent);
@@ -275,8 +348,8 @@ async fn handle_connection(
     state: &Mutex<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let uid = match stream.peer_cred() {
-        Ok(c) => c.uid(),
+    let (uid, pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid()),
         Err(e) => {
             tracing::error!("cannot read peer credentials: {e}; closing");
             return;
@@ -297,6 +370,8 @@ async fn handle_connection(
         return;
     }
     let mut peer = String::from("(no hello)");
+    // Whether the peer understands `interrupt` and `defer` replies.
+    let mut can_interrupt = false;
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return,
@@ -327,18 +402,32 @@ async fn handle_connection(
             }
         };
         let reply = match msg {
-            Message::Hello { peer: p } => {
-                tracing::info!(peer = p, uid, "VMM connected");
+            Message::Hello { peer: p, features } => {
+                tracing::info!(peer = p, uid, ?features, "VMM connected");
                 peer = p;
+                can_interrupt = features.iter().any(|f| f == proto::FEATURE_INTERRUPT);
                 continue;
             }
-            Message::Event(event) => record(
-                state,
-                &config.metrics,
-                &peer,
-                event,
-                config.balloon.as_deref(),
-            ),
+            Message::Event(event) => record(state, config, &peer, pid, can_interrupt, event),
+            Message::StatusRequest => {
+                let status = {
+                    let st = state
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    status_of(&st, config)
+                };
+                let msg = match serde_json::to_value(&status) {
+                    Ok(status) => Message::Status { status },
+                    Err(e) => Message::Error {
+                        message: format!("cannot encode the status: {e}"),
+                    },
+                };
+                if let Err(e) = send(&mut stream, &msg).await {
+                    tracing::debug!("cannot answer a status request: {e}");
+                    return;
+                }
+                continue;
+            }
             other => {
                 let name = other.type_name();
                 Metrics::inc(&config.metrics.rejected, "unexpected-message");
@@ -377,19 +466,82 @@ fn reject_reason(e: &ProtoError) -> &'static str {
     }
 }
 
+/// When the last unknown-VM warning was logged, ms since the Unix epoch.
+static UNKNOWN_VM_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When the last shortfall warning was logged, ms since the Unix epoch.
+static SHORTFALL_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// True at most once a second per `last` (a rate limit for warnings a peer
+/// can trigger).
+fn warn_allowed(last: &std::sync::atomic::AtomicU64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = unix_ms();
+    let prev = last.load(Ordering::Relaxed);
+    now.saturating_sub(prev) >= 1000
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Whether `vm` holds GPUs in the store's GPU ledger (reserved outside the
+/// boot path, with `prescient gpu reserve`): such a VM is known too. Read
+/// only for events of VMs the pool does not know.
+fn holds_gpus(st: &State, vm: &str) -> bool {
+    st.gpu_ledger.as_ref().is_some_and(|l| {
+        l.reservations()
+            .is_ok_and(|rs| rs.iter().any(|r| r.vm == vm))
+    })
+}
+
+/// Whether an event of this kind needs a VM the daemon knows (see the
+/// protocol notes in `vmm_hooks::proto`).
+fn needs_known_vm(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Created { .. }
+            | EventKind::BeforeBoot { .. }
+            | EventKind::Restore
+            | EventKind::Migrate { .. }
+            | EventKind::Libvirt(_)
+    )
+}
+
 /// Logs and records one event; answers it.
 fn record(
     state: &Mutex<State>,
-    metrics: &Metrics,
+    config: &ServerConfig,
     peer: &str,
+    pid: Option<i32>,
+    can_interrupt: bool,
     event: Event,
-    balloon: Option<&crate::BalloonControl>,
 ) -> HookReply {
+    let metrics = &*config.metrics;
+    let balloon = config.balloon.as_deref();
     Metrics::inc(&metrics.events, event.kind.name());
     let mut st = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let vm = event.vm.vm_id.clone();
+    if needs_known_vm(&event.kind) && !st.vms.contains_key(&vm) && !holds_gpus(&st, &vm) {
+        Metrics::inc(&metrics.rejected, "unknown-vm");
+        // A peer can send these as fast as it likes: one warning a second.
+        if warn_allowed(&UNKNOWN_VM_WARNED) {
+            tracing::warn!(
+                vm,
+                peer,
+                event = event.kind.name(),
+                "event of a VM this daemon never saw boot: rejected (more are counted in prescient_rejected_total{{kind=\"unknown-vm\"}})"
+            );
+        } else {
+            tracing::debug!(vm, peer, event = event.kind.name(), "unknown VM: rejected");
+        }
+        return HookReply::Rejected {
+            reason: format!(
+                "unknown VM {vm:?}: no created or before-boot event for it since the companion started, and no reservation in its pool (send created or before-boot first)"
+            ),
+        };
+    }
     // Each libvirt hook call is a process of its own and numbers nothing;
     // libvirt runs a domain's hooks one at a time, so arrival order is order.
     let sequenced = !matches!(event.kind, EventKind::Libvirt(_));
@@ -421,15 +573,42 @@ fn record(
         package: event.vm.package_digest.clone(),
     };
     let reply = match &event.kind {
-        EventKind::BeforeBoot { .. } => {
-            let plan = plan_for(st.store.as_ref(), &key);
+        EventKind::Created { .. } => {
+            st.vms
+                .entry(vm.clone())
+                .or_insert_with(|| new_record(&vm, &key, VmSource::Vmm, pid, event.at_unix_ms));
+            HookReply::Ack
+        }
+        EventKind::BeforeBoot { vcpu_tids, ram, .. } => {
+            let declared = Declared {
+                vcpus: u64::try_from(vcpu_tids.len()).unwrap_or(u64::MAX).max(1),
+                memory_mib: ram.len >> 20,
+            };
+            let allocation = admit(&mut st, config, &event, VmSource::Vmm, pid, declared);
+            let mut plan = plan_for(st.store.as_ref(), &key);
+            if !allocation.admitted {
+                // Nothing is promised to this VM: no pre-faulting (it would
+                // commit memory the pool does not have), no profiling.
+                plan = BootPlan::made_by(plan.made_by);
+            }
             let kind = match (&plan.prefault, &plan.profile) {
+                _ if !allocation.admitted => "not-admitted",
                 (Some(_), _) => "prefault",
                 (None, Some(_)) => "profile-only",
                 (None, None) => "empty",
             };
             Metrics::inc(&metrics.plans, kind);
-            HookReply::Plan(plan)
+            HookReply::Plan(plan.with_allocation(allocation))
+        }
+        EventKind::Restarted => {
+            let allocation = readmit(&mut st, metrics, &vm, event.at_unix_ms);
+            HookReply::Plan(
+                BootPlan::made_by(allocation.forecast_by.clone()).with_allocation(allocation),
+            )
+        }
+        EventKind::Interrupted { .. } => {
+            release(&mut st, metrics, &vm, event.at_unix_ms, false);
+            HookReply::Ack
         }
         EventKind::Ready { time_to_ready_ms } => {
             metrics.time_to_ready.observe(time_to_ready_ms / 1e3);
@@ -451,17 +630,54 @@ fn record(
             }
             HookReply::Ack
         }
-        EventKind::Stopped { .. } => {
+        EventKind::Stopped { status } => {
             st.last_seq.remove(&vm);
+            release(&mut st, metrics, &vm, event.at_unix_ms, true);
+            if let Some(l) = st.gpu_ledger.as_mut() {
+                let failed = matches!(status, vmm_hooks::StopStatus::Failed { .. });
+                crate::gpu::release_on_stop(l, metrics, &vm, failed);
+            }
             HookReply::Ack
         }
         EventKind::Libvirt(call) => {
+            match call.operation {
+                LibvirtOperation::Start => {
+                    if let Some(d) = &call.domain {
+                        let kib = if d.current_memory_kib > 0 {
+                            d.current_memory_kib
+                        } else {
+                            d.memory_kib
+                        };
+                        let declared = Declared {
+                            vcpus: u64::from(d.vcpus.max(1)),
+                            memory_mib: kib / 1024,
+                        };
+                        let a = admit(&mut st, config, &event, VmSource::Libvirt, None, declared);
+                        if !a.admitted {
+                            tracing::warn!(
+                                vm,
+                                "libvirt domain starts without a reservation: the hook cannot refuse a start ({})",
+                                a.shortfall_text()
+                            );
+                        }
+                    }
+                }
+                op if op.vm_gone() => release(&mut st, metrics, &vm, event.at_unix_ms, true),
+                _ => {}
+            }
             if let Some(problem) = &call.xml_error {
                 tracing::warn!(
                     vm,
                     operation = call.operation_name,
                     "libvirt hook could not read the domain XML: {problem}"
                 );
+            }
+            // libvirt's last word on a domain (after a stop, or a start
+            // that failed): its GPUs are free again.
+            if call.operation == vmm_hooks::LibvirtOperation::Release
+                && let Some(l) = st.gpu_ledger.as_mut()
+            {
+                crate::gpu::release_on_stop(l, metrics, &vm, false);
             }
             // Never waits: the agent acts after this reply, on its own thread.
             if let Some(agent) = st.libvirt.as_ref() {
@@ -475,11 +691,22 @@ fn record(
         Some(b) => b.answer(&event, reply, std::time::Instant::now()),
         None => reply,
     };
+    // The shaping loop's target, where it has one, wins over the forecasts file's.
+    let reply = match config.shaping.as_deref() {
+        Some(s) => s.observe(&event, pid.and_then(|p| u32::try_from(p).ok()), reply),
+        None => reply,
+    };
+    // The interruption coordinator has the last word (admission, shrink
+    // and interrupt orders).
+    let reply = match config.interrupt.as_deref() {
+        Some(c) => crate::interrupt::answer(c, metrics, &event, can_interrupt, reply, unix_ms()),
+        None => reply,
+    };
     match (&event.kind, &reply) {
         (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
             Metrics::inc(&metrics.balloon_targets, "pre-balloon");
         }
-        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib }) => {
+        (EventKind::Balloon(s), HookReply::BalloonTarget { target_mib, .. }) => {
             let kind = if *target_mib > s.target_mib {
                 "inflate"
             } else {
@@ -504,6 +731,293 @@ fn record(
         }
     }
     reply
+}
+
+/// A record for a VM the daemon has just heard of.
+fn new_record(vm: &str, key: &ProfileKey, source: VmSource, pid: Option<i32>, at: u64) -> VmRecord {
+    VmRecord {
+        vm_id: vm.to_string(),
+        key: key.clone(),
+        source,
+        pid,
+        pid_start: pid.and_then(crate::reconcile::process_start),
+        state: VmState::Created,
+        demand: Resources::ZERO,
+        quantile: 0.0,
+        forecast_by: String::new(),
+        class: String::new(),
+        shortfall: String::new(),
+        last_seq: None,
+        updated_unix_ms: i64::try_from(at).unwrap_or(i64::MAX),
+    }
+}
+
+/// Forecasts a booting VM's demand, reserves it in the pool (or finds what
+/// falls short), and records the outcome in memory and in the store.
+fn admit(
+    st: &mut State,
+    config: &ServerConfig,
+    event: &Event,
+    source: VmSource,
+    pid: Option<i32>,
+    declared: Declared,
+) -> Allocation {
+    let metrics = &*config.metrics;
+    let vm = &event.vm.vm_id;
+    let key = ProfileKey {
+        image: event.vm.image_digest.clone(),
+        package: event.vm.package_digest.clone(),
+    };
+    let history = match st.store.as_ref() {
+        Some(s) => s
+            .boot_usage(&key, config.allocator.history)
+            .unwrap_or_else(|e| {
+                metrics.store_errors.inc();
+                tracing::error!(
+                    vm,
+                    "cannot read boot history; forecasting from the declared size: {}",
+                    error_chain(&e)
+                );
+                Vec::new()
+            }),
+        None => Vec::new(),
+    };
+    let forecast: Forecast =
+        config
+            .allocator
+            .forecast(vm, &event.vm.image_digest, declared, &history);
+    let allocation = config.allocator.admit(&mut st.pool, vm, &forecast);
+    let mut rec = st
+        .vms
+        .remove(vm)
+        .filter(|r| r.source == source)
+        .unwrap_or_else(|| new_record(vm, &key, source, pid, event.at_unix_ms));
+    if pid.is_some() && rec.pid != pid {
+        rec.pid = pid;
+        rec.pid_start = pid.and_then(crate::reconcile::process_start);
+    }
+    rec.key = key;
+    rec.demand = forecast.demand;
+    rec.quantile = forecast.quantile;
+    rec.forecast_by = forecast.by.clone();
+    rec.class = forecast.class.clone();
+    rec.updated_unix_ms = i64::try_from(event.at_unix_ms).unwrap_or(i64::MAX);
+    if allocation.admitted {
+        Metrics::inc(&metrics.allocator_decisions, "fit");
+        rec.state = VmState::Reserved;
+        rec.shortfall.clear();
+        tracing::debug!(vm, demand = %forecast.demand, by = forecast.by, "demand reserved");
+    } else {
+        // A VM that held a reservation (booted again under its id) gives
+        // it up: it is not promised anything now.
+        st.pool.release(vm);
+        Metrics::inc(&metrics.allocator_decisions, "short");
+        for s in &allocation.short {
+            metrics.inc_short(s.resource);
+        }
+        rec.state = match allocation.on_shortfall {
+            ShortfallAction::BootLazily => VmState::Unreserved,
+            _ => VmState::Refused,
+        };
+        rec.shortfall = allocation.shortfall_text();
+        if warn_allowed(&SHORTFALL_WARNED) {
+            tracing::warn!(
+                vm,
+                demand = %forecast.demand,
+                by = forecast.by,
+                action = allocation.on_shortfall.name(),
+                "demand does not fit the pool: {} (one warning a second; every one is counted in prescient_allocator_decisions_total{{kind=\"short\"}})",
+                rec.shortfall
+            );
+        } else {
+            tracing::debug!(vm, "demand does not fit the pool: {}", rec.shortfall);
+        }
+    }
+    persist(st, metrics, &rec);
+    st.vms.insert(vm.clone(), rec);
+    metrics.set_pool(&st.pool);
+    allocation
+}
+
+/// A restart: the resources forecast at boot are reserved again at once.
+fn readmit(st: &mut State, metrics: &Metrics, vm: &str, at: u64) -> Allocation {
+    // Only known VMs get here (checked by the caller); an unknown one
+    // would be reserved nothing.
+    let mut rec = st.vms.remove(vm).unwrap_or_else(|| {
+        new_record(
+            vm,
+            &ProfileKey {
+                image: String::new(),
+                package: String::new(),
+            },
+            VmSource::Vmm,
+            None,
+            at,
+        )
+    });
+    let short = match st.pool.reserve(vm, rec.demand) {
+        Ok(_) => Vec::new(),
+        Err(s) => s.short,
+    };
+    let allocation = Allocation::new(
+        rec.demand,
+        rec.quantile,
+        format!("forecast at boot: {}", rec.forecast_by),
+        short,
+        ShortfallAction::Refuse,
+    );
+    if allocation.admitted {
+        Metrics::inc(&metrics.allocator_decisions, "fit");
+        rec.state = VmState::Reserved;
+        rec.shortfall.clear();
+    } else {
+        Metrics::inc(&metrics.allocator_decisions, "short");
+        for s in &allocation.short {
+            metrics.inc_short(s.resource);
+        }
+        rec.state = VmState::Refused;
+        rec.shortfall = allocation.shortfall_text();
+        tracing::warn!(vm, "restart does not fit the pool: {}", rec.shortfall);
+    }
+    rec.updated_unix_ms = i64::try_from(at).unwrap_or(i64::MAX);
+    persist(st, metrics, &rec);
+    st.vms.insert(vm.to_string(), rec);
+    metrics.set_pool(&st.pool);
+    allocation
+}
+
+/// Releases what a VM holds; `forget` drops its record too (stopped),
+/// otherwise it stays known as interrupted.
+fn release(st: &mut State, metrics: &Metrics, vm: &str, at: u64, forget: bool) {
+    if let Some(r) = st.pool.release(vm) {
+        Metrics::inc(&metrics.allocator_decisions, "released");
+        tracing::debug!(vm, resources = %r.resources, "reservation released");
+    }
+    if forget {
+        if st.vms.remove(vm).is_some()
+            && let Some(s) = st.store.as_ref()
+            && let Err(e) = s.pool_remove(vm)
+        {
+            metrics.store_errors.inc();
+            tracing::error!(vm, "cannot forget the VM in the store: {}", error_chain(&e));
+        }
+    } else if let Some(mut rec) = st.vms.remove(vm) {
+        rec.state = VmState::Interrupted;
+        rec.updated_unix_ms = i64::try_from(at).unwrap_or(i64::MAX);
+        persist(st, metrics, &rec);
+        st.vms.insert(vm.to_string(), rec);
+    }
+    metrics.set_pool(&st.pool);
+}
+
+fn persist(st: &State, metrics: &Metrics, rec: &VmRecord) {
+    if let Some(s) = st.store.as_ref()
+        && let Err(e) = s.pool_put(rec)
+    {
+        metrics.store_errors.inc();
+        tracing::error!(
+            vm = rec.vm_id,
+            "cannot persist the VM's reservation: {}",
+            error_chain(&e)
+        );
+    }
+}
+
+/// At start: the store's pool records, reconciled against the VMs that
+/// really exist; what is gone is released and forgotten.
+fn restore_pool(
+    store: &ProfileStore,
+    pool: &mut Pool,
+    vms: &mut HashMap<String, VmRecord>,
+    last_seq: &mut HashMap<String, u64>,
+    libvirt_run_dir: &Path,
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
+    if store.state(RUNNING_KEY)?.as_deref() == Some("1") {
+        tracing::warn!(
+            "the previous daemon on this store did not shut down cleanly; its reservations are reconciled against the running VMs"
+        );
+    }
+    store.set_state(RUNNING_KEY, "1")?;
+    for rec in store.pool_records()? {
+        if let Err(gone) = crate::reconcile::still_exists(&rec, libvirt_run_dir) {
+            store.pool_remove(&rec.vm_id)?;
+            Metrics::inc(&metrics.allocator_decisions, "reconciled-released");
+            tracing::info!(
+                vm = rec.vm_id,
+                state = rec.state.name(),
+                "VM no longer exists ({gone}): its reservation is released"
+            );
+            continue;
+        }
+        if rec.state == VmState::Reserved
+            && let Some(over) = pool.restore(&rec.vm_id, rec.demand)
+        {
+            tracing::warn!(
+                vm = rec.vm_id,
+                "restored reservation exceeds the configured pool ({over}); the pool is over-committed until VMs stop"
+            );
+        }
+        Metrics::inc(&metrics.allocator_decisions, "restored");
+        if let Some(seq) = rec.last_seq {
+            last_seq.insert(rec.vm_id.clone(), seq);
+        }
+        tracing::info!(vm = rec.vm_id, state = rec.state.name(), demand = %rec.demand, "VM restored from the store");
+        vms.insert(rec.vm_id.clone(), rec);
+    }
+    Ok(())
+}
+
+/// At shutdown: each VM's last sequence number and a clean-shutdown mark,
+/// then a WAL checkpoint. (Reservations themselves were written as they
+/// changed.)
+fn persist_at_shutdown(st: &mut State) {
+    let records: Vec<VmRecord> = st
+        .vms
+        .values()
+        .filter(|r| r.state != VmState::Created)
+        .map(|r| {
+            let mut r = r.clone();
+            r.last_seq = st.last_seq.get(&r.vm_id).copied();
+            r
+        })
+        .collect();
+    let reservations = st.pool.len();
+    if let Some(s) = st.store.as_mut() {
+        let at = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        match s
+            .persist_all(&records, at)
+            .and_then(|()| s.set_state(RUNNING_KEY, "0"))
+        {
+            Ok(()) => tracing::info!(
+                vms = records.len(),
+                reservations,
+                "state persisted for the next start"
+            ),
+            Err(e) => tracing::error!("cannot persist state at shutdown: {}", error_chain(&e)),
+        }
+    }
+}
+
+/// What `prescient status` shows.
+fn status_of(st: &State, config: &ServerConfig) -> DaemonStatus {
+    let mut vms: Vec<VmRecord> = st
+        .vms
+        .values()
+        .map(|r| {
+            let mut r = r.clone();
+            r.last_seq = st.last_seq.get(&r.vm_id).copied();
+            r
+        })
+        .collect();
+    vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        socket: config.socket.display().to_string(),
+        store: config.store.as_ref().map(|p| p.display().to_string()),
+        pool: PoolStatus::of(&st.pool),
+        vms,
+    }
 }
 
 /// The boot plan for a key, or an empty one (boot as usual) without a

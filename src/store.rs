@@ -12,14 +12,45 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use vmm_hooks::{BootPlan, BootReport, PrefaultPlan, ProfileRequest};
+use vmm_hooks::{BootPlan, BootReport, PrefaultPlan, ProfileRequest, Resources};
+
+use crate::allocator::BootUsage;
 
 use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
 
 /// `PRAGMA application_id` of a Prescient store ("PRSC").
 const APPLICATION_ID: i64 = 0x5052_5343;
-/// Schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version (`PRAGMA user_version`). Version 1 held boots and
+/// profiles; version 2 adds the resource pool (`pool_vms`) and the daemon's
+/// own state (`daemon_state`). A version 1 file is migrated when opened.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The tables version 2 added (created in a new store, added to an old one).
+const POOL_TABLES: &str = "
+         CREATE TABLE pool_vms (
+             vm_id TEXT PRIMARY KEY,
+             image TEXT NOT NULL,
+             package TEXT NOT NULL,
+             source TEXT NOT NULL,
+             pid INTEGER,
+             pid_start INTEGER,
+             state TEXT NOT NULL,
+             cpu_millis INTEGER NOT NULL,
+             memory_mib INTEGER NOT NULL,
+             net_mbps INTEGER NOT NULL,
+             disk_mbps INTEGER NOT NULL,
+             gpus INTEGER NOT NULL,
+             quantile REAL NOT NULL,
+             forecast_by TEXT NOT NULL,
+             class TEXT NOT NULL,
+             shortfall TEXT NOT NULL,
+             last_seq INTEGER,
+             updated_unix_ms INTEGER NOT NULL
+         );
+         CREATE TABLE daemon_state (
+             key TEXT PRIMARY KEY,
+             value TEXT NOT NULL
+         );";
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +65,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The store was written by another schema version.
-    #[error("{path} has schema version {found}; this Prescient reads version {SCHEMA_VERSION}")]
+    #[error(
+        "{path} has schema version {found}; this Prescient reads version {SCHEMA_VERSION} (and migrates version 1)"
+    )]
     Schema {
         /// The file.
         path: PathBuf,
@@ -110,6 +143,110 @@ pub struct KeySummary {
     pub plan: Option<PrefaultPlan>,
 }
 
+/// How the daemon hears of a VM (and how it checks, at start, that the VM
+/// still exists).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmSource {
+    /// A VMM on the hooks socket (labvm): alive while its process (pid from
+    /// the socket's peer credentials, checked with its start time) is.
+    Vmm,
+    /// libvirt's QEMU hook: alive while the domain's QEMU process is.
+    Libvirt,
+}
+
+impl VmSource {
+    /// As stored.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmSource::Vmm => "vmm",
+            VmSource::Libvirt => "libvirt",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "vmm" => Some(VmSource::Vmm),
+            "libvirt" => Some(VmSource::Libvirt),
+            _ => None,
+        }
+    }
+}
+
+/// Where a VM stands with the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Created; no boot asked for yet (held in memory only).
+    Created,
+    /// Booting or running with its demand reserved.
+    Reserved,
+    /// Running without a reservation (its demand did not fit and the policy
+    /// is to boot lazily).
+    Unreserved,
+    /// Told not to boot (its demand did not fit); waiting for its `stopped`.
+    Refused,
+    /// Interrupted: its reservation released, its record kept for the restart.
+    Interrupted,
+}
+
+impl VmState {
+    /// As stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Reserved => "reserved",
+            VmState::Unreserved => "unreserved",
+            VmState::Refused => "refused",
+            VmState::Interrupted => "interrupted",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        [
+            VmState::Created,
+            VmState::Reserved,
+            VmState::Unreserved,
+            VmState::Refused,
+            VmState::Interrupted,
+        ]
+        .into_iter()
+        .find(|v| v.name() == s)
+    }
+}
+
+/// One VM the daemon knows, as the pool table stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM.
+    pub vm_id: String,
+    /// Its bootstrap key.
+    pub key: ProfileKey,
+    /// How the daemon hears of it.
+    pub source: VmSource,
+    /// The VMM's process id (from the socket's peer credentials).
+    pub pid: Option<i32>,
+    /// That process's start time (`/proc/PID/stat` field 22), so a reused
+    /// pid is not taken for the VMM.
+    pub pid_start: Option<u64>,
+    /// Where it stands.
+    pub state: VmState,
+    /// The forecast demand (held in the pool when `state` is reserved).
+    pub demand: Resources,
+    /// The forecast's quantile.
+    pub quantile: f64,
+    /// How the demand was forecast.
+    pub forecast_by: String,
+    /// The VM's class.
+    pub class: String,
+    /// What fell short, when it did not fit.
+    pub shortfall: String,
+    /// The last event sequence number seen (written at shutdown).
+    pub last_seq: Option<u64>,
+    /// When the record last changed, ms since the Unix epoch.
+    pub updated_unix_ms: i64,
+}
+
 /// One stored boot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BootRow {
@@ -152,7 +289,12 @@ impl ProfileStore {
                 "an SQLite database of another application (application_id {app_id:#x}, {tables} schema objects)"
             )));
         }
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == 1 {
+            migrate_v1_to_v2(&conn)?;
+            tracing::info!(store = %path.display(), "store migrated from schema version 1 to 2 (resource pool tables added)");
+            version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        }
         if version != SCHEMA_VERSION {
             return Err(StoreError::Schema {
                 path: path.to_path_buf(),
@@ -374,6 +516,204 @@ impl ProfileStore {
         Ok(out)
     }
 
+    /// What the newest `limit` boots of `key` used (oldest first): the
+    /// allocator's history. Reads only the usage columns.
+    pub fn boot_usage(&self, key: &ProfileKey, limit: usize) -> Result<Vec<BootUsage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT rss_kib, vcpu_cpu_ms, time_to_ready_ms FROM boots
+             WHERE image = ?1 AND package = ?2 ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                key.image,
+                key.package,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok(BootUsage {
+                    rss_kib: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    vcpu_cpu_ms: r.get(1)?,
+                    time_to_ready_ms: r.get(2)?,
+                })
+            },
+        )?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Writes (inserts or replaces) one VM's pool record.
+    pub fn pool_put(&self, v: &VmRecord) -> Result<(), StoreError> {
+        let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pool_vms (vm_id, image, package, source, pid, pid_start, state,
+                    cpu_millis, memory_mib, net_mbps, disk_mbps, gpus, quantile, forecast_by, class,
+                    shortfall, last_seq, updated_unix_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            )?
+            .execute(params![
+                v.vm_id,
+                v.key.image,
+                v.key.package,
+                v.source.name(),
+                v.pid,
+                v.pid_start.map(n),
+                v.state.name(),
+                n(v.demand.cpu_millis),
+                n(v.demand.memory_mib),
+                n(v.demand.net_mbps),
+                n(v.demand.disk_mbps),
+                n(v.demand.gpus),
+                v.quantile,
+                v.forecast_by,
+                v.class,
+                v.shortfall,
+                v.last_seq.map(n),
+                v.updated_unix_ms,
+            ])?;
+        Ok(())
+    }
+
+    /// Forgets one VM's pool record; true if there was one.
+    pub fn pool_remove(&self, vm_id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM pool_vms WHERE vm_id = ?1")?
+            .execute(params![vm_id])?;
+        Ok(n > 0)
+    }
+
+    /// Every VM's pool record, by VM id.
+    pub fn pool_records(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT vm_id, image, package, source, pid, pid_start, state, cpu_millis, memory_mib,
+                    net_mbps, disk_mbps, gpus, quantile, forecast_by, class, shortfall, last_seq,
+                    updated_unix_ms
+             FROM pool_vms ORDER BY vm_id",
+        )?;
+        let u = |x: i64| u64::try_from(x).unwrap_or(0);
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i32>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+                r.get::<_, String>(6)?,
+                [
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
+                    r.get::<_, i64>(11)?,
+                ],
+                r.get::<_, f64>(12)?,
+                r.get::<_, String>(13)?,
+                r.get::<_, String>(14)?,
+                r.get::<_, String>(15)?,
+                r.get::<_, Option<i64>>(16)?,
+                r.get::<_, i64>(17)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                vm_id,
+                image,
+                package,
+                source,
+                pid,
+                pid_start,
+                state,
+                amounts,
+                quantile,
+                forecast_by,
+                class,
+                shortfall,
+                last_seq,
+                at,
+            ) = row?;
+            let corrupt = |what: &'static str, v: &str| StoreError::Corrupt {
+                what,
+                reason: format!("{v:?} for VM {vm_id}"),
+            };
+            out.push(VmRecord {
+                key: ProfileKey { image, package },
+                source: VmSource::from_name(&source)
+                    .ok_or_else(|| corrupt("pool VM source", &source))?,
+                pid,
+                pid_start: pid_start.map(u),
+                state: VmState::from_name(&state)
+                    .ok_or_else(|| corrupt("pool VM state", &state))?,
+                demand: Resources {
+                    cpu_millis: u(amounts[0]),
+                    memory_mib: u(amounts[1]),
+                    net_mbps: u(amounts[2]),
+                    disk_mbps: u(amounts[3]),
+                    gpus: u(amounts[4]),
+                },
+                quantile,
+                forecast_by,
+                class,
+                shortfall,
+                last_seq: last_seq.map(u),
+                updated_unix_ms: at,
+                vm_id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets a value of the daemon's own state.
+    pub fn set_state(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO daemon_state (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// A value of the daemon's own state.
+    pub fn state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM daemon_state WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Writes the records in one transaction (at shutdown) and checkpoints
+    /// the WAL into the main file.
+    pub fn persist_all(
+        &mut self,
+        records: &[VmRecord],
+        clean_at_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for v in records {
+            tx.execute(
+                "UPDATE pool_vms SET last_seq = ?2 WHERE vm_id = ?1",
+                params![
+                    v.vm_id,
+                    v.last_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX))
+                ],
+            )?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO daemon_state (key, value) VALUES ('clean_shutdown_unix_ms', ?1)",
+            params![clean_at_unix_ms.to_string()],
+        )?;
+        tx.commit()?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Number of stored boot rows, all keys.
     pub fn boot_rows(&self) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -418,7 +758,20 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
              updated_unix_ms INTEGER NOT NULL,
              PRIMARY KEY (image, package)
          );
+         {POOL_TABLES}
          PRAGMA user_version = {SCHEMA_VERSION};
+         COMMIT;"
+    ))?;
+    Ok(())
+}
+
+/// Version 1 to 2: the pool tables, in one transaction (a crash leaves a
+/// version 1 file that migrates on the next open).
+fn migrate_v1_to_v2(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         {POOL_TABLES}
+         PRAGMA user_version = 2;
          COMMIT;"
     ))?;
     Ok(())

@@ -142,6 +142,18 @@ fn killing_the_companion_loses_no_acknowledged_boot() {
     let mut server = Server::start();
     let mut hook = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
     for seq in 0..50 {
+        // The companion answers only events of VMs it saw created or booted.
+        let spec = vmm_hooks::VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            vmm: "test".into(),
+            priority: 0,
+            interruptible: false,
+        };
+        assert_eq!(
+            hook.on_event(&event("img", seq, EventKind::Created { spec })),
+            HookReply::Ack
+        );
         let reply = hook.on_event(&event(
             "img",
             seq,

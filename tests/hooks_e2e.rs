@@ -163,9 +163,30 @@ fn serve_disconnects_bad_peers_and_keeps_serving() {
         at_unix_ms: 0,
         kind: EventKind::Paused,
     };
+    // A VM the companion never saw created or booted: rejected, not
+    // recorded, and the connection stays.
+    assert!(
+        matches!(hook.on_event(&ev), HookReply::Rejected { ref reason } if reason.contains("unknown VM")),
+    );
+    assert!(hook.is_connected());
+    assert_eq!(server.events().len(), 0);
+    let created = Event {
+        kind: EventKind::Created {
+            spec: vmm_hooks::VmSpec {
+                vcpus: 1,
+                memory_mib: 64,
+                vmm: "test".into(),
+                priority: 0,
+                interruptible: false,
+            },
+        },
+        ..ev.clone()
+    };
+    assert_eq!(hook.on_event(&created), HookReply::Ack);
+    let ev = Event { seq: 1, ..ev };
     assert_eq!(hook.on_event(&ev), HookReply::Ack);
     assert!(hook.is_connected());
-    assert_eq!(server.events().len(), 1);
+    assert_eq!(server.events().len(), 2);
     let log = server.stop();
     assert!(log.contains("bad frame from VMM"), "{log}");
 }

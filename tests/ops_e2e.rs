@@ -39,6 +39,7 @@ fn metrics_endpoint_counts_events_plans_boots_and_rejections() {
                 start: 0,
                 len: 1 << 20,
             },
+            admission: Default::default(),
         },
     ));
     hook.on_event(&event(

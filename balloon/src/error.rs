@@ -15,6 +15,17 @@ pub enum BalloonError {
         #[source]
         source: std::io::Error,
     },
+    /// Deflated pages could not be made resident ahead of the guest.
+    #[error("cannot pre-fault guest range {gpa:#x}+{len:#x}")]
+    Populate {
+        /// First guest-physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A saved state cannot be restored.
     #[error("balloon state refused: {0}")]
     State(String),

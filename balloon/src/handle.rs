@@ -137,6 +137,15 @@ impl BalloonHandle {
         Ok(())
     }
 
+    /// Pre-fault up to `mib` MiB of the pages the guest deflates from now
+    /// on, as it deflates them (replaces any budget left): memory handed
+    /// back for predicted growth is made resident by the host before the
+    /// guest's first touch. Pages already present are left as they are.
+    pub fn prefault_deflated_mib(&self, mib: u64) {
+        let pages = mib.saturating_mul(MIB_PAGES);
+        self.lock().transport.device_mut().prefault_deflated(pages);
+    }
+
     /// The target in MiB.
     pub fn target_mib(&self) -> u64 {
         u64::from(self.lock().transport.device().target_pages()) / MIB_PAGES

@@ -14,21 +14,7 @@ use crate::error::BalloonError;
 /// The caller checked that the range lies inside one region.
 pub(crate) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), BalloonError> {
     let range = |source| BalloonError::Discard { gpa, len, source };
-    let region = mem
-        .find_region(GuestAddress(gpa))
-        .ok_or_else(|| range(std::io::Error::from_raw_os_error(libc::EFAULT)))?;
-    let offset_in_region = gpa - region.start_addr().0;
-    if offset_in_region
-        .checked_add(len)
-        .is_none_or(|end| end > region.len())
-    {
-        return Err(range(std::io::Error::from_raw_os_error(libc::EFAULT)));
-    }
-    let host = mem
-        .get_host_address(GuestAddress(gpa))
-        .map_err(|_| range(std::io::Error::from_raw_os_error(libc::EFAULT)))?;
-    let len_usize =
-        usize::try_from(len).map_err(|_| range(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let (region, offset_in_region, host, len_usize) = host_range(mem, gpa, len).map_err(range)?;
     if let Some(fo) = region.file_offset() {
         let off = fo
             .start()
@@ -57,6 +43,47 @@ pub(crate) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), B
     // mapping alive for this call). MADV_DONTNEED only drops page contents,
     // which the balloon protocol allows: the guest gave these pages up.
     let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len_usize, libc::MADV_DONTNEED) };
+    if r != 0 {
+        return Err(range(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Checks that `[gpa, gpa + len)` lies inside one region of `mem` and returns
+/// that region, the offset in it, the host address and the length.
+fn host_range(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: u64,
+) -> Result<(&vm_memory::GuestRegionMmap, u64, *mut u8, usize), std::io::Error> {
+    let fault = || std::io::Error::from_raw_os_error(libc::EFAULT);
+    let region = mem.find_region(GuestAddress(gpa)).ok_or_else(fault)?;
+    let offset_in_region = gpa - region.start_addr().0;
+    if offset_in_region
+        .checked_add(len)
+        .is_none_or(|end| end > region.len())
+    {
+        return Err(fault());
+    }
+    let host = mem
+        .get_host_address(GuestAddress(gpa))
+        .map_err(|_| fault())?;
+    let len = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok((region, offset_in_region, host, len))
+}
+
+/// Makes `[gpa, gpa + len)` of guest RAM resident and writable now
+/// (`MADV_POPULATE_WRITE`): pages already present are left as they are, so
+/// this is safe on pages the guest may already be using.
+pub(crate) fn populate(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), BalloonError> {
+    let range = |source| BalloonError::Populate { gpa, len, source };
+    let (_, _, host, len) = host_range(mem, gpa, len).map_err(range)?;
+    // SAFETY: `host .. host + len` lies inside the live mapping of one region
+    // (checked by host_range; `mem` keeps the mapping alive for this call).
+    // MADV_POPULATE_WRITE only faults in missing pages (as zero pages for
+    // anonymous memory, from the file otherwise) and never changes the
+    // contents of a present page.
+    let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_POPULATE_WRITE) };
     if r != 0 {
         return Err(range(std::io::Error::last_os_error()));
     }

@@ -318,3 +318,53 @@ fn chains_past_the_pfn_limit_are_skipped_whole() {
         "duplicates merged"
     );
 }
+
+#[test]
+fn deflated_pages_are_prefaulted_up_to_the_budget_and_keep_their_contents() {
+    let mut d = Driver::new();
+    assert!(d.negotiate(all_features()));
+    for q in 0..4 {
+        d.setup_queue(q, 16);
+    }
+    d.driver_ok();
+    d.h.set_target_mib(4).unwrap();
+    // Inflate [8, 12) MiB: the host drops those pages.
+    let len = d.pfns(0x8_0000, (8 * MIB..12 * MIB).step_by(PAGE as usize));
+    d.submit(0, 0, 0x8_0000, len, false);
+    assert!(
+        resident_pages(&d.mem, 8 * MIB, 4 * MIB)
+            .unwrap()
+            .iter()
+            .all(|&r| !r)
+    );
+    // The guest already wrote one deflated page before the host saw the
+    // deflate (allowed without MUST_TELL_HOST): its contents must survive.
+    d.mem.write_obj(0x5eed_u64, GuestAddress(8 * MIB)).unwrap();
+
+    // Growth is forecast: pre-fault up to 1 MiB of what the guest deflates.
+    d.h.prefault_deflated_mib(1);
+    let len = d.pfns(0x9_0000, (8 * MIB..10 * MIB).step_by(PAGE as usize));
+    d.submit(1, 0, 0x9_0000, len, false);
+    let res = resident_pages(&d.mem, 8 * MIB, 4 * MIB).unwrap();
+    let per_mib = (MIB / PAGE) as usize;
+    assert!(res[..per_mib].iter().all(|&r| r), "budgeted pages resident");
+    assert!(
+        res[per_mib..].iter().all(|&r| !r),
+        "nothing past the budget, and no inflated page, made resident"
+    );
+    let v: u64 = d.mem.read_obj(GuestAddress(8 * MIB)).unwrap();
+    assert_eq!(v, 0x5eed, "a page in use keeps its contents");
+    let c = d.h.report().counters;
+    assert_eq!((c.deflated_pages, c.prefaulted_pages), (512, 256));
+
+    // The budget is spent: a further deflate faults lazily.
+    let len = d.pfns(0xA_0000, (10 * MIB..11 * MIB).step_by(PAGE as usize));
+    d.submit(1, 1, 0xA_0000, len, false);
+    assert!(
+        resident_pages(&d.mem, 10 * MIB, MIB)
+            .unwrap()
+            .iter()
+            .all(|&r| !r)
+    );
+    assert_eq!(d.h.report().counters.prefaulted_pages, 256);
+}

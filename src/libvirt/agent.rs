@@ -116,6 +116,14 @@ pub enum AgentRecord {
         rss_kib: u64,
         /// The balloon's current size, KiB, if libvirt said.
         balloon_actual_kib: Option<u64>,
+        /// GPU memory held by the QEMU process, MiB, on a host with the
+        /// NVIDIA driver (absent elsewhere).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpu_mem_mib: Option<u64>,
+        /// SM utilisation of the QEMU process, percent of one GPU, where
+        /// NVML gives per-process utilisation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpu_sm_util_pct: Option<u32>,
     },
     /// The agent could not act on a domain.
     Failed {
@@ -270,15 +278,23 @@ struct Worker {
     default_cpus: Vec<usize>,
     domains: HashMap<String, Running>,
     metrics: Arc<Metrics>,
+    /// NVML and the GPUs it saw, where the driver is present.
+    gpus: Option<(accel::NvmlSource, accel::Inventory)>,
 }
 
 impl Worker {
     fn new(config: AgentConfig, default_cpus: Vec<usize>, metrics: Arc<Metrics>) -> Self {
+        // Without the driver this is quietly `None` (the daemon logged the
+        // GPU inventory once at start).
+        let gpus = accel::NvmlSource::open()
+            .ok()
+            .and_then(|n| accel::Inventory::read(&n).ok().map(|inv| (n, inv)));
         Worker {
             config,
             default_cpus,
             domains: HashMap::new(),
             metrics,
+            gpus,
         }
     }
 
@@ -406,7 +422,7 @@ impl Worker {
                 }
                 DomState::Running { pid } if now >= d.next_sample => {
                     d.next_sample = now + self.config.sample_interval;
-                    match sample(&self.config, &vm, pid) {
+                    match sample(&self.config, self.gpus.as_ref(), &vm, pid) {
                         Some(r) => {
                             self.count("usage-sampled");
                             self.write(&r);
@@ -570,7 +586,12 @@ fn act(
 }
 
 /// One usage sample; `None` when the process is gone.
-fn sample(config: &AgentConfig, vm: &str, pid: i32) -> Option<AgentRecord> {
+fn sample(
+    config: &AgentConfig,
+    gpus: Option<&(accel::NvmlSource, accel::Inventory)>,
+    vm: &str,
+    pid: i32,
+) -> Option<AgentRecord> {
     let (cpu_ms, rss_kib) = match sys::process_usage(pid) {
         Ok(u) => u,
         Err(e) => {
@@ -585,7 +606,29 @@ fn sample(config: &AgentConfig, vm: &str, pid: i32) -> Option<AgentRecord> {
             None
         }
     };
-    tracing::debug!(vm, pid, cpu_ms, rss_kib, ?balloon_actual_kib, "usage");
+    // GPU memory and utilisation of the QEMU process (a host-rendered or
+    // vGPU device; a passed-through GPU is invisible from the host).
+    let gpu = gpus.and_then(|(nvml, inv)| {
+        let pid = u32::try_from(pid).ok()?;
+        match inv.sample_vm(nvml, &[pid]) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::debug!(vm, pid, "GPU usage: {e}");
+                None
+            }
+        }
+    });
+    let gpu_mem_mib = gpu.as_ref().map(|u| u.mem_mib);
+    let gpu_sm_util_pct = gpu.and_then(|u| u.sm_util_pct);
+    tracing::debug!(
+        vm,
+        pid,
+        cpu_ms,
+        rss_kib,
+        ?balloon_actual_kib,
+        ?gpu_mem_mib,
+        "usage"
+    );
     Some(AgentRecord::Usage {
         vm: vm.to_string(),
         at_unix_ms: unix_ms(),
@@ -593,6 +636,8 @@ fn sample(config: &AgentConfig, vm: &str, pid: i32) -> Option<AgentRecord> {
         cpu_ms,
         rss_kib,
         balloon_actual_kib,
+        gpu_mem_mib,
+        gpu_sm_util_pct,
     })
 }
 

@@ -21,6 +21,7 @@ pub use agent::{AgentConfig, AgentRecord, LibvirtAgent, VcpuPin, balloon_target_
 pub use domain::{MAX_DOMAIN_XML, METADATA_NS, identity, parse_cpu_list, parse_domain};
 pub use hook::{HOOK_PEER, HookArgs, HookConfig, HookOutcome, build_event, read_bounded, run_hook};
 pub use install::{InstallConfig, Installed, MARKER, hook_script, install};
+pub(crate) use sys::find_qemu_pid;
 pub use sys::{Virsh, thread_cpus};
 
 /// What can go wrong in the libvirt integration.

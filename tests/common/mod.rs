@@ -17,7 +17,9 @@ pub struct Server {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub store: PathBuf,
-    _dir: tempfile::TempDir,
+    with_store: bool,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -33,7 +35,11 @@ impl Server {
 
     /// Starts it with or without a store and with extra arguments.
     pub fn start_args(store: bool, extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
+        Server::start_in(tempfile::tempdir().unwrap(), store, extra)
+    }
+
+    /// Starts it in `dir` (its store is `dir/store.db`, which may exist).
+    pub fn start_in(dir: tempfile::TempDir, store: bool, extra: &[&str]) -> Server {
         let socket = dir.path().join("hooks.sock");
         let log = dir.path().join("events.jsonl");
         let store_path = dir.path().join("store.db");
@@ -67,8 +73,59 @@ impl Server {
             socket,
             log,
             store: store_path,
-            _dir: dir,
+            with_store: store,
+            extra: extra.iter().map(ToString::to_string).collect(),
+            dir,
         }
+    }
+
+    /// The directory holding the socket, store and event log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// SIGTERM (a clean shutdown), then a new server on the same
+    /// directory, store and arguments; returns it and what the old one logged.
+    pub fn restart(self) -> (Server, String) {
+        let (store, extra) = (self.with_store, self.extra.clone());
+        let (log, dir) = self.stop_keep_dir();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        (Server::start_in(dir, store, &extra), log)
+    }
+
+    /// SIGKILL (no shutdown path runs), then a new server on the same
+    /// directory; returns it.
+    pub fn crash_and_restart(mut self) -> Server {
+        self.kill();
+        let (store, extra) = (self.with_store, self.extra.clone());
+        let dir = self.take_dir();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        Server::start_in(dir, store, &extra)
+    }
+
+    fn take_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// SIGTERM, wait for a clean exit; returns what it logged and its
+    /// directory (kept, with the store).
+    pub fn stop_keep_dir(mut self) -> (String, tempfile::TempDir) {
+        let err = self.sigterm_and_wait();
+        (err, self.take_dir())
+    }
+
+    fn sigterm_and_wait(&mut self) -> String {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill with the pid of our own live child and a valid signal.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let err = self.stderr();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "serve exited with {status}: {err}");
+        assert!(!self.socket.exists(), "socket left behind after shutdown");
+        err
     }
 
     /// The events the server logged so far.
@@ -87,15 +144,7 @@ impl Server {
 
     /// SIGTERM, wait for a clean exit, return what it logged.
     pub fn stop(mut self) -> String {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        // SAFETY: kill with the pid of our own live child and a valid signal.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let err = self.stderr();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "serve exited with {status}: {err}");
-        assert!(!self.socket.exists(), "socket left behind after shutdown");
-        err
+        self.sigterm_and_wait()
     }
 
     /// SIGKILL (no shutdown path runs), return what it logged.

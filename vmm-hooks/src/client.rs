@@ -20,6 +20,9 @@ pub struct SocketHookConfig {
     pub retry_after: Duration,
     /// Who we are (sent in `hello`).
     pub peer: String,
+    /// Optional protocol features announced in `hello` (e.g.
+    /// [`crate::proto::FEATURE_INTERRUPT`]); none by default.
+    pub features: Vec<String>,
 }
 
 impl SocketHookConfig {
@@ -30,6 +33,7 @@ impl SocketHookConfig {
             timeout: Duration::from_millis(500),
             retry_after: Duration::from_secs(5),
             peer: peer.into(),
+            features: Vec::new(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl SocketHook {
             &mut stream,
             &Message::Hello {
                 peer: self.config.peer.clone(),
+                features: self.config.features.clone(),
             },
         )?;
         Ok(stream)
@@ -126,6 +131,13 @@ impl LifecycleHook for SocketHook {
         }
         match self.exchange(event) {
             Ok(reply) => {
+                if let HookReply::Rejected { reason } = &reply {
+                    tracing::warn!(
+                        event = event.kind.name(),
+                        vm = event.vm.vm_id,
+                        "the companion rejected the event: {reason}"
+                    );
+                }
                 if self.outage_logged {
                     tracing::info!(socket = %self.config.path.display(), "companion reachable again");
                     self.outage_logged = false;

@@ -31,6 +31,46 @@ pub struct VmSpec {
     pub interruptible: bool,
 }
 
+/// What the companion's interruption coordinator needs to know of a VM
+/// before it boots (carried in [`EventKind::BeforeBoot`]).
+///
+/// Defaults (also for VMMs that send none): priority 0, not interruptible,
+/// a fresh boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Admission {
+    /// Priority; higher wins. A VM may only cause the interruption of VMs
+    /// of strictly lower priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether the companion may interrupt this VM (pause, save its state
+    /// and stop it) to make room for a higher-priority one.
+    #[serde(default)]
+    pub interruptible: bool,
+    /// This boot restarts a VM the companion interrupted (restored from its
+    /// saved state, or cold-booted again): the companion grants it the
+    /// reservation it pre-calculated at the interruption.
+    #[serde(default)]
+    pub restart: bool,
+}
+
+impl Admission {
+    /// A fresh boot with this priority and interruptibility.
+    pub fn new(priority: i32, interruptible: bool) -> Self {
+        Admission {
+            priority,
+            interruptible,
+            restart: false,
+        }
+    }
+
+    /// The same, marked as the restart of an interrupted VM.
+    pub fn restarting(mut self) -> Self {
+        self.restart = true;
+        self
+    }
+}
+
 /// A range of guest-physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestRange {
@@ -88,6 +128,11 @@ pub enum EventKind {
         vcpu_tids: Vec<i32>,
         /// Guest RAM.
         ram: GuestRange,
+        /// Priority, interruptibility and whether this boot restarts an
+        /// interrupted VM (absent from older VMMs: priority 0, not
+        /// interruptible, a fresh boot).
+        #[serde(default)]
+        admission: Admission,
     },
     /// The guest signalled ready.
     Ready {
@@ -374,6 +419,12 @@ pub struct BootPlan {
     /// Whether (and how finely) to record this bootstrap's memory touches.
     #[serde(default)]
     pub profile: Option<ProfileRequest>,
+    /// The allocator's decision: the forecast demand it reserved in the
+    /// host's pool, or which resources fall short and what the VMM must do
+    /// then. Absent in plans from companions without a pool (an addition to
+    /// protocol 1: older VMMs ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<crate::resources::Allocation>,
 }
 
 impl BootPlan {
@@ -400,6 +451,20 @@ impl BootPlan {
     pub fn with_balloon_target_mib(mut self, mib: u64) -> Self {
         self.balloon_target_mib = Some(mib);
         self
+    }
+
+    /// This plan with the allocator's decision.
+    pub fn with_allocation(mut self, a: crate::resources::Allocation) -> Self {
+        self.allocation = Some(a);
+        self
+    }
+
+    /// True when the allocator found that the demand does not fit and asks
+    /// the VMM not to run the guest.
+    pub fn refuses_boot(&self) -> bool {
+        self.allocation.as_ref().is_some_and(|a| {
+            !a.admitted && a.on_shortfall == crate::resources::ShortfallAction::Refuse
+        })
     }
 
     /// Asks for a profile of this bootstrap.
@@ -627,6 +692,37 @@ pub enum HookReply {
     BalloonTarget {
         /// The new balloon target, in MiB.
         target_mib: u64,
+        /// Predicted growth: make up to this many MiB of what the guest
+        /// deflates resident as it deflates them, before its first touch
+        /// (0, and absent on the wire, for none; older VMMs ignore it).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        prefault_mib: u64,
+    },
+    /// Interrupt this VM (answer to a `balloon` event, only to a VMM that
+    /// announced [`crate::proto::FEATURE_INTERRUPT`]): pause it, save its
+    /// state (or just stop it, when it is configured to cold-boot on
+    /// restart), send `interrupted`, and exit. See [`crate::proto`].
+    Interrupt {
+        /// Why (for logs).
+        reason: String,
+    },
+    /// Answer to a `before-boot` event (only to a VMM that announced
+    /// [`crate::proto::FEATURE_INTERRUPT`]): the host cannot take this VM
+    /// now; do not start it, ask again with `before-boot` after
+    /// `retry_after_ms`.
+    Defer {
+        /// Why (for logs).
+        reason: String,
+        /// When to ask again, in milliseconds.
+        retry_after_ms: u64,
+        /// Memory the host lacks for this VM, in MiB.
+        missing_mib: u64,
+    },
+    /// The companion refuses the event and changed nothing (e.g. an event
+    /// of a VM it never saw boot); the connection stays open.
+    Rejected {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -635,7 +731,11 @@ impl HookReply {
     pub fn into_plan(self) -> BootPlan {
         match self {
             HookReply::Plan(p) => p,
-            HookReply::Ack | HookReply::BalloonTarget { .. } => BootPlan::empty(),
+            HookReply::Ack
+            | HookReply::BalloonTarget { .. }
+            | HookReply::Interrupt { .. }
+            | HookReply::Defer { .. }
+            | HookReply::Rejected { .. } => BootPlan::empty(),
         }
     }
 }
@@ -676,6 +776,10 @@ pub struct BalloonStatus {
     pub inflated_pages: u64,
     /// Pages the guest took back by deflation so far.
     pub deflated_pages: u64,
+    /// Deflated pages the host made resident ahead of the guest (the
+    /// `prefault_mib` of a balloon target) so far.
+    #[serde(default)]
+    pub prefaulted_pages: u64,
     /// Pages given back through free page reporting so far.
     pub reported_pages: u64,
     /// The guest's latest memory statistics (virtio-balloon stats tags by
@@ -708,4 +812,8 @@ impl BalloonStatus {
             .find(|(n, _)| n == name)
             .map(|&(_, v)| v)
     }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

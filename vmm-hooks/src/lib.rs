@@ -19,15 +19,17 @@
 mod client;
 mod event;
 pub mod proto;
+mod resources;
 
 pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
-    BalloonStatus, BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange, HookReply,
-    LibvirtDomain, LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings, LifecycleHook,
-    MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport, ProfileRequest,
-    StopStatus, TouchWindow, VmIdentity, VmSpec,
+    Admission, BalloonStatus, BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange,
+    HookReply, LibvirtDomain, LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings,
+    LifecycleHook, MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport,
+    ProfileRequest, StopStatus, TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
+pub use resources::{Allocation, Resource, ResourceShort, Resources, ShortfallAction};
 
 /// An error and its sources on one line (`outer: inner: innermost`), for
 /// messages that reach an operator.

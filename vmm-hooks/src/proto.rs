@@ -82,12 +82,95 @@
 //!
 //! A daemon older than this addition rejects the event as a malformed body;
 //! the hook then exits 0 as it does whenever the daemon is unavailable.
+//!
+//! ## Resource pool and status (additions to version 1)
+//!
+//! ```text
+//! VMM                                         companion
+//!  event before-boot ─────────────────────────► reply plan {allocation?}
+//!  event restarted ───────────────────────────► reply plan {allocation?}
+//!  event stopped ─────────────────────────────► reply ack   (reservation released)
+//!  event ready|boot-report|balloon|paused|… of ► reply rejected {reason}
+//!        a VM the companion never saw boot        (nothing recorded; connection stays)
+//!
+//! operator tool                               companion
+//!  status-request ────────────────────────────► status {status: {...}}
+//! ```
+//!
+//! `allocation` in a plan (omitted when the companion has no pool, so older
+//! VMMs and companions decode each other's plans unchanged):
+//!
+//! ```json
+//! {"admitted": false, "quantile": 0.9, "forecast_by": "declared size (cold start)",
+//!  "demand": {"cpu_millis": 2000, "memory_mib": 4096, "net_mbps": 0, "disk_mbps": 0, "gpus": 0},
+//!  "short": [{"resource": "memory", "wanted": 4096, "free": 1024, "short_by": 3072}],
+//!  "on_shortfall": "refuse"}
+//! ```
+//!
+//! A VMM that is not admitted follows `on_shortfall`: `refuse` (do not run
+//! the guest; report `stopped` with a failure naming the shortfall) or
+//! `boot-lazily` (run without pre-faulting or profiling). A VMM that knows
+//! nothing of `allocation` boots as before. `rejected` is a reply, not an
+//! `error`: the companion keeps the connection. An older VMM cannot decode
+//! `rejected` and treats the companion as unavailable for a while, as for
+//! any reply it does not understand; labvm always sends `created` and
+//! `before-boot` first, so it is never rejected.
+//!
+//! Events that need a VM the companion knows (one it saw `created` or
+//! `before-boot` for since it started, or whose reservation, or GPU
+//! reservation, it holds in its store): every kind except `created`, `before-boot`, `restore`, `migrate`
+//! and libvirt hook calls.
+//!
+//! ## Interruption (an addition to version 1, negotiated)
+//!
+//! A VMM that can be told to interrupt a VM announces the feature
+//! [`FEATURE_INTERRUPT`] in `hello` (`"features": ["interrupt-1"]`; the
+//! field is omitted when empty, and unknown fields are ignored, so either
+//! side may be older). The companion sends the two replies below **only**
+//! on connections whose `hello` announced the feature; to any other VMM it
+//! answers as before, so an older VMM never sees a reply kind it cannot
+//! decode.
+//!
+//! `before-boot` carries an `admission` object (`priority`, higher wins;
+//! `interruptible`; `restart`, true when the boot restarts an interrupted
+//! VM); absent, it means priority 0, not interruptible, a fresh boot.
+//!
+//! ```text
+//! VMM (high priority)                     companion (capacity C)
+//!  event before-boot {admission} ─────────► fits C?  reply plan
+//!                                           (after shrinking others and
+//!                                            ordering interruptions: plan)
+//!                                           cannot free enough: reply defer
+//!                                             {reason, retry_after_ms, missing_mib}
+//!                                             → VMM waits, sends before-boot again
+//! VMM (interruptible victim)
+//!  event balloon {…} ─────────────────────► reply interrupt {reason}
+//!   (pause vCPUs, save state to its file, or only stop when configured
+//!    to cold-boot on restart)
+//!  event interrupted {reason} ────────────► reply ack   (allocation released,
+//!  event stopped {…} ─────────────────────► reply ack    restart reservation kept)
+//! later, the restart (labvm --restore FILE):
+//!  event created, before-boot {restart: true} ► reply plan  (the pre-calculated
+//!                                                reservation, at once) or defer
+//!  event restarted ───────────────────────► reply ack   (a restore: instead of
+//!                                                        ready and boot-report;
+//!                                                        a cold boot: after them)
+//! ```
+//!
+//! Other VMs are shrunk first with `balloon-target` replies to their
+//! `balloon` events. A VMM without a balloon device sends no `balloon`
+//! events and so can be neither shrunk nor interrupted (labvm gives every
+//! `--interruptible` VM a balloon device for this reason).
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, HookReply};
+
+/// The feature a VMM announces in `hello` when it understands the
+/// `interrupt` and `defer` replies (see the module documentation).
+pub const FEATURE_INTERRUPT: &str = "interrupt-1";
 
 /// Protocol version spoken here.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -107,6 +190,11 @@ pub enum Message {
     Hello {
         /// The VMM and its version, e.g. `labvm 0.1.0`.
         peer: String,
+        /// Optional protocol features the VMM understands (e.g.
+        /// [`FEATURE_INTERRUPT`]); empty from older VMMs, and omitted when
+        /// empty so older companions read the hello unchanged.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// A lifecycle event (VMM to companion).
     Event(Event),
@@ -116,6 +204,16 @@ pub enum Message {
     Error {
         /// Why.
         message: String,
+    },
+    /// An operator's tool asks the companion for its state (`prescient
+    /// status`); answered with [`Message::Status`]. No `hello` needed.
+    StatusRequest,
+    /// The companion's state: VMs, the resource pool, reservations and
+    /// forecasts, as the companion defines it (a JSON object; see
+    /// `prescient status --json`).
+    Status {
+        /// The state.
+        status: serde_json::Value,
     },
 }
 
@@ -183,6 +281,8 @@ impl Message {
             Message::Event(_) => "event",
             Message::Reply(_) => "reply",
             Message::Error { .. } => "error",
+            Message::StatusRequest => "status-request",
+            Message::Status { .. } => "status",
         }
     }
 }
@@ -289,13 +389,35 @@ mod tests {
         let msgs = [
             Message::Hello {
                 peer: "labvm 0.1.0".into(),
+                features: Vec::new(),
             },
+            Message::Hello {
+                peer: "labvm 0.2.0".into(),
+                features: vec![FEATURE_INTERRUPT.into()],
+            },
+            Message::Reply(HookReply::Interrupt {
+                reason: "make room".into(),
+            }),
+            Message::Reply(HookReply::Defer {
+                reason: "full".into(),
+                retry_after_ms: 500,
+                missing_mib: 64,
+            }),
+            event(EventKind::BeforeBoot {
+                vcpu_tids: vec![1],
+                ram: GuestRange {
+                    start: 0,
+                    len: 1 << 26,
+                },
+                admission: crate::Admission::new(5, true).restarting(),
+            }),
             event(EventKind::BeforeBoot {
                 vcpu_tids: vec![10, 11],
                 ram: GuestRange {
                     start: 0,
                     len: 1 << 30,
                 },
+                admission: crate::Admission::default(),
             }),
             event(EventKind::Ready {
                 time_to_ready_ms: 12.5,
@@ -305,7 +427,14 @@ mod tests {
             Message::Reply(HookReply::Plan(
                 BootPlan::made_by("test").with_balloon_target_mib(256),
             )),
-            Message::Reply(HookReply::BalloonTarget { target_mib: 128 }),
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 128,
+                prefault_mib: 0,
+            }),
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 64,
+                prefault_mib: 48,
+            }),
             event(EventKind::Balloon(crate::BalloonStatus::new(1024))),
             event(EventKind::BalloonUnresponsive {
                 target_mib: 256,
@@ -324,6 +453,80 @@ mod tests {
     }
 
     #[test]
+    fn pool_additions_round_trip_and_old_plans_decode_without_them() {
+        use crate::resources::{Allocation, Resource, ResourceShort, Resources, ShortfallAction};
+        let demand = Resources {
+            cpu_millis: 2000,
+            memory_mib: 4096,
+            ..Resources::ZERO
+        };
+        let short = vec![ResourceShort {
+            resource: Resource::Memory,
+            wanted: 4096,
+            free: 1024,
+            short_by: 3072,
+        }];
+        let allocation = Allocation::new(demand, 0.9, "declared", short, ShortfallAction::Refuse);
+        assert!(!allocation.admitted);
+        let plan = BootPlan::made_by("test").with_allocation(allocation);
+        assert!(plan.refuses_boot());
+        for m in [
+            Message::Reply(HookReply::Plan(plan)),
+            Message::Reply(HookReply::Rejected {
+                reason: "unknown VM".into(),
+            }),
+            Message::StatusRequest,
+            Message::Status {
+                status: serde_json::json!({"vms": []}),
+            },
+        ] {
+            let frame = encode(&m).unwrap();
+            assert_eq!(read_message(&mut frame.as_slice()).unwrap(), m);
+        }
+        // Plans from companions without a pool carry no allocation, and a
+        // plan without one is not sent with an empty field.
+        let old = br#"{"type":"reply","kind":"plan","made_by":"old"}"#;
+        match decode_body(old).unwrap() {
+            Message::Reply(HookReply::Plan(p)) => {
+                assert!(p.allocation.is_none() && !p.refuses_boot());
+            }
+            other => panic!("{other:?}"),
+        }
+        let json =
+            serde_json::to_string(&Message::Reply(HookReply::Plan(BootPlan::empty()))).unwrap();
+        assert!(!json.contains("allocation"), "{json}");
+        // A boot-lazily shortfall does not refuse.
+        let lazy = BootPlan::empty().with_allocation(Allocation::new(
+            demand,
+            0.9,
+            "x",
+            vec![ResourceShort {
+                resource: Resource::Cpu,
+                wanted: 1,
+                free: 0,
+                short_by: 1,
+            }],
+            ShortfallAction::BootLazily,
+        ));
+        assert!(!lazy.refuses_boot());
+    }
+
+    #[test]
+    fn balloon_target_without_prefault_is_the_v1_wire_form_both_ways() {
+        let old = br#"{"type":"reply","kind":"balloon-target","target_mib":128}"#;
+        let m: Message = serde_json::from_slice(old).unwrap();
+        assert_eq!(
+            m,
+            Message::Reply(HookReply::BalloonTarget {
+                target_mib: 128,
+                prefault_mib: 0
+            })
+        );
+        // With nothing to pre-fault an older VMM sees exactly what it knows.
+        assert_eq!(serde_json::to_vec(&m).unwrap(), old.to_vec());
+    }
+
+    #[test]
     fn plan_without_balloon_target_decodes_as_before() {
         let old = br#"{"type":"reply","kind":"plan","made_by":"old companion"}"#;
         let m = decode_body(old).unwrap();
@@ -334,6 +537,58 @@ mod tests {
         let json =
             serde_json::to_string(&Message::Reply(HookReply::Plan(BootPlan::empty()))).unwrap();
         assert!(!json.contains("balloon"), "{json}");
+    }
+
+    #[test]
+    fn hello_and_before_boot_from_older_peers_decode_with_defaults() {
+        let old = br#"{"type":"hello","peer":"labvm 0.1.0"}"#;
+        assert_eq!(
+            decode_body(old).unwrap(),
+            Message::Hello {
+                peer: "labvm 0.1.0".into(),
+                features: Vec::new()
+            }
+        );
+        let json = serde_json::to_string(&Message::Hello {
+            peer: "p".into(),
+            features: Vec::new(),
+        })
+        .unwrap();
+        assert!(!json.contains("features"), "{json}");
+        let old_bb = br#"{"type":"event","vm":{"vm_id":"a","image_digest":"i","package_digest":"p"},
+            "seq":1,"at_unix_ms":0,"kind":{"kind":"before-boot","vcpu_tids":[7],"ram":{"start":0,"len":4096}}}"#;
+        let Message::Event(e) = decode_body(old_bb).unwrap() else {
+            panic!("not an event");
+        };
+        let EventKind::BeforeBoot { admission, .. } = e.kind else {
+            panic!("not before-boot");
+        };
+        assert_eq!(admission, crate::Admission::default());
+        assert_eq!(
+            (
+                admission.priority,
+                admission.interruptible,
+                admission.restart
+            ),
+            (0, false, false)
+        );
+    }
+
+    #[test]
+    fn hostile_interrupt_and_defer_replies_are_body_errors() {
+        for body in [
+            &br#"{"type":"reply","kind":"interrupt"}"#[..],
+            br#"{"type":"reply","kind":"interrupt","reason":7}"#,
+            br#"{"type":"reply","kind":"defer","reason":"x","retry_after_ms":-1,"missing_mib":0}"#,
+            br#"{"type":"reply","kind":"defer","reason":"x","retry_after_ms":1e99,"missing_mib":0}"#,
+            br#"{"type":"event","vm":{"vm_id":"a","image_digest":"i","package_digest":"p"},"seq":0,"at_unix_ms":0,"kind":{"kind":"before-boot","vcpu_tids":[],"ram":{"start":0,"len":1},"admission":{"priority":4294967296}}}"#,
+        ] {
+            assert!(
+                matches!(decode_body(body), Err(ProtoError::Body(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

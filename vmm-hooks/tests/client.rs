@@ -33,6 +33,7 @@ fn before_boot() -> Event {
                 start: 0,
                 len: 4096,
             },
+            admission: Default::default(),
         },
     )
 }

@@ -73,6 +73,19 @@ impl Devices {
         })
     }
 
+    /// Replaces the balloon with one rebuilt from a saved state.
+    pub(crate) fn restore_balloon(
+        &mut self,
+        state: &balloon::BalloonState,
+        mem: &Arc<GuestMemoryMmap>,
+        grace_ms: u64,
+    ) -> Result<(), VmmError> {
+        let h = BalloonHandle::from_state(state, Arc::clone(mem), grace_ms)
+            .map_err(|e| VmmError::Config(format!("saved balloon state: {e}")))?;
+        self.balloon = Some(h);
+        Ok(())
+    }
+
     pub(crate) fn balloon(&self) -> Option<&BalloonHandle> {
         self.balloon.as_ref()
     }

@@ -1,16 +1,18 @@
 //! Reporting a lab VM's lifecycle to the companion through `vmm-hooks`.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use balloon::BalloonHandle;
 
 use sha2::{Digest, Sha256};
 use vmm_hooks::{
-    BalloonStatus, BootPlan, BootReport, Event, EventKind, GuestRange, HookReply, LifecycleHook,
-    StopStatus, VmIdentity, VmSpec,
+    Admission, BalloonStatus, BootPlan, BootReport, Event, EventKind, GuestRange, HookReply,
+    LifecycleHook, StopStatus, VmIdentity, VmSpec,
 };
 
-use crate::vm::{LabVm, RunObserver, RunReport, StopReason};
+use crate::snapshot::{self, SaveReport};
+use crate::vm::{LabVm, RunObserver, RunReport, StopReason, VcpuControl};
 use crate::{VmmError, guest};
 
 /// The VMM's name and version, as sent in `hello` and in `created`.
@@ -44,7 +46,36 @@ pub struct HookReporter<'a> {
     plan: Option<BootPlan>,
     stop: Option<&'a dyn Fn() -> bool>,
     balloon: Option<BalloonPoll>,
+    admission: Admission,
+    admission_limit: Duration,
+    admission_waited: Duration,
+    on_interrupt: Option<OnInterrupt>,
+    interrupt_requested: Option<String>,
+    interrupted: Option<Interruption>,
+    restored: bool,
 }
+
+/// What a lab VM does when the companion interrupts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnInterrupt {
+    /// Pause, save its state to this file (restart: `labvm --restore`).
+    Save(PathBuf),
+    /// Stop without saving (restart: a cold boot).
+    Stop,
+}
+
+/// A lab VM's interruption, as it happened.
+#[derive(Clone, Debug)]
+pub struct Interruption {
+    /// Why the companion interrupted it.
+    pub reason: String,
+    /// The save, when the VM was saved.
+    pub save: Option<SaveReport>,
+}
+
+/// labvm's exit status when the companion interrupted the VM (its state
+/// saved, or stopped when configured to cold-boot): `EX_TEMPFAIL`.
+pub const EXIT_INTERRUPTED: u8 = 75;
 
 /// Balloon control over the hooks: a status event every `every`, whose
 /// reply may set a new target.
@@ -75,7 +106,47 @@ impl<'a> HookReporter<'a> {
             plan: None,
             stop: None,
             balloon: None,
+            admission: Admission::default(),
+            admission_limit: Duration::from_secs(600),
+            admission_waited: Duration::ZERO,
+            on_interrupt: None,
+            interrupt_requested: None,
+            interrupted: None,
+            restored: false,
         }
+    }
+
+    /// The VM was restored from a saved state (it resumes instead of
+    /// booting): `restarted` is sent instead of `ready` and `boot-report`.
+    pub fn restored(mut self) -> Self {
+        self.restored = true;
+        self
+    }
+
+    /// Sends this admission (priority, interruptible, restart) in
+    /// before-boot; while the companion defers the boot, asks again as it
+    /// says, for at most `limit` (then boots anyway, with a warning).
+    pub fn with_admission(mut self, admission: Admission, limit: Duration) -> Self {
+        self.admission = admission;
+        self.admission_limit = limit;
+        self
+    }
+
+    /// What to do when the companion interrupts this VM (without this, an
+    /// `interrupt` reply is ignored with a warning).
+    pub fn with_interrupt(mut self, on: OnInterrupt) -> Self {
+        self.on_interrupt = Some(on);
+        self
+    }
+
+    /// The interruption, once the VM was interrupted.
+    pub fn interrupted(&self) -> Option<&Interruption> {
+        self.interrupted.as_ref()
+    }
+
+    /// How long the companion kept the VM waiting before boot.
+    pub fn admission_waited(&self) -> Duration {
+        self.admission_waited
     }
 
     /// Reports the balloon to the companion every `every` (a `balloon`
@@ -102,6 +173,7 @@ impl<'a> HookReporter<'a> {
         s.driver_ok = r.driver_ok;
         s.inflated_pages = r.counters.inflated_pages;
         s.deflated_pages = r.counters.deflated_pages;
+        s.prefaulted_pages = r.counters.prefaulted_pages;
         s.reported_pages = r.counters.reported_pages;
         s.stats_updates = r.counters.stats_updates;
         s.guest_stats = r.stats;
@@ -128,11 +200,31 @@ impl<'a> HookReporter<'a> {
         let unresponsive = status.unresponsive;
         let (target_mib, actual_mib) = (status.target_mib, status.actual_mib);
         let reply = self.send(EventKind::Balloon(status));
-        if let HookReply::BalloonTarget { target_mib: t } = reply {
-            match handle.set_target_mib(t) {
-                Ok(()) => tracing::debug!(target_mib = t, "balloon target from the companion"),
-                Err(e) => tracing::warn!("companion's balloon target refused: {e}"),
+        match reply {
+            HookReply::BalloonTarget {
+                target_mib: t,
+                prefault_mib,
+            } => {
+                // The budget goes in first: the guest may deflate as soon as
+                // it sees the new target.
+                handle.prefault_deflated_mib(prefault_mib);
+                match handle.set_target_mib(t) {
+                    Ok(()) => tracing::debug!(
+                        target_mib = t,
+                        prefault_mib,
+                        "balloon target from the companion"
+                    ),
+                    Err(e) => {
+                        handle.prefault_deflated_mib(0);
+                        tracing::warn!("companion's balloon target refused: {e}");
+                    }
+                }
             }
+            HookReply::Interrupt { reason } => {
+                tracing::info!(reason, "the companion interrupts this VM");
+                self.interrupt_requested = Some(reason);
+            }
+            _ => {}
         }
         let told = self.balloon.as_ref().is_some_and(|p| p.told_unresponsive);
         if unresponsive && !told {
@@ -204,31 +296,140 @@ impl<'a> HookReporter<'a> {
 
 impl RunObserver for HookReporter<'_> {
     fn before_boot(&mut self, vm: &LabVm, vcpu_tids: &[i32]) -> BootPlan {
-        let plan = self
-            .send(EventKind::BeforeBoot {
+        let asked = Instant::now();
+        let mut deferred = false;
+        let plan = loop {
+            let reply = self.send(EventKind::BeforeBoot {
                 vcpu_tids: vcpu_tids.to_vec(),
                 ram: GuestRange {
                     start: 0,
                     len: vm.config().ram_mib << 20,
                 },
-            })
-            .into_plan();
+                admission: self.admission.clone(),
+            });
+            let HookReply::Defer {
+                reason,
+                retry_after_ms,
+                missing_mib,
+            } = reply
+            else {
+                break reply.into_plan();
+            };
+            deferred = true;
+            if asked.elapsed() >= self.admission_limit {
+                tracing::warn!(
+                    reason,
+                    waited_s = asked.elapsed().as_secs_f64(),
+                    "the companion still defers this VM; booting without its admission"
+                );
+                break BootPlan::empty();
+            }
+            if self.stop.is_some_and(|f| f()) {
+                break BootPlan::empty();
+            }
+            tracing::info!(
+                reason,
+                missing_mib,
+                retry_after_ms,
+                "the companion defers the boot"
+            );
+            std::thread::sleep(Duration::from_millis(retry_after_ms.clamp(10, 10_000)));
+        };
+        if deferred {
+            self.admission_waited = asked.elapsed();
+        }
         if !plan.made_by.is_empty() {
             tracing::info!(made_by = plan.made_by, "boot plan received");
+        }
+        match &plan.allocation {
+            Some(a) if a.admitted => tracing::info!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion reserved this VM's forecast demand"
+            ),
+            Some(a) if plan.refuses_boot() => tracing::error!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion has no room for this VM on this host: {}; refusing to boot (policy: refuse)",
+                a.shortfall_text()
+            ),
+            Some(a) => tracing::warn!(
+                demand = %a.demand,
+                by = a.forecast_by,
+                "the companion has no room for this VM on this host: {}; booting lazily without a reservation (policy: boot-lazily)",
+                a.shortfall_text()
+            ),
+            None => {}
         }
         self.plan = Some(plan.clone());
         plan
     }
 
     fn ready(&mut self, elapsed: Duration, report: &BootReport) {
+        if self.restored {
+            // A restored VM did not boot: nothing to measure or learn from.
+            self.send(EventKind::Restarted);
+            return;
+        }
         self.send(EventKind::Ready {
             time_to_ready_ms: elapsed.as_secs_f64() * 1e3,
         });
         self.send(EventKind::BootReport(report.clone()));
+        if self.admission.restart {
+            // A cold boot that restarts an interrupted VM.
+            self.send(EventKind::Restarted);
+        }
+    }
+
+    fn admission_wait(&self) -> Duration {
+        self.admission_waited
     }
 
     fn should_stop(&mut self) -> bool {
         self.poll_balloon();
         self.stop.is_some_and(|f| f())
+    }
+
+    fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
+        let Some(reason) = self.interrupt_requested.take() else {
+            return false;
+        };
+        let save = match &self.on_interrupt {
+            None => {
+                tracing::warn!(
+                    reason,
+                    "the companion asked to interrupt a VM that is not interruptible; ignored"
+                );
+                return false;
+            }
+            Some(OnInterrupt::Stop) => None,
+            Some(OnInterrupt::Save(path)) => {
+                match snapshot::save(vm, vcpus, path, Duration::from_secs(30)) {
+                    Ok(r) => {
+                        tracing::info!(
+                            file = %r.path.display(),
+                            bytes = r.bytes,
+                            pages = r.pages,
+                            ms = r.ms,
+                            counter = r.counter,
+                            "VM paused and saved"
+                        );
+                        Some(r)
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot save the VM; it keeps running: {}",
+                            vmm_hooks::error_chain(&e)
+                        );
+                        return false;
+                    }
+                }
+            }
+        };
+        self.send(EventKind::Interrupted {
+            reason: reason.clone(),
+        });
+        self.interrupted = Some(Interruption { reason, save });
+        true
     }
 }

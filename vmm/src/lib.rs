@@ -25,6 +25,7 @@ mod labdev;
 mod layout;
 pub mod linux;
 mod migrate;
+mod snapshot;
 mod sys;
 pub mod testing;
 mod vm;
@@ -32,13 +33,19 @@ mod workload;
 
 pub use devices::BalloonConfig;
 pub use guest::stamp_value;
-pub use hooks::{HookReporter, VMM_NAME, lab_identity};
+pub use hooks::{
+    EXIT_INTERRUPTED, HookReporter, Interruption, OnInterrupt, VMM_NAME, lab_identity,
+};
 pub use labdev::exception_name;
 pub use layout::{
     BALLOON_MMIO_BASE, LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE,
 };
 pub use migrate::{
     Incoming, MigrateError, MigrationOptions, MigrationReport, MigrationSource, receive,
+};
+pub use snapshot::{
+    Restored, SAVE_MAGIC, SAVE_VERSION, SaveReport, SnapshotError, restore as restore_from_file,
+    save as save_to_file,
 };
 pub use sys::process_rss_bytes;
 pub use vm::{
@@ -70,6 +77,15 @@ pub enum VmmError {
     /// The configuration is not one labvm can run.
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    /// The companion's allocator found no room for the VM on this host and
+    /// its policy is to refuse the boot; the guest did not run.
+    #[error(
+        "the companion refused the boot: this host cannot hold the VM's forecast demand ({shortfall})"
+    )]
+    NotAdmitted {
+        /// Which resources fall short, by how much.
+        shortfall: String,
+    },
     /// Guest memory could not be allocated or accessed.
     #[error("guest memory: {0}")]
     GuestMemory(String),

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use labvm::{
-    BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, Trace, VMM_NAME, Workload,
-    lab_identity,
+    BalloonConfig, HookReporter, LabVm, LabVmConfig, OnInterrupt, StopReason, Trace, VMM_NAME,
+    Workload, lab_identity,
 };
+use vmm_hooks::Admission;
 use vmm_hooks::{LifecycleHook, NoCompanion, SocketHook, SocketHookConfig, error_chain};
 
 /// labvm: Prescient's reference VMM.
@@ -111,6 +112,37 @@ struct Cli {
     /// Write the migration report (either side) as JSON here.
     #[arg(long)]
     migration_report: Option<PathBuf>,
+    /// This VM's priority for the companion's interruption coordinator
+    /// (higher wins; a VM may cause the interruption only of VMs of lower
+    /// priority).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// The companion may interrupt this VM to make room for a VM of higher
+    /// priority (gives the VM a balloon device, the channel the companion
+    /// uses). Needs --save-on-interrupt, or --interrupt-mode stop.
+    #[arg(long, conflicts_with_all = ["kernel", "incoming"])]
+    interruptible: bool,
+    /// On interruption: `save` (pause, save the state to
+    /// --save-on-interrupt, exit 75; restart with --restore) or `stop`
+    /// (stop, exit 75; restart is a cold boot with --restart).
+    #[arg(long, default_value = "save", value_parser = ["save", "stop"])]
+    interrupt_mode: String,
+    /// Where an interrupted VM's state is saved.
+    #[arg(long, value_name = "FILE")]
+    save_on_interrupt: Option<PathBuf>,
+    /// Restart an interrupted VM from its saved state (the VM's shape and
+    /// workload come from the file; it resumes where it was paused). Use
+    /// the same --vm-id so the companion grants its reserved resources.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "incoming", "migrate_to", "plan_file", "prewarm"])]
+    restore: Option<PathBuf>,
+    /// This (cold) boot restarts a VM the companion interrupted (implied
+    /// by --restore).
+    #[arg(long)]
+    restart: bool,
+    /// Longest wait, in seconds, while the companion defers this VM's boot
+    /// for lack of resources; then it boots anyway.
+    #[arg(long, default_value_t = 600.0)]
+    admission_wait_s: f64,
 }
 
 /// Stops on SIGINT/SIGTERM or after `until`.
@@ -346,11 +378,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.interruptible && cli.interrupt_mode == "save" && cli.save_on_interrupt.is_none() {
+        eprintln!(
+            "labvm: --interruptible needs --save-on-interrupt FILE (or --interrupt-mode stop)"
+        );
+        return ExitCode::from(2);
+    }
     let mut config = LabVmConfig::new(cli.mem, workload);
     config.vcpus = cli.vcpus;
     config.ready_deadline = Duration::from_secs_f64(cli.deadline);
     config.run_for = cli.run_for.map(Duration::from_secs_f64);
-    if cli.balloon || matches!(config.workload, Workload::Balloon { .. }) {
+    if cli.balloon || cli.interruptible || matches!(config.workload, Workload::Balloon { .. }) {
         config.balloon = Some(BalloonConfig {
             initial_target_mib: cli.balloon_target_mib,
             stats_interval: Duration::from_millis(cli.balloon_stats_ms),
@@ -371,7 +409,21 @@ fn main() -> ExitCode {
             }
         }
     }
-    let mut vm = match LabVm::create(config, started) {
+    let created = match &cli.restore {
+        Some(path) => labvm::restore_from_file(path).map(|r| {
+            println!(
+                "restored from {}: {} pages, counter {:?}",
+                path.display(),
+                r.pages,
+                r.counter
+            );
+            let mut vm = r.vm;
+            vm.set_run_for(cli.run_for.map(Duration::from_secs_f64));
+            vm
+        }),
+        None => LabVm::create(config, started).map_err(labvm::SnapshotError::from),
+    };
+    let mut vm = match created {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));
@@ -382,6 +434,7 @@ fn main() -> ExitCode {
         Some(path) => {
             let mut c = SocketHookConfig::new(path, VMM_NAME);
             c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
+            c.features = vec![vmm_hooks::proto::FEATURE_INTERRUPT.to_string()];
             Box::new(SocketHook::new(c))
         }
         None => Box::new(NoCompanion),
@@ -392,7 +445,25 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| format!("labvm-{}", std::process::id()));
     let identity = lab_identity(&vm_id, &vm);
     let stop: &dyn Fn() -> bool = &stop_requested;
-    let mut reporter = HookReporter::new(hook.as_mut(), identity).with_stop(stop);
+    let mut admission = Admission::new(cli.priority, cli.interruptible);
+    if cli.restore.is_some() || cli.restart {
+        admission = admission.restarting();
+    }
+    let mut reporter = HookReporter::new(hook.as_mut(), identity)
+        .with_stop(stop)
+        .with_admission(
+            admission,
+            Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
+        );
+    if cli.restore.is_some() {
+        reporter = reporter.restored();
+    }
+    if cli.interruptible {
+        reporter = reporter.with_interrupt(match &cli.save_on_interrupt {
+            Some(path) if cli.interrupt_mode == "save" => OnInterrupt::Save(path.clone()),
+            _ => OnInterrupt::Stop,
+        });
+    }
     if let Some(balloon) = vm.balloon() {
         reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
     }
@@ -410,7 +481,22 @@ fn main() -> ExitCode {
         }
         None => (vm.run(&mut reporter), None),
     };
+    let interrupted = reporter.interrupted().cloned();
     reporter.stopped(&result);
+    if let Some(i) = &interrupted {
+        match &i.save {
+            Some(r) => println!(
+                "interrupted ({}): saved to {} ({} bytes, {} pages, {:.1} ms, counter {:?})",
+                i.reason,
+                r.path.display(),
+                r.bytes,
+                r.pages,
+                r.ms,
+                r.counter
+            ),
+            None => println!("interrupted ({}): stopped", i.reason),
+        }
+    }
     if let Some(m) = &migration {
         match &m.error {
             None => println!(
@@ -437,9 +523,16 @@ fn main() -> ExitCode {
                 }
             }
             match report.stop {
+                _ if interrupted.is_some() => ExitCode::from(labvm::EXIT_INTERRUPTED),
                 StopReason::Exited(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
                 StopReason::Stopped => ExitCode::SUCCESS,
             }
+        }
+        Err(e @ labvm::VmmError::NotAdmitted { .. }) => {
+            // Its own status, so a script can tell "no room here, try
+            // another host" from a failure.
+            eprintln!("labvm: {}", error_chain(&e));
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));

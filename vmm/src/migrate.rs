@@ -176,6 +176,9 @@ impl RunObserver for MigrationSource<'_> {
     fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
         self.inner.ready(elapsed, report);
     }
+    fn admission_wait(&self) -> Duration {
+        self.inner.admission_wait()
+    }
     fn should_stop(&mut self) -> bool {
         self.inner.should_stop()
     }

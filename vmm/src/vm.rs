@@ -170,6 +170,12 @@ pub trait RunObserver {
     fn should_stop(&mut self) -> bool {
         false
     }
+    /// How long [`before_boot`](Self::before_boot) waited for the
+    /// companion to admit the VM (it deferred it); the ready deadline and
+    /// time to ready count from after that wait.
+    fn admission_wait(&self) -> Duration {
+        Duration::ZERO
+    }
     /// Called after `should_stop`, with a handle that pauses and resumes
     /// the vCPUs and reads their state (live migration); return true to
     /// stop the VM.
@@ -401,6 +407,19 @@ impl LabVm {
         Ok(())
     }
 
+    /// Replaces the balloon of a VM from
+    /// [`create_incoming`](Self::create_incoming) with one rebuilt from a
+    /// saved state (before it runs).
+    pub(crate) fn restore_balloon(
+        &mut self,
+        state: &balloon::BalloonState,
+        grace_ms: u64,
+    ) -> Result<(), VmmError> {
+        let devices = Arc::get_mut(&mut self.devices)
+            .ok_or_else(|| VmmError::Config("the VM's devices are in use".into()))?;
+        devices.restore_balloon(state, &self.mem, grace_ms)
+    }
+
     pub(crate) fn guest_memory_arc(&self) -> Arc<GuestMemoryMmap> {
         Arc::clone(&self.mem)
     }
@@ -523,6 +542,12 @@ impl LabVm {
         &self.vm
     }
 
+    /// How long to run after ready (`None`: until stopped); for VMs whose
+    /// configuration came from elsewhere (a state file, a migration).
+    pub fn set_run_for(&mut self, run_for: Option<Duration>) {
+        self.config.run_for = run_for;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LabVmConfig {
         &self.config
@@ -606,6 +631,18 @@ impl LabVm {
             tracing::info!(vcpu = i, tid, "vCPU thread started");
         }
         let offered = observer.before_boot(self, &tids);
+        if offered.refuses_boot() {
+            // The companion found no room for this VM on this host and its
+            // policy is to refuse: the guest never runs.
+            let shortfall = offered
+                .allocation
+                .as_ref()
+                .map(vmm_hooks::Allocation::shortfall_text)
+                .unwrap_or_default();
+            stop_all(&shared, threads);
+            return Err(VmmError::NotAdmitted { shortfall });
+        }
+        self.started += observer.admission_wait();
         let plan = self.config.plan.clone().unwrap_or(offered);
         self.devices.apply_plan(&plan);
         let mut bootstrap = self.prepare_boot(&plan);

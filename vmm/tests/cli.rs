@@ -109,3 +109,21 @@ fn cli_bad_balloon_workloads_and_targets_are_rejected_with_the_reason() {
         assert!(err.contains("exceeds the guest's 64 MiB"), "{err}");
     }
 }
+
+#[test]
+fn cli_interruptible_without_a_save_file_is_refused_with_exit_code_2() {
+    let (code, _, err) = labvm(&["--interruptible", "--workload", "dirty:100"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--save-on-interrupt"), "{err}");
+}
+
+#[test]
+fn cli_restore_from_a_file_that_is_not_a_state_file_fails_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.state");
+    std::fs::write(&bad, b"this is not a saved VM").expect("write");
+    let (code, _, err) = labvm(&["--restore", bad.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a usable labvm state file"), "{err}");
+    assert!(err.contains("wrong magic"), "{err}");
+}

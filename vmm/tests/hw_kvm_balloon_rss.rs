@@ -108,7 +108,10 @@ fn hw_kvm_balloon_inflate_256mib_drops_labvm_rss_and_deflate_brings_it_back() {
     assert_eq!((s.target_mib, s.actual_mib), (0, 0));
     let before = rss_bytes(pid);
     assert!(before >= 508 * MIB, "RSS {before} before inflating");
-    vm.reply(HookReply::BalloonTarget { target_mib: 256 });
+    vm.reply(HookReply::BalloonTarget {
+        target_mib: 256,
+        prefault_mib: 0,
+    });
     let s = vm.drive(HookReply::Ack, |s| s.actual_mib == 256);
     let inflated = rss_bytes(pid);
     assert_eq!(s.target_mib, 256);
@@ -121,7 +124,10 @@ fn hw_kvm_balloon_inflate_256mib_drops_labvm_rss_and_deflate_brings_it_back() {
         inflated / MIB
     );
     // Deflate: the guest takes the pages back and writes to each one.
-    vm.reply(HookReply::BalloonTarget { target_mib: 0 });
+    vm.reply(HookReply::BalloonTarget {
+        target_mib: 0,
+        prefault_mib: 0,
+    });
     let s = vm.drive(HookReply::Ack, |s| s.actual_mib == 0);
     let deflated = rss_bytes(pid);
     assert_eq!(s.deflated_pages, 256 * MIB / 4096);
@@ -136,6 +142,55 @@ fn hw_kvm_balloon_inflate_256mib_drops_labvm_rss_and_deflate_brings_it_back() {
         before / MIB,
         inflated / MIB,
         deflated / MIB
+    );
+    vm.reply(HookReply::Ack);
+}
+
+#[test]
+fn hw_kvm_balloon_deflate_with_prefault_makes_the_forecast_growth_resident_before_use() {
+    if !kvm_or_skip(
+        "hw_kvm_balloon_deflate_with_prefault_makes_the_forecast_growth_resident_before_use",
+    ) {
+        return;
+    }
+    // A guest that takes deflated pages back without touching them
+    // (`lazy`): whatever RSS the deflation brings is the host's pre-fault.
+    let mut vm = Labvm::start(512, "balloon:508:64:lazy");
+    let pid = vm.child.id();
+    vm.drive(HookReply::Ack, |s| s.driver_ok && s.stats_updates >= 2);
+    vm.reply(HookReply::BalloonTarget {
+        target_mib: 256,
+        prefault_mib: 0,
+    });
+    vm.drive(HookReply::Ack, |s| s.actual_mib == 256);
+    let inflated = rss_bytes(pid);
+    // Predicted growth of 96 MiB: deflate 128 MiB, pre-fault 96 of it.
+    vm.reply(HookReply::BalloonTarget {
+        target_mib: 128,
+        prefault_mib: 96,
+    });
+    let s = vm.drive(HookReply::Ack, |s| s.actual_mib == 128);
+    let deflated = rss_bytes(pid);
+    assert_eq!(s.deflated_pages, 128 * MIB / 4096);
+    assert_eq!(s.prefaulted_pages, 96 * MIB / 4096);
+    let grew = deflated.saturating_sub(inflated);
+    assert!(
+        (90 * MIB..=110 * MIB).contains(&grew),
+        "RSS grew by {} MiB on a deflate of 128 MiB with 96 MiB pre-faulted",
+        grew / MIB
+    );
+    // Without a budget the next deflate brings nothing in.
+    vm.reply(HookReply::BalloonTarget {
+        target_mib: 0,
+        prefault_mib: 0,
+    });
+    let s = vm.drive(HookReply::Ack, |s| s.actual_mib == 0);
+    assert_eq!(s.prefaulted_pages, 96 * MIB / 4096);
+    let after = rss_bytes(pid);
+    assert!(
+        after.saturating_sub(deflated) < 16 * MIB,
+        "RSS grew by {} MiB on a lazy deflate",
+        after.saturating_sub(deflated) / MIB
     );
     vm.reply(HookReply::Ack);
 }

@@ -109,6 +109,10 @@ pub struct BalloonCounters {
     pub discard_calls: u64,
     /// Host discard calls that failed.
     pub discard_failures: u64,
+    /// Deflated pages the host made resident before the guest touched them
+    /// (pre-fault for predicted growth; see `Balloon::prefault_deflated`).
+    #[serde(default)]
+    pub prefaulted_pages: u64,
 }
 
 /// The plain state of a balloon device and its transport, for snapshot and
@@ -158,6 +162,10 @@ pub struct Balloon {
     bad_chain: LogLimiter,
     bad_page: LogLimiter,
     discard_failed: LogLimiter,
+    prefault_failed: LogLimiter,
+    /// Deflated pages still to pre-fault (a budget, not device state: it is
+    /// not saved, and a restored device starts without one).
+    prefault_budget: u64,
 }
 
 /// Why an element was skipped.
@@ -210,6 +218,8 @@ impl Balloon {
             bad_chain: LogLimiter::default(),
             bad_page: LogLimiter::default(),
             discard_failed: LogLimiter::default(),
+            prefault_failed: LogLimiter::default(),
+            prefault_budget: 0,
         }
     }
 
@@ -220,6 +230,19 @@ impl Balloon {
             self.num_pages = pages;
             self.interrupts |= interrupt::CONFIG;
         }
+    }
+
+    /// Pre-fault up to `pages` of the pages the guest deflates from now on,
+    /// as it deflates them: the companion forecasts growth, the balloon
+    /// hands memory back, and the host makes it resident before the guest's
+    /// first touch instead of on it. Replaces any budget left.
+    pub fn prefault_deflated(&mut self, pages: u64) {
+        self.prefault_budget = pages;
+    }
+
+    /// Deflated pages still to pre-fault.
+    pub fn prefault_budget(&self) -> u64 {
+        self.prefault_budget
     }
 
     /// The target, in pages.
@@ -396,6 +419,38 @@ impl Balloon {
         }
     }
 
+    /// Populates deflated `pages` (sorted PFN addresses) while the budget lasts.
+    fn prefault(&mut self, mem: &GuestMemoryMmap, pages: &[u64]) {
+        for (start, count) in runs(pages) {
+            let count = count.min(self.prefault_budget);
+            if count == 0 {
+                return;
+            }
+            let len = count * BALLOON_PAGE;
+            let done = if Self::in_ram(mem, start, len) {
+                sys::populate(mem, start, len).map(|()| count)
+            } else {
+                (0..count).try_fold(0, |n, p| {
+                    sys::populate(mem, start + p * BALLOON_PAGE, BALLOON_PAGE).map(|()| n + 1)
+                })
+            };
+            match done {
+                Ok(n) => {
+                    self.prefault_budget -= n;
+                    self.counters.prefaulted_pages += n;
+                }
+                Err(e) => {
+                    // Lazy faulting still works; stop trying for this budget.
+                    self.prefault_budget = 0;
+                    if self.prefault_failed.hit() {
+                        tracing::warn!("balloon: pre-fault of deflated pages stopped: {e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
     /// Reads the PFN array of an inflate or deflate chain.
     fn read_pfns(
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
@@ -480,8 +535,11 @@ impl Balloon {
             self.counters.inflated_pages += n;
         } else {
             // Without MUST_TELL_HOST the guest may already use the pages;
-            // they fault back in on first touch. Nothing to do on the host.
+            // they fault back in on first touch, unless the companion asked
+            // for them to be made resident now (pages already present are
+            // left as they are).
             self.counters.deflated_pages += n;
+            self.prefault(mem, &pages);
         }
     }
 
