@@ -153,6 +153,8 @@ fn gpu_offloaded_forecasts_match_cpu_forecasts() {
     assert_eq!(offload.chooser().inference(599), Target::Cpu);
     let gpu_model = cpu_model.with_offload(&offload);
     let on_gpu = gpu_model.forecast_batch(&hs, Horizon::NextHour);
+    // The network computes in f32: compare at that precision.
+    #[allow(clippy::cast_possible_truncation)]
     let flat = |q: &[models::Quantiles]| -> Vec<f32> {
         q.iter()
             .flat_map(|q| q.0.iter().map(|&v| v as f32))
