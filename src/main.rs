@@ -546,8 +546,8 @@ struct ServeArgs {
     /// Memory this host may hand out to VMs, MiB: turns on the interruption
     /// coordinator (admission against this capacity, balloon shrinks,
     /// interruption of lower-priority interruptible VMs, deferral); also
-    /// `[interrupt] capacity_mib`. Until the resource pool lands, this is
-    /// its only source of capacity.
+    /// `[interrupt] capacity_mib`. The coordinator keeps its own ledger
+    /// against this capacity; the resource pool's reservations run beside it.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     capacity_mib: Option<u64>,
     /// vCPUs this host may hand out to VMs [default: unlimited].
