@@ -22,14 +22,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use models::{EwmaSd, Forecaster, ForecasterSelector, History, Horizon, PrevWindow, Quantiles};
+use models::{EwmaSd, Forecaster, ForecasterSelector, History, Horizon, Quantiles};
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{BalloonStatus, Event, EventKind, HookReply};
 
 use crate::metrics::Metrics;
 use crate::shaping::{
     DEFAULT_ARMS, HostCapacity, MarginTuner, ShapeError, ShapeLimits, ShapePlan, ShapePolicy,
-    Shaper, TunerMode, VmShapeInput, reward, slack_shortfall,
+    Shaper, TunerMode, VmShapeInput, baseline_forecasts, reward, slack_shortfall,
 };
 
 /// Intervals of history a forecast sees.
@@ -433,7 +433,6 @@ impl ShapingLoop {
             st.tuner.update(&rewards);
         }
         // Forecast and decide.
-        let candidates: [&dyn Forecaster; 3] = [&PrevWindow::hour(), &PrevWindow::day(), &EwmaSd];
         let mut inputs = Vec::new();
         let mut ids: Vec<&String> = st.vms.keys().collect();
         ids.sort();
@@ -451,15 +450,7 @@ impl ShapingLoop {
                 decision_slot: n as i64 - 1,
                 statics: models::Statics::default(),
             };
-            let all: Vec<(String, Quantiles)> = candidates
-                .iter()
-                .map(|f| {
-                    (
-                        f.name().to_string(),
-                        f.forecast(&h, Horizon::NextHour).sanitized(),
-                    )
-                })
-                .collect();
+            let all = baseline_forecasts(&h);
             let choice = t.selector.choose(vm);
             let q = all
                 .iter()
@@ -648,6 +639,23 @@ mod tests {
     use super::*;
     use vmm_hooks::{VmIdentity, VmSpec};
 
+    /// `created` (seq 0) of a labvm VM with 2 vCPUs and 1 GiB.
+    fn created_1g(vm: &str) -> Event {
+        event(
+            vm,
+            0,
+            EventKind::Created {
+                spec: VmSpec {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                    vmm: "labvm".into(),
+                    priority: 0,
+                    interruptible: false,
+                },
+            },
+        )
+    }
+
     fn event(vm: &str, seq: u64, kind: EventKind) -> Event {
         Event {
             vm: VmIdentity {
@@ -691,19 +699,7 @@ mod tests {
     fn loop_answers_balloon_status_with_a_target_from_the_forecast() {
         let l = shaping(ShapePolicy::MaximiseUtilisation);
         let t0 = Instant::now();
-        let created = event(
-            "vm-a",
-            0,
-            EventKind::Created {
-                spec: VmSpec {
-                    vcpus: 2,
-                    memory_mib: 1024,
-                    vmm: "labvm".into(),
-                    priority: 0,
-                    interruptible: false,
-                },
-            },
-        );
+        let created = created_1g("vm-a");
         assert_eq!(l.observe(&created, None, HookReply::Ack), HookReply::Ack);
         let mut target = 0;
         let mut seq = 1;
@@ -768,19 +764,7 @@ mod tests {
     fn loop_deflates_for_forecast_growth_and_asks_for_it_to_be_prefaulted() {
         let l = shaping(ShapePolicy::MaximiseUtilisation);
         let t0 = Instant::now();
-        let created = event(
-            "vm-g",
-            0,
-            EventKind::Created {
-                spec: VmSpec {
-                    vcpus: 2,
-                    memory_mib: 1024,
-                    vmm: "labvm".into(),
-                    priority: 0,
-                    interruptible: false,
-                },
-            },
-        );
+        let created = created_1g("vm-g");
         l.observe(&created, None, HookReply::Ack);
         // The balloon holds 800 MiB: the guest has 224 and its use swings
         // between 120 and 300 MiB from one interval to the next; it is in a

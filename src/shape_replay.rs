@@ -14,14 +14,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use models::{
-    EwmaSd, Forecaster, ForecasterSelector, History, Horizon, Metric, PrevWindow, Quantiles,
-};
+use models::{ForecasterSelector, History, Metric, Quantiles};
 use serde::Serialize;
 
 use crate::shaping::{
     DEFAULT_ARMS, HostCapacity, MarginTuner, ShapeError, ShapeLimits, ShapePolicy, Shaper,
-    TunerMode, VmShapeInput, reward, slack_shortfall,
+    TunerMode, VmShapeInput, baseline_forecasts, reward, slack_shortfall,
 };
 
 /// Slots of history a forecaster sees (two days).
@@ -221,7 +219,6 @@ fn forecast_vm(
     raw: &[f64],
     scale: f64,
 ) {
-    let candidates: [&dyn Forecaster; 3] = [&PrevWindow::hour(), &PrevWindow::day(), &EwmaSd];
     let mut selector = ForecasterSelector::new(
         "model",
         &["prev_hour", "prev_24h", "ewma_sd"],
@@ -255,15 +252,7 @@ fn forecast_vm(
         if h.last_present(1).is_empty() {
             continue;
         }
-        let all: Vec<(String, Quantiles)> = candidates
-            .iter()
-            .map(|f| {
-                (
-                    f.name().to_string(),
-                    f.forecast(&h, Horizon::NextHour).sanitized(),
-                )
-            })
-            .collect();
+        let all = baseline_forecasts(&h);
         let choice = selector.choose(&class);
         let served = all
             .iter()

@@ -308,6 +308,26 @@ struct Levels {
 }
 
 /// Relative spread of a forecast, in [0, 1].
+/// The next hour's forecast of each baseline the shaping loop (and its
+/// replay) chooses among, by the forecaster's name.
+pub(crate) fn baseline_forecasts(h: &models::History) -> Vec<(String, Quantiles)> {
+    use models::Forecaster;
+    let candidates: [&dyn Forecaster; 3] = [
+        &models::PrevWindow::hour(),
+        &models::PrevWindow::day(),
+        &models::EwmaSd,
+    ];
+    candidates
+        .iter()
+        .map(|f| {
+            (
+                f.name().to_string(),
+                f.forecast(h, models::Horizon::NextHour).sanitized(),
+            )
+        })
+        .collect()
+}
+
 fn rel_spread(q: &Quantiles) -> f64 {
     let p90 = q.p90();
     if p90 <= 0.0 {
