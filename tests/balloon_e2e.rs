@@ -5,15 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{Server, free_port, scrape};
 
+use labvm::Workload;
 use labvm::testing::kvm_or_skip;
-use labvm::{
-    BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, VMM_NAME, Workload, lab_identity,
-};
-use vmm_hooks::{EventKind, SocketHook, SocketHookConfig};
+use vmm_hooks::EventKind;
 
 /// A `prescient serve` with these balloon forecasts and a metrics endpoint.
 /// Returns the server, the metrics port and the directory holding the
@@ -47,7 +43,9 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
             "forecast": {"points": [{"at_s": 0, "demand_mib": 64}, {"at_s": 6, "demand_mib": 160}]},
             "limits": {"floor_mib": 32, "max_rate_mib_s": 512, "lead_s": 1, "headroom_mib": 16}}}}"#,
     );
-    let mut config = LabVmConfig::new(
+    common::run_balloon_labvm(
+        &server,
+        "fc-1",
         256,
         Workload::Balloon {
             // The guest would touch all its memory.
@@ -59,22 +57,6 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
             grow_mib: 0,
         },
     );
-    config.run_for = Some(Duration::from_secs(7));
-    config.balloon = Some(BalloonConfig {
-        stats_interval: Duration::from_millis(200),
-        ..BalloonConfig::default()
-    });
-    let mut vm = LabVm::create(config, Instant::now()).unwrap();
-    let mut hc = SocketHookConfig::new(&server.socket, VMM_NAME);
-    hc.timeout = Duration::from_secs(5);
-    let mut hook = SocketHook::new(hc);
-    let identity = lab_identity("fc-1", &vm);
-    let mut reporter = HookReporter::new(&mut hook, identity)
-        .with_balloon(vm.balloon().unwrap(), Duration::from_millis(100));
-    reporter.created(&vm);
-    let result = vm.run(&mut reporter);
-    reporter.stopped(&result);
-    assert_eq!(result.unwrap().stop, StopReason::Stopped);
 
     let events = server.events();
     let kinds: Vec<&EventKind> = events.iter().map(|r| &r.event.kind).collect();

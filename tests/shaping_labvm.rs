@@ -7,15 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{Server, free_port, scrape};
 
+use labvm::Workload;
 use labvm::testing::kvm_or_skip;
-use labvm::{
-    BalloonConfig, HookReporter, LabVm, LabVmConfig, StopReason, VMM_NAME, Workload, lab_identity,
-};
-use vmm_hooks::{EventKind, SocketHook, SocketHookConfig};
+use vmm_hooks::EventKind;
 
 #[test]
 fn hw_kvm_shaping_loop_inflates_a_lab_guest_balloon_to_its_forecast() {
@@ -35,7 +31,9 @@ fn hw_kvm_shaping_loop_inflates_a_lab_guest_balloon_to_its_forecast() {
     );
     // 512 MiB guest that keeps 200 MiB in use (above the default floor of
     // 128 MiB) and frees the rest.
-    let mut config = LabVmConfig::new(
+    common::run_balloon_labvm(
+        &server,
+        "shape-kvm",
         512,
         Workload::Balloon {
             touch_mib: 256,
@@ -46,22 +44,6 @@ fn hw_kvm_shaping_loop_inflates_a_lab_guest_balloon_to_its_forecast() {
             grow_mib: 0,
         },
     );
-    config.run_for = Some(Duration::from_secs(7));
-    config.balloon = Some(BalloonConfig {
-        stats_interval: Duration::from_millis(200),
-        ..BalloonConfig::default()
-    });
-    let mut vm = LabVm::create(config, Instant::now()).unwrap();
-    let mut hc = SocketHookConfig::new(&server.socket, VMM_NAME);
-    hc.timeout = Duration::from_secs(5);
-    let mut hook = SocketHook::new(hc);
-    let identity = lab_identity("shape-kvm", &vm);
-    let mut reporter = HookReporter::new(&mut hook, identity)
-        .with_balloon(vm.balloon().unwrap(), Duration::from_millis(100));
-    reporter.created(&vm);
-    let result = vm.run(&mut reporter);
-    reporter.stopped(&result);
-    assert_eq!(result.unwrap().stop, StopReason::Stopped);
 
     let statuses: Vec<(u64, u64, Option<u64>)> = server
         .events()

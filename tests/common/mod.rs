@@ -198,3 +198,26 @@ pub fn scrape(port: u16) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs a lab guest with a balloon device (statistics every 200 ms, polled
+/// every 100 ms) for 7 s, reporting to `server` as `vm_id`; asserts that
+/// it ran to its end.
+pub fn run_balloon_labvm(server: &Server, vm_id: &str, ram_mib: u64, workload: labvm::Workload) {
+    let mut config = labvm::LabVmConfig::new(ram_mib, workload);
+    config.run_for = Some(Duration::from_secs(7));
+    config.balloon = Some(labvm::BalloonConfig {
+        stats_interval: Duration::from_millis(200),
+        ..labvm::BalloonConfig::default()
+    });
+    let mut vm = labvm::LabVm::create(config, Instant::now()).unwrap();
+    let mut hc = vmm_hooks::SocketHookConfig::new(&server.socket, labvm::VMM_NAME);
+    hc.timeout = Duration::from_secs(5);
+    let mut hook = vmm_hooks::SocketHook::new(hc);
+    let identity = labvm::lab_identity(vm_id, &vm);
+    let mut reporter = labvm::HookReporter::new(&mut hook, identity)
+        .with_balloon(vm.balloon().unwrap(), Duration::from_millis(100));
+    reporter.created(&vm);
+    let result = vm.run(&mut reporter);
+    reporter.stopped(&result);
+    assert_eq!(result.unwrap().stop, labvm::StopReason::Stopped);
+}
