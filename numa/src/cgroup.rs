@@ -691,56 +691,6 @@ mod tests {
         assert_eq!(ctl, "+cpu +cpuset +io");
     }
 
-    #[derive(Clone, Default)]
-    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl tracing_subscriber::fmt::MakeWriter<'_> for Captured {
-        type Writer = Self;
-        fn make_writer(&self) -> Self {
-            self.clone()
-        }
-    }
-
-    #[test]
-    fn missing_controllers_are_reported_once_not_per_vm() {
-        let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            let b = CgroupBinder::new(CgroupLayout::from_mountinfo(MOUNTINFO), "prescient");
-            let settings = CgroupSettings {
-                io_weight: Some(100),
-                ..CgroupSettings::default()
-            };
-            for vm in ["a", "b", "c"] {
-                // v1 blkio here is a path without a weight file: skipped.
-                let out = b.apply(vm, &settings).unwrap();
-                assert_eq!(out.skipped.len(), 1);
-            }
-        });
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 1, "{text}");
-        assert!(lines[0].contains("WARN"), "{text}");
-        assert!(
-            lines[0].contains("v2 io missing, using cgroup v1 blkio"),
-            "{text}"
-        );
-    }
-
     #[test]
     fn weight_out_of_range_is_rejected_before_any_write() {
         let b = CgroupBinder::new(CgroupLayout::from_mountinfo(""), "p");
