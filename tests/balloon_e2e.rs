@@ -47,15 +47,8 @@ fn hw_kvm_companion_pre_balloons_then_deflates_ahead_of_forecast_growth() {
         &server,
         "fc-1",
         256,
-        Workload::Balloon {
-            // The guest would touch all its memory.
-            touch_mib: 252,
-            keep_mib: 32,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
+        // The guest would touch all its memory.
+        Workload::from_spec("balloon:252:32", 0).unwrap(),
     );
 
     let events = server.events();

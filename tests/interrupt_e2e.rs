@@ -168,17 +168,7 @@ fn hw_kvm_high_priority_vm_interrupts_low_one_which_restores_and_keeps_counting(
     });
 
     // mid: not interruptible, priority 5, a balloon driver with free memory.
-    let mut mc = LabVmConfig::new(
-        96,
-        Workload::Balloon {
-            touch_mib: 64,
-            keep_mib: 24,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
-    );
+    let mut mc = LabVmConfig::new(96, Workload::from_spec("balloon:64:24", 0).unwrap());
     mc.balloon = balloon_config();
     mc.run_for = Some(Duration::from_secs(120));
     let mid_stop = Arc::new(AtomicBool::new(false));

@@ -35,14 +35,7 @@ fn hw_kvm_shaping_loop_inflates_a_lab_guest_balloon_to_its_forecast() {
         &server,
         "shape-kvm",
         512,
-        Workload::Balloon {
-            touch_mib: 256,
-            keep_mib: 200,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: false,
-            grow_mib: 0,
-        },
+        Workload::from_spec("balloon:256:200:lazy", 0).unwrap(),
     );
 
     let statuses: Vec<(u64, u64, Option<u64>)> = server

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use labvm::{
-    BalloonConfig, HookReporter, LabVm, LabVmConfig, OnInterrupt, StopReason, Trace, VMM_NAME,
-    Workload, lab_identity,
+    BalloonConfig, HookReporter, LabVm, LabVmConfig, OnInterrupt, StopReason, VMM_NAME, Workload,
+    lab_identity,
 };
 use vmm_hooks::Admission;
 use vmm_hooks::{LifecycleHook, NoCompanion, SocketHook, SocketHookConfig, error_chain};
@@ -231,94 +231,6 @@ fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
     }
 }
 
-fn parse_workload(spec: &str) -> Result<Workload, String> {
-    let mut parts = spec.split(':');
-    let kind = parts.next().unwrap_or_default();
-    let num = |s: Option<&str>, what: &str| -> Result<Option<u64>, String> {
-        s.map(|s| {
-            s.parse()
-                .map_err(|_| format!("bad {what} {s:?} in workload {spec:?}"))
-        })
-        .transpose()
-    };
-    let need =
-        |v: Option<u64>, what: &str| v.ok_or_else(|| format!("workload {spec:?} needs {what}"));
-    let w = match kind {
-        "seq" => Workload::Sequential {
-            touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
-        },
-        "rand" => Workload::Random {
-            touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
-            seed: num(parts.next(), "seed")?.unwrap_or(1),
-            vary_pct: u32::try_from(num(parts.next(), "vary percentage")?.unwrap_or(0))
-                .map_err(|_| format!("bad vary percentage in workload {spec:?}"))?,
-            nonce: boot_nonce(),
-        },
-        "trace" => {
-            // trace:PATH or trace:PATH:COMPUTE_PCT (a path may hold colons).
-            let rest = spec.strip_prefix("trace:").unwrap_or_default();
-            let (path, pct) = match rest.rsplit_once(':') {
-                Some((p, pct)) if !pct.is_empty() && pct.bytes().all(|b| b.is_ascii_digit()) => (
-                    p,
-                    pct.parse::<u32>()
-                        .map_err(|_| format!("bad compute percentage in {spec:?}"))?,
-                ),
-                _ => (rest, 100),
-            };
-            return Trace::load(std::path::Path::new(path))
-                .map(|mut t| {
-                    t.compute_pct = pct;
-                    Workload::Trace(t)
-                })
-                .map_err(|e| e.to_string());
-        }
-        "dirty" => Workload::Dirty {
-            pages_per_sec: need(num(parts.next(), "pages per second")?, "pages per second")?,
-            region_mib: num(parts.next(), "region MiB")?.unwrap_or(64),
-            heartbeat_ms: 100,
-        },
-        "fault-ud" => Workload::FaultInvalidOpcode,
-        "fault-pf" => Workload::FaultPageFault,
-        "never-ready" => Workload::NeverReady,
-        "balloon" => {
-            let touch_mib = need(num(parts.next(), "touch MiB")?, "touch MiB")?;
-            let keep_mib = num(parts.next(), "keep MiB")?.unwrap_or(touch_mib);
-            let (mut report_free, mut ignore_target, mut use_deflated) = (false, false, true);
-            let mut grow_mib = 0;
-            for flag in parts.by_ref() {
-                match flag {
-                    "report" => report_free = true,
-                    "ignore" => ignore_target = true,
-                    "lazy" => use_deflated = false,
-                    g if g.starts_with("grow=") => {
-                        grow_mib = g["grow=".len()..]
-                            .parse()
-                            .map_err(|_| format!("bad grow MiB {g:?} in workload {spec:?}"))?;
-                    }
-                    other => {
-                        return Err(format!(
-                            "unknown balloon flag {other:?} in workload {spec:?}"
-                        ));
-                    }
-                }
-            }
-            Workload::Balloon {
-                touch_mib,
-                keep_mib,
-                report_free,
-                ignore_target,
-                use_deflated,
-                grow_mib,
-            }
-        }
-        _ => return Err(format!("unknown workload {spec:?}")),
-    };
-    if parts.next().is_some() {
-        return Err(format!("too many fields in workload {spec:?}"));
-    }
-    Ok(w)
-}
-
 /// A per-boot seed for the varying part of `rand` workloads.
 fn boot_nonce() -> u64 {
     let t = std::time::SystemTime::now()
@@ -360,18 +272,8 @@ fn main() -> ExitCode {
     if let Some(spec) = cli.incoming.clone() {
         return incoming(&cli, &spec);
     }
-    let workload = match parse_workload(&cli.workload) {
-        Ok(Workload::Random {
-            touch_mib,
-            seed,
-            vary_pct,
-            nonce,
-        }) => Workload::Random {
-            touch_mib,
-            seed,
-            vary_pct,
-            nonce: cli.nonce.unwrap_or(nonce),
-        },
+    let nonce = cli.nonce.unwrap_or_else(boot_nonce);
+    let workload = match Workload::from_spec(&cli.workload, nonce) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("labvm: {e}");

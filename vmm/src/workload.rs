@@ -88,6 +88,104 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// The workload a command-line spec names (`seq:MIB`,
+    /// `rand:MIB[:SEED[:VARY_PCT]]`, `trace:PATH[:COMPUTE_PCT]`,
+    /// `dirty:PPS[:REGION_MIB]`, `fault-ud`, `fault-pf`, `never-ready`,
+    /// `balloon:TOUCH[:KEEP[:report|ignore|lazy|grow=MIB...]]`), with
+    /// `nonce` seeding the per-boot variation of `rand`; an error names
+    /// what is wrong with the spec.
+    pub fn from_spec(spec: &str, nonce: u64) -> Result<Workload, String> {
+        let mut parts = spec.split(':');
+        let kind = parts.next().unwrap_or_default();
+        let num = |s: Option<&str>, what: &str| -> Result<Option<u64>, String> {
+            s.map(|s| {
+                s.parse()
+                    .map_err(|_| format!("bad {what} {s:?} in workload {spec:?}"))
+            })
+            .transpose()
+        };
+        let need =
+            |v: Option<u64>, what: &str| v.ok_or_else(|| format!("workload {spec:?} needs {what}"));
+        let w = match kind {
+            "seq" => Workload::Sequential {
+                touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
+            },
+            "rand" => Workload::Random {
+                touch_mib: need(num(parts.next(), "MiB")?, "MiB")?,
+                seed: num(parts.next(), "seed")?.unwrap_or(1),
+                vary_pct: u32::try_from(num(parts.next(), "vary percentage")?.unwrap_or(0))
+                    .map_err(|_| format!("bad vary percentage in workload {spec:?}"))?,
+                nonce,
+            },
+            "trace" => {
+                // trace:PATH or trace:PATH:COMPUTE_PCT (a path may hold colons).
+                let rest = spec.strip_prefix("trace:").unwrap_or_default();
+                let (path, pct) = match rest.rsplit_once(':') {
+                    Some((p, pct))
+                        if !pct.is_empty() && pct.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        (
+                            p,
+                            pct.parse::<u32>()
+                                .map_err(|_| format!("bad compute percentage in {spec:?}"))?,
+                        )
+                    }
+                    _ => (rest, 100),
+                };
+                return Trace::load(std::path::Path::new(path))
+                    .map(|mut t| {
+                        t.compute_pct = pct;
+                        Workload::Trace(t)
+                    })
+                    .map_err(|e| e.to_string());
+            }
+            "dirty" => Workload::Dirty {
+                pages_per_sec: need(num(parts.next(), "pages per second")?, "pages per second")?,
+                region_mib: num(parts.next(), "region MiB")?.unwrap_or(64),
+                heartbeat_ms: 100,
+            },
+            "fault-ud" => Workload::FaultInvalidOpcode,
+            "fault-pf" => Workload::FaultPageFault,
+            "never-ready" => Workload::NeverReady,
+            "balloon" => {
+                let touch_mib = need(num(parts.next(), "touch MiB")?, "touch MiB")?;
+                let keep_mib = num(parts.next(), "keep MiB")?.unwrap_or(touch_mib);
+                let (mut report_free, mut ignore_target, mut use_deflated) = (false, false, true);
+                let mut grow_mib = 0;
+                for flag in parts.by_ref() {
+                    match flag {
+                        "report" => report_free = true,
+                        "ignore" => ignore_target = true,
+                        "lazy" => use_deflated = false,
+                        g if g.starts_with("grow=") => {
+                            grow_mib = g["grow=".len()..]
+                                .parse()
+                                .map_err(|_| format!("bad grow MiB {g:?} in workload {spec:?}"))?;
+                        }
+                        other => {
+                            return Err(format!(
+                                "unknown balloon flag {other:?} in workload {spec:?}"
+                            ));
+                        }
+                    }
+                }
+                Workload::Balloon {
+                    touch_mib,
+                    keep_mib,
+                    report_free,
+                    ignore_target,
+                    use_deflated,
+                    grow_mib,
+                }
+            }
+            _ => return Err(format!("unknown workload {spec:?}")),
+        };
+        if parts.next().is_some() {
+            return Err(format!("too many fields in workload {spec:?}"));
+        }
+        Ok(w)
+    }
+
     /// The number the guest program dispatches on.
     pub(crate) fn guest_code(&self) -> u64 {
         match self {
@@ -447,6 +545,34 @@ pub(crate) fn splitmix64(state: &mut u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn from_spec_reads_balloon_flags_and_refuses_bad_specs() {
+        assert_eq!(
+            Workload::from_spec("balloon:124:16:lazy:grow=64", 0),
+            Ok(Workload::Balloon {
+                touch_mib: 124,
+                keep_mib: 16,
+                report_free: false,
+                ignore_target: false,
+                use_deflated: false,
+                grow_mib: 64,
+            })
+        );
+        assert_eq!(
+            Workload::from_spec("rand:8:3:5", 42),
+            Ok(Workload::Random {
+                touch_mib: 8,
+                seed: 3,
+                vary_pct: 5,
+                nonce: 42,
+            })
+        );
+        for bad in ["seq", "seq:x", "seq:1:2", "balloon:1:1:fly", "warp:1"] {
+            let e = Workload::from_spec(bad, 0).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
     use super::*;
     use std::collections::HashSet;
 

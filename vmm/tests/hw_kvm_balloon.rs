@@ -82,18 +82,7 @@ fn hw_kvm_balloon_inflate_returns_pages_and_deflate_lets_guest_use_them_again() 
         return;
     }
     let ram = 256 * MIB;
-    let mut vm = balloon_vm(
-        256,
-        Workload::Balloon {
-            touch_mib: 200,
-            keep_mib: 32,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
-        0,
-    );
+    let mut vm = balloon_vm(256, Workload::from_spec("balloon:200:32", 0).unwrap(), 0);
     let stamp = vm.config().stamp;
     let mut phase = 0;
     let mut resident_before = 0;
@@ -142,18 +131,7 @@ fn hw_kvm_balloon_statistics_arrive_and_track_the_balloon() {
     if !kvm_or_skip("hw_kvm_balloon_statistics_arrive_and_track_the_balloon") {
         return;
     }
-    let mut vm = balloon_vm(
-        128,
-        Workload::Balloon {
-            touch_mib: 64,
-            keep_mib: 16,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
-        32,
-    );
+    let mut vm = balloon_vm(128, Workload::from_spec("balloon:64:16", 0).unwrap(), 32);
     let mut seen = 0;
     let handle = run_script(&mut vm, |h| {
         let r = h.report();
@@ -182,18 +160,7 @@ fn hw_kvm_balloon_pre_balloon_keeps_forecast_unused_memory_off_the_host() {
     }
     // The guest touches all the memory it has; 96 MiB were ballooned
     // before it ran, so they were never committed.
-    let mut vm = balloon_vm(
-        256,
-        Workload::Balloon {
-            touch_mib: 252,
-            keep_mib: 32,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
-        96,
-    );
+    let mut vm = balloon_vm(256, Workload::from_spec("balloon:252:32", 0).unwrap(), 96);
     let handle = run_script(&mut vm, |_| true);
     let r = handle.report();
     assert_eq!(r.actual_pages, 96 * PAGES_PER_MIB);
@@ -211,14 +178,7 @@ fn hw_kvm_balloon_free_page_reporting_returns_free_pages() {
     }
     let mut vm = balloon_vm(
         256,
-        Workload::Balloon {
-            touch_mib: 200,
-            keep_mib: 60,
-            report_free: true,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
+        Workload::from_spec("balloon:200:60:report", 0).unwrap(),
         0,
     );
     let handle = run_script(&mut vm, |h| h.report().counters.reported_pages > 0);
@@ -270,14 +230,7 @@ fn hw_kvm_balloon_guest_ignoring_target_is_detected_and_reported() {
     }
     let mut vm = balloon_vm(
         128,
-        Workload::Balloon {
-            touch_mib: 64,
-            keep_mib: 16,
-            report_free: false,
-            ignore_target: true,
-            use_deflated: true,
-            grow_mib: 0,
-        },
+        Workload::from_spec("balloon:64:16:ignore", 0).unwrap(),
         64,
     );
     let handle = vm.balloon().unwrap();
@@ -338,18 +291,7 @@ fn hw_kvm_balloon_state_round_trips_and_restored_device_keeps_serving() {
     if !kvm_or_skip("hw_kvm_balloon_state_round_trips_and_restored_device_keeps_serving") {
         return;
     }
-    let mut vm = balloon_vm(
-        128,
-        Workload::Balloon {
-            touch_mib: 64,
-            keep_mib: 16,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 0,
-        },
-        48,
-    );
+    let mut vm = balloon_vm(128, Workload::from_spec("balloon:64:16", 0).unwrap(), 48);
     let handle = run_script(&mut vm, |h| {
         let r = h.report();
         r.actual_pages == 48 * PAGES_PER_MIB && r.counters.stats_updates >= 2
@@ -378,14 +320,7 @@ fn hw_kvm_balloon_lazy_deflate_frees_pages_without_faulting_them_in() {
     }
     let mut vm = balloon_vm(
         128,
-        Workload::Balloon {
-            touch_mib: 124,
-            keep_mib: 16,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: false,
-            grow_mib: 0,
-        },
+        Workload::from_spec("balloon:124:16:lazy", 0).unwrap(),
         64,
     );
     let mut asked = false;
@@ -412,14 +347,7 @@ fn hw_kvm_balloon_deflate_on_oom_guest_takes_balloon_pages_under_pressure() {
     // ready the guest needs 64 MiB more: 12 free + 52 from the balloon.
     let mut vm = balloon_vm(
         128,
-        Workload::Balloon {
-            touch_mib: 124,
-            keep_mib: 16,
-            report_free: false,
-            ignore_target: false,
-            use_deflated: true,
-            grow_mib: 64,
-        },
+        Workload::from_spec("balloon:124:16:grow=64", 0).unwrap(),
         96,
     );
     let stamp = vm.config().stamp;
