@@ -81,6 +81,20 @@
 //! shrink_headroom_mib = 16
 //! retry_after_ms = 250
 //! waiting_expiry_ms = 10000
+//!
+//! [forecast]
+//! model = "/var/lib/prescient/forecast.model"   # default: the store's path + ".model"
+//! min_outcomes = 12            # model outcomes per VM before it may be served
+//! retrain_interval_s = 21600   # 0: no retraining
+//! retrain_max_samples = 2000000
+//! retrain_max_seconds = 120.0
+//! retrain_epochs = 8
+//! retrain_hidden = 32
+//! holdout_s = 21600            # the latest 6 h are held out and score every model
+//! min_holdout_cases = 24
+//! sample_retain_hours = 336
+//! sample_max_rows = 20000000
+//! forecast_max_rows = 1000000
 //! ```
 
 use std::net::SocketAddr;
@@ -163,6 +177,8 @@ pub struct Config {
     pub shaping: crate::ShapingConfig,
     /// The interruption coordinator.
     pub interrupt: InterruptSection,
+    /// The forecasting model, the samples kept for it and its retraining.
+    pub forecast: crate::online::ForecastConfig,
 }
 
 /// `[interrupt]`: the interruption coordinator (`crate::interrupt`).
@@ -668,6 +684,85 @@ impl Config {
                 source: e,
             });
         }
+        let f = &self.forecast;
+        if f.model.as_ref().is_some_and(|m| m.as_os_str().is_empty()) {
+            return Err(bad(
+                "forecast.model",
+                String::new(),
+                "must name a file (or be left out)",
+            ));
+        }
+        if f.min_outcomes == 0 {
+            return Err(bad(
+                "forecast.min_outcomes",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        if f.retrain_interval_s != 0 && !(60..=30 * 86_400).contains(&f.retrain_interval_s) {
+            return Err(bad(
+                "forecast.retrain_interval_s",
+                f.retrain_interval_s.to_string(),
+                "must be 0 (off) or 60 to 2592000",
+            ));
+        }
+        if !(100..=100_000_000).contains(&f.retrain_max_samples) {
+            return Err(bad(
+                "forecast.retrain_max_samples",
+                f.retrain_max_samples.to_string(),
+                "must be 100 to 100000000",
+            ));
+        }
+        if !(f.retrain_max_seconds.is_finite() && (1.0..=86_400.0).contains(&f.retrain_max_seconds))
+        {
+            return Err(bad(
+                "forecast.retrain_max_seconds",
+                f.retrain_max_seconds.to_string(),
+                "must be 1 to 86400",
+            ));
+        }
+        if !(1..=1000).contains(&f.retrain_epochs) {
+            return Err(bad(
+                "forecast.retrain_epochs",
+                f.retrain_epochs.to_string(),
+                "must be 1 to 1000",
+            ));
+        }
+        if !(4..=1024).contains(&f.retrain_hidden) {
+            return Err(bad(
+                "forecast.retrain_hidden",
+                f.retrain_hidden.to_string(),
+                "must be 4 to 1024",
+            ));
+        }
+        if !(3600..=30 * 86_400).contains(&f.holdout_s) {
+            return Err(bad(
+                "forecast.holdout_s",
+                f.holdout_s.to_string(),
+                "must be 3600 (one next-hour decision) to 2592000",
+            ));
+        }
+        if f.min_holdout_cases == 0 {
+            return Err(bad(
+                "forecast.min_holdout_cases",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        if f.sample_retain_hours == 0 || f.sample_retain_hours.saturating_mul(3600) <= f.holdout_s || f.sample_retain_hours > 87_600 {
+            return Err(bad(
+                "forecast.sample_retain_hours",
+                f.sample_retain_hours.to_string(),
+                "must keep more than forecast.holdout_s of samples, and at most 87600 (10 years)",
+            ));
+        }
+        if f.sample_max_rows == 0 || f.forecast_max_rows == 0 {
+            return Err(bad(
+                "forecast.sample_max_rows",
+                format!("{} / {}", f.sample_max_rows, f.forecast_max_rows),
+                "sample_max_rows and forecast_max_rows must be at least 1",
+            ));
+        }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(
                 "store.path",
@@ -770,6 +865,58 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn forecast_section_is_read_and_each_bad_key_is_named() {
+        let c = parse(
+            "[forecast]\nmodel = \"/var/lib/p/m.model\"\nretrain_interval_s = 0\nholdout_s = 7200\n",
+        )
+        .unwrap();
+        assert_eq!(c.forecast.model, Some(PathBuf::from("/var/lib/p/m.model")));
+        assert_eq!(c.forecast.retrain_interval_s, 0);
+        assert_eq!(c.forecast.holdout_s, 7200);
+        for (text, key) in [
+            ("[forecast]\nmodel = \"\"\n", "forecast.model"),
+            ("[forecast]\nmin_outcomes = 0\n", "forecast.min_outcomes"),
+            (
+                "[forecast]\nretrain_interval_s = 5\n",
+                "forecast.retrain_interval_s",
+            ),
+            (
+                "[forecast]\nretrain_max_samples = 10\n",
+                "forecast.retrain_max_samples",
+            ),
+            (
+                "[forecast]\nretrain_max_seconds = 0.5\n",
+                "forecast.retrain_max_seconds",
+            ),
+            ("[forecast]\nretrain_epochs = 0\n", "forecast.retrain_epochs"),
+            ("[forecast]\nretrain_hidden = 2\n", "forecast.retrain_hidden"),
+            ("[forecast]\nholdout_s = 60\n", "forecast.holdout_s"),
+            (
+                "[forecast]\nmin_holdout_cases = 0\n",
+                "forecast.min_holdout_cases",
+            ),
+            (
+                "[forecast]\nsample_retain_hours = 6\nholdout_s = 21600\n",
+                "forecast.sample_retain_hours",
+            ),
+            (
+                "[forecast]\nsample_retain_hours = 9000000000000000000\n",
+                "forecast.sample_retain_hours",
+            ),
+            ("[forecast]\nsample_max_rows = 0\n", "forecast.sample_max_rows"),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("[forecast]\nmodels = \"x\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

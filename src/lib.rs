@@ -15,6 +15,7 @@ mod gpu;
 pub mod interrupt;
 pub mod libvirt;
 mod metrics;
+pub mod online;
 mod pool;
 mod reconcile;
 mod server;
@@ -40,9 +41,10 @@ pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use status::{
     DaemonStatus, PoolStatus, StatusError, query as query_status, table as status_table,
 };
+pub use online::{ForecastConfig, ModelStatus, Online};
 pub use store::{
-    BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy, VmRecord, VmSource,
-    VmState,
+    BootRow, KeySummary, ProfileKey, ProfileStore, Sample, ServedForecast, StoreError,
+    StorePolicy, VmRecord, VmSource, VmState,
 };
 pub use trace_capture::{Capture, CaptureError, Touch, capture};
 pub use working_set::{

@@ -570,6 +570,14 @@ struct ServeArgs {
     /// Write cpu.weight / cpu.max to a cgroup per VM holding its VMM process.
     #[arg(long)]
     shape_cgroups: bool,
+    /// The forecasting model file (`prescient train --out`), served by the
+    /// shaping loop where it measures better than the baselines and
+    /// replaced by retraining [default: the store's path + ".model"].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Seconds between retraining runs (0: off) [default: 21600].
+    #[arg(long)]
+    retrain_interval_s: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -684,6 +692,12 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if args.shape_cgroups {
         c.shaping.cgroups = true;
     }
+    if args.model.is_some() {
+        c.forecast.model = args.model.clone();
+    }
+    if let Some(n) = args.retrain_interval_s {
+        c.forecast.retrain_interval_s = n;
+    }
     // Flags are checked like the file.
     c.validate(std::path::Path::new("(command line)"))?;
     Ok(c)
@@ -734,9 +748,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         )));
     }
     if c.shaping.interval_s > 0 {
+        // The model serves the shaping loop: loaded (or rejected) now.
+        let online = std::sync::Arc::new(prescient::Online::new(
+            c.forecast.clone(),
+            c.store.enabled.then_some(c.store.path.as_path()),
+            std::sync::Arc::clone(&config.metrics),
+        ));
+        config.online = Some(std::sync::Arc::clone(&online));
         match prescient::ShapingLoop::new(c.shaping.clone(), std::sync::Arc::clone(&config.metrics))
         {
-            Ok(l) => config.shaping = Some(std::sync::Arc::new(l)),
+            Ok(l) => config.shaping = Some(std::sync::Arc::new(l.with_online(online))),
             Err(e) => {
                 eprintln!("prescient: {}", error_chain(&e));
                 return ExitCode::from(2);
@@ -744,6 +765,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     let shaping = config.shaping.clone();
+    let online = config.online.clone();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)
@@ -790,12 +812,24 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Some(l) = shaping {
             tokio::spawn(l.run(rx.clone()));
         }
+        // Samples to the store and retraining: the store was opened (and
+        // migrated) by `bind`.
+        if let (Some(o), true) = (&online, c.store.enabled)
+            && let Err(e) = o.start(&c.store.path)
+        {
+            eprintln!("prescient: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
         tokio::spawn(async move {
             shutdown_signal.await;
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
         server.serve(rx).await;
+        if let Some(o) = &online {
+            // Writes the queued samples before the process ends.
+            o.shutdown();
+        }
         ExitCode::SUCCESS
     })
 }

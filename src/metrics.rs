@@ -105,6 +105,25 @@ pub struct Metrics {
     pub gpus: Gauge,
     /// GPU reservations released, by reason (`stopped`, `failed`).
     pub gpu_released: Family<KindLabel, Counter>,
+    /// Model files rejected at load, by reason (`other-version`,
+    /// `corrupted`, `not-a-model`, `other-features`, `unreadable`, `invalid`).
+    pub model_rejected: Family<KindLabel, Counter>,
+    /// 1 while a forecasting model is loaded, 0 while only baselines serve.
+    pub model_loaded: Gauge,
+    /// Forecasts served, by the forecaster that made them
+    /// (`model:<checksum>@v<version>`, `baseline:<name>`).
+    pub forecasts_served: Family<KindLabel, Counter>,
+    /// Samples and served forecasts written to the store.
+    pub online_written: Counter,
+    /// Samples and served forecasts dropped (the writer's queue was full).
+    pub online_dropped: Counter,
+    /// Retraining runs, by decision (`not-enough-data`, `model-good`,
+    /// `installed`, `candidate-worse`).
+    pub retrain_runs: Family<KindLabel, Counter>,
+    /// The last retraining run's wall time, seconds.
+    pub retrain_wall_seconds: Gauge<f64, AtomicU64>,
+    /// The last retraining run's CPU time, seconds.
+    pub retrain_cpu_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -249,8 +268,64 @@ impl Metrics {
             "GPU reservations released when their VM stopped, by reason",
             gpu_released.clone(),
         );
+        let model_rejected = Family::<KindLabel, Counter>::default();
+        let model_loaded = Gauge::default();
+        let forecasts_served = Family::<KindLabel, Counter>::default();
+        let online_written = Counter::default();
+        let online_dropped = Counter::default();
+        let retrain_runs = Family::<KindLabel, Counter>::default();
+        let retrain_wall_seconds = Gauge::<f64, AtomicU64>::default();
+        let retrain_cpu_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "model_rejected",
+            "Model files rejected at load, by reason",
+            model_rejected.clone(),
+        );
+        registry.register(
+            "model_loaded",
+            "1 while a forecasting model is loaded (0: baselines only)",
+            model_loaded.clone(),
+        );
+        registry.register(
+            "forecasts_served",
+            "Forecasts served by the shaping loop, by the forecaster that made them",
+            forecasts_served.clone(),
+        );
+        registry.register(
+            "online_records_written",
+            "Usage samples and served forecasts written to the store",
+            online_written.clone(),
+        );
+        registry.register(
+            "online_records_dropped",
+            "Usage samples and served forecasts dropped because the writer's queue was full",
+            online_dropped.clone(),
+        );
+        registry.register(
+            "retrain_runs",
+            "Retraining runs, by decision",
+            retrain_runs.clone(),
+        );
+        registry.register(
+            "retrain_last_wall_seconds",
+            "Wall time of the last retraining run",
+            retrain_wall_seconds.clone(),
+        );
+        registry.register(
+            "retrain_last_cpu_seconds",
+            "CPU time of the last retraining run",
+            retrain_cpu_seconds.clone(),
+        );
         Metrics {
             registry,
+            model_rejected,
+            model_loaded,
+            forecasts_served,
+            online_written,
+            online_dropped,
+            retrain_runs,
+            retrain_wall_seconds,
+            retrain_cpu_seconds,
             shape_actions,
             shape_forecast_mib,
             shape_actual_mib,

@@ -102,6 +102,9 @@ pub struct ServerConfig {
     /// The shaping loop (`None`: off). It sees every event and answers
     /// balloon status with its targets; its ticks run beside the server.
     pub shaping: Option<Arc<crate::ShapingLoop>>,
+    /// Online learning (samples to the store, the served model,
+    /// retraining); shown in the status.
+    pub online: Option<Arc<crate::Online>>,
 }
 
 impl ServerConfig {
@@ -122,6 +125,7 @@ impl ServerConfig {
             allocator: AllocatorPolicy::default(),
             interrupt: None,
             shaping: None,
+            online: None,
         }
     }
 }
@@ -1017,6 +1021,12 @@ fn status_of(st: &State, config: &ServerConfig) -> DaemonStatus {
         store: config.store.as_ref().map(|p| p.display().to_string()),
         pool: PoolStatus::of(&st.pool),
         vms,
+        model: config.online.as_ref().map(|o| o.status()),
+        forecasts: config
+            .shaping
+            .as_ref()
+            .map(|s| s.served())
+            .unwrap_or_default(),
     }
 }
 

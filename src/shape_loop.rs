@@ -22,11 +22,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use models::{EwmaSd, Forecaster, ForecasterSelector, History, Horizon, Quantiles};
+use models::{EwmaSd, Forecaster, ForecasterSelector, Grid, History, Horizon, Quantiles, slot_of};
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{BalloonStatus, Event, EventKind, HookReply};
 
 use crate::metrics::Metrics;
+use crate::online::{CPU_METRIC, MEM_METRIC, Online};
+use crate::store::{Sample, ServedForecast};
 use crate::shaping::{
     DEFAULT_ARMS, HostCapacity, MarginTuner, ShapeError, ShapeLimits, ShapePlan, ShapePolicy,
     Shaper, TunerMode, VmShapeInput, baseline_forecasts, reward, slack_shortfall,
@@ -38,6 +40,8 @@ const HISTORY: usize = 576;
 const WARMUP: usize = 2;
 /// Most VMs the loop follows (a peer inventing VM ids cannot grow it further).
 const MAX_VMS: usize = 4096;
+/// The selector's name for the served model (whichever file it is).
+const MODEL: &str = "model";
 
 /// How the loop runs (`[shaping]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +138,12 @@ struct Track {
     mem: Vec<f64>,
     /// Per closed interval: CPU in cores (NaN: unknown).
     cpu: Vec<f64>,
+    /// Per closed interval: when it closed, Unix seconds.
+    at_s: Vec<i64>,
+    /// The served model's generation the selector's model outcomes are of.
+    model_generation: u64,
+    /// The last forecast served.
+    served: Option<ServedForecast>,
     /// CPU ticks of the VMM process at the last tick.
     cpu_ticks: Option<(Instant, u64)>,
     /// Forecasts of every candidate made at the last tick.
@@ -156,7 +166,7 @@ enum CgroupState {
 }
 
 impl Track {
-    fn new(memory_mib: u64) -> Self {
+    fn new(memory_mib: u64, min_outcomes: u64) -> Self {
         Track {
             memory_mib,
             vcpus: 1,
@@ -165,13 +175,16 @@ impl Track {
             samples: (0.0, 0),
             mem: Vec::new(),
             cpu: Vec::new(),
+            at_s: Vec::new(),
+            model_generation: 0,
+            served: None,
             cpu_ticks: None,
             candidates: Vec::new(),
             selector: ForecasterSelector::new(
-                "model",
+                MODEL,
                 &["prev_hour", "prev_24h", "ewma_sd"],
                 0.02,
-                u64::MAX,
+                min_outcomes,
             ),
             pending: None,
             reported_target: None,
@@ -207,6 +220,9 @@ pub struct ShapingLoop {
     shaper: Shaper,
     metrics: Arc<Metrics>,
     binder: Option<numa::CgroupBinder>,
+    /// Samples to the store, the served model (`None`: baselines only,
+    /// nothing stored).
+    online: Option<Arc<Online>>,
     state: Mutex<State>,
 }
 
@@ -288,6 +304,7 @@ impl ShapingLoop {
             shaper,
             metrics,
             binder,
+            online: None,
             state: Mutex::new(State {
                 vms: HashMap::new(),
                 tuner,
@@ -295,6 +312,29 @@ impl ShapingLoop {
                 full_warned: false,
             }),
         })
+    }
+
+    /// Stores every closed interval's samples and served forecast through
+    /// `online`, and lets its model compete with the baselines.
+    #[must_use]
+    pub fn with_online(mut self, online: Arc<Online>) -> Self {
+        self.online = Some(online);
+        self
+    }
+
+    /// The last forecast served to each VM, by VM id.
+    pub fn served(&self) -> Vec<ServedForecast> {
+        let st = self.lock();
+        let mut out: Vec<ServedForecast> =
+            st.vms.values().filter_map(|t| t.served.clone()).collect();
+        out.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        out
+    }
+
+    fn min_outcomes(&self) -> u64 {
+        self.online
+            .as_ref()
+            .map_or(u64::MAX, |o| o.config().min_outcomes)
     }
 
     /// The interval between ticks.
@@ -323,7 +363,7 @@ impl ShapingLoop {
         }
         match &event.kind {
             EventKind::Created { spec } => {
-                let mut t = Track::new(spec.memory_mib);
+                let mut t = Track::new(spec.memory_mib, self.min_outcomes());
                 t.vcpus = spec.vcpus.max(1);
                 t.priority = spec.priority;
                 t.pid = peer_pid;
@@ -334,7 +374,7 @@ impl ShapingLoop {
                 let t = st
                     .vms
                     .entry(vm.to_string())
-                    .or_insert_with(|| Track::new(status.memory_mib));
+                    .or_insert_with(|| Track::new(status.memory_mib, self.min_outcomes()));
                 t.memory_mib = status.memory_mib;
                 if t.pid.is_none() {
                     t.pid = peer_pid;
@@ -382,8 +422,16 @@ impl ShapingLoop {
         }
     }
 
-    /// One decision at `now`.
+    /// One decision at `now` (Unix time from the system clock).
     pub fn tick(&self, now: Instant) -> TickOutcome {
+        self.tick_at(now, crate::online::unix_ms_now())
+    }
+
+    /// One decision at `now`, which is `unix_ms` on the wall clock (the
+    /// time stored with samples and forecasts, and the model's 5-minute
+    /// grid).
+    pub fn tick_at(&self, now: Instant, unix_ms: i64) -> TickOutcome {
+        let unix_s = unix_ms.div_euclid(1000);
         let mut guard = self.lock();
         let st = &mut *guard;
         let hz = clock_ticks();
@@ -405,13 +453,36 @@ impl ShapingLoop {
                 _ => f64::NAN,
             };
             t.cpu.push(cores);
+            t.at_s.push(unix_s);
             t.cpu_ticks = ticks.map(|b| (now, b));
             for h in [&mut t.mem, &mut t.cpu] {
                 if h.len() > HISTORY {
                     h.drain(..h.len() - HISTORY);
                 }
             }
+            if t.at_s.len() > HISTORY {
+                t.at_s.drain(..t.at_s.len() - HISTORY);
+            }
         }
+        // Every closed interval's usage goes to the store.
+        if let Some(o) = &self.online {
+            for (vm, t) in &st.vms {
+                for (metric, h) in [(MEM_METRIC, &t.mem), (CPU_METRIC, &t.cpu)] {
+                    if let Some(&v) = h.last().filter(|v| v.is_finite()) {
+                        o.sample(Sample {
+                            vm_id: vm.clone(),
+                            metric: metric.into(),
+                            at_unix_ms: unix_ms,
+                            value: v,
+                            vcpus: Some(t.vcpus),
+                            memory_mib: Some(t.memory_mib),
+                        });
+                    }
+                }
+            }
+        }
+        let model = self.online.as_ref().and_then(|o| o.model());
+        let generation = self.online.as_ref().map_or(0, |o| o.generation());
         // Score the last forecasts and every margin against what happened.
         for (vm, t) in &mut st.vms {
             if let Some(&y) = t.mem.last().filter(|y| !y.is_nan()) {
@@ -432,11 +503,20 @@ impl ShapingLoop {
                 .collect();
             st.tuner.update(&rewards);
         }
+        // A replaced model is measured afresh.
+        for t in st.vms.values_mut() {
+            if t.model_generation != generation {
+                t.model_generation = generation;
+                t.selector.forget(MODEL);
+            }
+        }
         // Forecast and decide.
         let mut inputs = Vec::new();
         let mut ids: Vec<&String> = st.vms.keys().collect();
         ids.sort();
         let mut forecasts: Vec<(String, Vec<(String, Quantiles)>)> = Vec::new();
+        let mut served: Vec<(String, ServedForecast)> = Vec::new();
+
         for vm in ids {
             let t = &st.vms[vm];
             let present = t.mem.iter().filter(|x| !x.is_nan()).count();
@@ -450,12 +530,54 @@ impl ShapingLoop {
                 decision_slot: n as i64 - 1,
                 statics: models::Statics::default(),
             };
-            let all = baseline_forecasts(&h);
+            let mut all = baseline_forecasts(&h);
+            if let Some(m) = &model {
+                // The model sees the VM on its 5-minute grid, as trained.
+                let pts: Vec<(i64, f64)> = t
+                    .at_s
+                    .iter()
+                    .zip(&t.mem)
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(&a, &v)| (a, v))
+                    .collect();
+                if let Some(g) = Grid::from_samples(&pts) {
+                    let mh = History {
+                        values: &g.values,
+                        first_slot: g.first_slot,
+                        decision_slot: slot_of(unix_s).max(g.last_slot()),
+                        statics: models::Statics {
+                            vcpus: Some(f64::from(t.vcpus)),
+                            mem_cap_kb: Some(t.memory_mib as f64 * 1024.0),
+                        },
+                    };
+                    all.push((MODEL.to_string(), m.forecast(&mh)));
+                }
+            }
             let choice = t.selector.choose(vm);
-            let q = all
+            let (chosen, q) = all
                 .iter()
                 .find(|(n, _)| *n == choice.forecaster)
-                .map_or(all[0].1, |x| x.1);
+                .map_or((&all[0].0, all[0].1), |x| (&x.0, x.1));
+            let forecaster = match &model {
+                Some(m) if chosen == MODEL => m.id.clone(),
+                _ => format!("baseline:{chosen}"),
+            };
+            let reason = if *chosen == choice.forecaster {
+                choice.reason.clone()
+            } else {
+                format!("{} unavailable, fell back", choice.forecaster)
+            };
+            served.push((
+                vm.clone(),
+                ServedForecast {
+                    vm_id: vm.clone(),
+                    at_unix_ms: unix_ms,
+                    metric: MEM_METRIC.into(),
+                    forecaster,
+                    reason,
+                    quantiles: q.0,
+                },
+            ));
             let cpu_h: Vec<f64> = t.cpu.clone();
             let cpu_q = (cpu_h.iter().filter(|x| !x.is_nan()).count() >= WARMUP).then(|| {
                 let h = History {
@@ -484,18 +606,24 @@ impl ShapingLoop {
                 current_cpu: None,
                 used_mib: used,
             });
-            for (k, (name, fq)) in all.iter().enumerate() {
-                if *name == choice.forecaster || (k == 0 && choice.forecaster.is_empty()) {
-                    for (label, v) in ["p50", "p90", "p99"].iter().zip(fq.0) {
-                        self.metrics.shape_forecast(vm, label, v);
-                    }
-                }
+            for (label, v) in ["p50", "p90", "p99"].iter().zip(q.0) {
+                self.metrics.shape_forecast(vm, label, v);
             }
             forecasts.push((vm.clone(), all));
         }
         for (vm, all) in forecasts {
             if let Some(t) = st.vms.get_mut(&vm) {
                 t.candidates = all;
+            }
+        }
+        for (vm, f) in served {
+            if let Some(o) = &self.online {
+                o.served(f.clone());
+            } else {
+                Metrics::inc(&self.metrics.forecasts_served, &f.forecaster);
+            }
+            if let Some(t) = st.vms.get_mut(&vm) {
+                t.served = Some(f);
             }
         }
         let margin = st.tuner.choose();

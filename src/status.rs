@@ -90,6 +90,12 @@ pub struct DaemonStatus {
     pub pool: PoolStatus,
     /// Every VM it knows, by id, with its forecast and reservation.
     pub vms: Vec<VmRecord>,
+    /// The forecasting model (`None`: online learning off).
+    #[serde(default)]
+    pub model: Option<crate::online::ModelStatus>,
+    /// The last forecast served to each VM and which forecaster made it.
+    #[serde(default)]
+    pub forecasts: Vec<crate::store::ServedForecast>,
 }
 
 /// Asks the daemon at `socket` for its status.
@@ -187,6 +193,39 @@ pub fn table(s: &DaemonStatus) -> String {
     );
     out.push_str(&render(&rows, |c| c == 0));
     out.push('\n');
+    if let Some(m) = &s.model {
+        out.push_str(&format!(
+            "model: {} ({}){}{}\n",
+            m.loaded.as_deref().unwrap_or("none loaded, baselines serve"),
+            m.path.as_deref().unwrap_or("no file"),
+            m.rejected
+                .as_ref()
+                .map_or_else(String::new, |r| format!("; rejected: {r}")),
+            m.last_retrain
+                .as_ref()
+                .map_or_else(String::new, |r| format!("; last retraining: {r}")),
+        ));
+    }
+    if !s.forecasts.is_empty() {
+        let mut rows = vec![
+            ["vm", "metric", "p50", "p90", "p99", "forecaster", "why"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for f in &s.forecasts {
+            rows.push(vec![
+                f.vm_id.clone(),
+                f.metric.clone(),
+                format!("{:.1}", f.quantiles[0]),
+                format!("{:.1}", f.quantiles[1]),
+                format!("{:.1}", f.quantiles[2]),
+                f.forecaster.clone(),
+                f.reason.clone(),
+            ]);
+        }
+        out.push_str(&render(&rows, |c| !(2..5).contains(&c)));
+        out.push('\n');
+    }
     if s.vms.is_empty() {
         out.push_str("no VMs\n");
         return out;

@@ -22,8 +22,72 @@ use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
 const APPLICATION_ID: i64 = 0x5052_5343;
 /// Schema version (`PRAGMA user_version`). Version 1 held boots and
 /// profiles; version 2 adds the resource pool (`pool_vms`) and the daemon's
-/// own state (`daemon_state`). A version 1 file is migrated when opened.
-const SCHEMA_VERSION: i64 = 2;
+/// own state (`daemon_state`); version 3 adds usage samples (`samples`) and
+/// served forecasts (`served_forecasts`) for online learning. Older files
+/// are migrated when opened, one version at a time.
+const SCHEMA_VERSION: i64 = 3;
+
+/// The tables version 3 added: every usage sample the daemon takes of a VM
+/// (bounded by age and count, see [`ProfileStore::prune_online`]) and every
+/// forecast it served with the forecaster that made it.
+const ONLINE_TABLES: &str = "
+         CREATE TABLE samples (
+             vm_id TEXT NOT NULL,
+             metric TEXT NOT NULL,
+             at_unix_ms INTEGER NOT NULL,
+             value REAL NOT NULL,
+             vcpus INTEGER,
+             memory_mib INTEGER
+         );
+         CREATE INDEX samples_by_metric ON samples (metric, at_unix_ms);
+         CREATE INDEX samples_by_time ON samples (at_unix_ms);
+         CREATE TABLE served_forecasts (
+             id INTEGER PRIMARY KEY,
+             vm_id TEXT NOT NULL,
+             at_unix_ms INTEGER NOT NULL,
+             metric TEXT NOT NULL,
+             forecaster TEXT NOT NULL,
+             reason TEXT NOT NULL,
+             p50 REAL NOT NULL,
+             p90 REAL NOT NULL,
+             p99 REAL NOT NULL
+         );
+         CREATE INDEX served_by_vm ON served_forecasts (vm_id, id);";
+
+/// One usage sample of a VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// The VM.
+    pub vm_id: String,
+    /// What was measured (`mem_mib`: memory in use; `cpu_cores`: CPU).
+    pub metric: String,
+    /// When, ms since the Unix epoch.
+    pub at_unix_ms: i64,
+    /// The value.
+    pub value: f64,
+    /// The VM's vCPUs, where known.
+    pub vcpus: Option<u32>,
+    /// The VM's memory size, MiB, where known.
+    pub memory_mib: Option<u64>,
+}
+
+/// A forecast the daemon served, and which forecaster made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServedForecast {
+    /// The VM.
+    pub vm_id: String,
+    /// When it was made, ms since the Unix epoch.
+    pub at_unix_ms: i64,
+    /// The metric forecast.
+    pub metric: String,
+    /// The forecaster: `model:<checksum prefix>@v<version>` or
+    /// `baseline:<name>`.
+    pub forecaster: String,
+    /// Why that one (the selector's reason).
+    pub reason: String,
+    /// p50, p90, p99.
+    pub quantiles: [f64; 3],
+}
 
 /// The tables version 2 added (created in a new store, added to an old one).
 const POOL_TABLES: &str = "
@@ -66,7 +130,7 @@ pub enum StoreError {
     },
     /// The store was written by another schema version.
     #[error(
-        "{path} has schema version {found}; this Prescient reads version {SCHEMA_VERSION} (and migrates version 1)"
+        "{path} has schema version {found}; this Prescient reads version {SCHEMA_VERSION} (and migrates versions 1 and 2)"
     )]
     Schema {
         /// The file.
@@ -293,6 +357,11 @@ impl ProfileStore {
         if version == 1 {
             migrate_v1_to_v2(&conn)?;
             tracing::info!(store = %path.display(), "store migrated from schema version 1 to 2 (resource pool tables added)");
+            version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        }
+        if version == 2 {
+            migrate_v2_to_v3(&conn)?;
+            tracing::info!(store = %path.display(), "store migrated from schema version 2 to 3 (sample and served-forecast tables added)");
             version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         }
         if version != SCHEMA_VERSION {
@@ -714,6 +783,146 @@ impl ProfileStore {
         Ok(())
     }
 
+    /// Writes usage samples and served forecasts in one transaction.
+    pub fn write_online(
+        &mut self,
+        samples: &[Sample],
+        forecasts: &[ServedForecast],
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO samples (vm_id, metric, at_unix_ms, value, vcpus, memory_mib)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for x in samples {
+                ins.execute(params![
+                    x.vm_id,
+                    x.metric,
+                    x.at_unix_ms,
+                    x.value,
+                    x.vcpus,
+                    x.memory_mib.map(|m| i64::try_from(m).unwrap_or(i64::MAX))
+                ])?;
+            }
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO served_forecasts (vm_id, at_unix_ms, metric, forecaster, reason, p50, p90, p99)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for f in forecasts {
+                ins.execute(params![
+                    f.vm_id,
+                    f.at_unix_ms,
+                    f.metric,
+                    f.forecaster,
+                    f.reason,
+                    f.quantiles[0],
+                    f.quantiles[1],
+                    f.quantiles[2]
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Bounds the online tables: deletes samples taken before
+    /// `before_unix_ms`, then the oldest samples beyond `max_samples` and
+    /// the oldest served forecasts beyond `max_forecasts`. Returns the rows
+    /// deleted (samples, forecasts).
+    pub fn prune_online(
+        &self,
+        before_unix_ms: i64,
+        max_samples: u64,
+        max_forecasts: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let cap = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut samples = self.conn.execute(
+            "DELETE FROM samples WHERE at_unix_ms < ?1",
+            params![before_unix_ms],
+        )?;
+        samples += self.conn.execute(
+            "DELETE FROM samples WHERE rowid <= (SELECT max(rowid) FROM samples) - ?1",
+            params![cap(max_samples)],
+        )?;
+        let forecasts = self.conn.execute(
+            "DELETE FROM served_forecasts WHERE id <= (SELECT max(id) FROM served_forecasts) - ?1",
+            params![cap(max_forecasts)],
+        )?;
+        Ok((samples as u64, forecasts as u64))
+    }
+
+    /// The newest `limit` samples of `metric` taken at or after
+    /// `since_unix_ms`, oldest first.
+    pub fn samples(
+        &self,
+        metric: &str,
+        since_unix_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Sample>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT vm_id, metric, at_unix_ms, value, vcpus, memory_mib FROM samples
+             WHERE metric = ?1 AND at_unix_ms >= ?2 ORDER BY at_unix_ms DESC LIMIT ?3",
+        )?;
+        let rows = st.query_map(
+            params![
+                metric,
+                since_unix_ms,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok(Sample {
+                    vm_id: r.get(0)?,
+                    metric: r.get(1)?,
+                    at_unix_ms: r.get(2)?,
+                    value: r.get(3)?,
+                    vcpus: r.get(4)?,
+                    memory_mib: r
+                        .get::<_, Option<i64>>(5)?
+                        .map(|m| u64::try_from(m).unwrap_or(0)),
+                })
+            },
+        )?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Stored sample rows, all metrics.
+    pub fn sample_rows(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM samples", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The newest `limit` served forecasts (of `vm`, or of every VM),
+    /// newest first.
+    pub fn served_forecasts(
+        &self,
+        vm: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ServedForecast>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT vm_id, at_unix_ms, metric, forecaster, reason, p50, p90, p99
+             FROM served_forecasts WHERE ?1 IS NULL OR vm_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![vm, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok(ServedForecast {
+                    vm_id: r.get(0)?,
+                    at_unix_ms: r.get(1)?,
+                    metric: r.get(2)?,
+                    forecaster: r.get(3)?,
+                    reason: r.get(4)?,
+                    quantiles: [r.get(5)?, r.get(6)?, r.get(7)?],
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Number of stored boot rows, all keys.
     pub fn boot_rows(&self) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -759,6 +968,7 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
              PRIMARY KEY (image, package)
          );
          {POOL_TABLES}
+         {ONLINE_TABLES}
          PRAGMA user_version = {SCHEMA_VERSION};
          COMMIT;"
     ))?;
@@ -772,6 +982,18 @@ fn migrate_v1_to_v2(conn: &Connection) -> Result<(), StoreError> {
         "BEGIN IMMEDIATE;
          {POOL_TABLES}
          PRAGMA user_version = 2;
+         COMMIT;"
+    ))?;
+    Ok(())
+}
+
+/// Version 2 to 3: the sample and served-forecast tables, in one
+/// transaction.
+fn migrate_v2_to_v3(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         {ONLINE_TABLES}
+         PRAGMA user_version = 3;
          COMMIT;"
     ))?;
     Ok(())

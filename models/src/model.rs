@@ -219,6 +219,16 @@ impl LearnedForecaster {
         }
     }
 
+    /// What a served forecast records as its maker:
+    /// `model:<first 8 hex digits of the weights' checksum>@v<format version>`
+    /// (the checksum is known once the model was saved or loaded).
+    pub fn id(&self) -> String {
+        format!(
+            "model:{:08x}@v{FORMAT_VERSION}",
+            self.meta.payload_fnv1a >> 32
+        )
+    }
+
     /// Save to `path` (see the module docs for the format).
     pub fn save(&self, path: &Path) -> Result<()> {
         let payload = self

@@ -77,6 +77,20 @@ impl ForecasterSelector {
         e.mean += a * (loss - e.mean);
     }
 
+    /// Forgets every measured outcome of `forecaster` in every class (the
+    /// model was replaced: the new one is measured afresh).
+    pub fn forget(&mut self, forecaster: &str) {
+        for stats in self.classes.values_mut() {
+            stats.remove(forecaster);
+        }
+    }
+
+    /// Sets how many model outcomes a class needs before the model may be
+    /// served.
+    pub fn set_min_outcomes(&mut self, n: u64) {
+        self.min_outcomes = n;
+    }
+
     fn best_baseline(&self, class: &str) -> (String, Option<f64>) {
         let stats = self.classes.get(class);
         let mut best: Option<(&String, f64)> = None;
@@ -174,6 +188,11 @@ mod tests {
         s.record("db", "prev_hour", 1.0, &Quantiles([1.0, 1.0, 1.0]));
         s.record("db", "model", 1.0, &Quantiles([1.0, 1.0, 1.0]));
         assert_eq!(s.choose("db").forecaster, "prev_hour");
+        // A replaced model is measured afresh: baseline until it has
+        // outcomes again.
+        s.forget("model");
+        assert_eq!(s.choose("batch").forecaster, "prev_hour");
+        assert_eq!(s.choose("batch").reason, "no model outcomes");
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub struct TrainConfig {
     /// How much worse (relative) the calibration pinball loss may get when
     /// a shrink exponent is chosen for less slack.
     pub shrink_pinball_tolerance: f64,
+    /// Threads building feature rows (1 or 2). The optimisation runs on
+    /// the caller's rayon pool: run `train` inside a one-thread pool to
+    /// keep all of it on one thread (the daemon's retraining does).
+    #[serde(default = "two_threads")]
+    pub threads: usize,
+}
+
+fn two_threads() -> usize {
+    2
 }
 
 impl Default for TrainConfig {
@@ -65,6 +74,7 @@ impl Default for TrainConfig {
             stride_slots: 3,
             weight_power: 1.0,
             shrink_pinball_tolerance: 0.01,
+            threads: 2,
         }
     }
 }
@@ -230,10 +240,10 @@ pub(crate) fn synthetic_examples(rows: usize, distinct: usize, seed: u64) -> Exa
         specs.extend(train_specs(g, statics, 0.2, 3, &mut rng));
     }
     let specs = sample(specs, want, &mut rng);
-    build(&specs).head(rows)
+    build(&specs, 2).head(rows)
 }
 
-fn build(specs: &[Spec<'_>]) -> Examples {
+fn build(specs: &[Spec<'_>], threads: usize) -> Examples {
     let n = specs.len();
     let mut ex = Examples {
         x: vec![0.0; n * N_FEATURES],
@@ -244,14 +254,18 @@ fn build(specs: &[Spec<'_>]) -> Examples {
         raw_targets: Vec::with_capacity(n),
         restart: Vec::with_capacity(n),
     };
-    // Two threads: the machine has two cores.
-    let half = n / 2;
-    let (xa, xb) = ex.x.split_at_mut(half * N_FEATURES);
-    let (sa, sb) = ex.scale.split_at_mut(half);
-    std::thread::scope(|sc| {
-        sc.spawn(|| fill(&specs[..half], xa, sa));
-        fill(&specs[half..], xb, sb);
-    });
+    // Two threads (the machine has two cores) unless asked for one.
+    if threads >= 2 {
+        let half = n / 2;
+        let (xa, xb) = ex.x.split_at_mut(half * N_FEATURES);
+        let (sa, sb) = ex.scale.split_at_mut(half);
+        std::thread::scope(|sc| {
+            sc.spawn(|| fill(&specs[..half], xa, sa));
+            fill(&specs[half..], xb, sb);
+        });
+    } else {
+        fill(specs, &mut ex.x, &mut ex.scale);
+    }
     for (i, sp) in specs.iter().enumerate() {
         let s = ex.scale[i];
         for (j, &t) in sp.targets.iter().take(SLOTS_PER_HOUR).enumerate() {
@@ -431,7 +445,7 @@ pub fn train_on(
         ));
         // Per-dataset weights: scale relative to the dataset's mean scale,
         // so large series count more, as in the pooled metrics.
-        let ex = build(&tr);
+        let ex = build(&tr, cfg.threads);
         let mean_s = ex.scale.iter().sum::<f64>() / ex.len().max(1) as f64;
         let mut ex = ex;
         for (w, s) in ex.w.iter_mut().zip(&ex.scale) {
@@ -446,7 +460,7 @@ pub fn train_on(
         cal_specs_all.extend(ca);
     }
     drop(train_specs_all);
-    let cal_ex = build(&cal_specs_all);
+    let cal_ex = build(&cal_specs_all, cfg.threads);
     drop(cal_specs_all);
     let n = train_ex.len();
     if n == 0 {
