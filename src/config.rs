@@ -749,7 +749,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if f.sample_retain_hours == 0 || f.sample_retain_hours.saturating_mul(3600) <= f.holdout_s || f.sample_retain_hours > 87_600 {
+        if f.sample_retain_hours == 0
+            || f.sample_retain_hours.saturating_mul(3600) <= f.holdout_s
+            || f.sample_retain_hours > 87_600
+        {
             return Err(bad(
                 "forecast.sample_retain_hours",
                 f.sample_retain_hours.to_string(),
@@ -891,8 +894,14 @@ mod tests {
                 "[forecast]\nretrain_max_seconds = 0.5\n",
                 "forecast.retrain_max_seconds",
             ),
-            ("[forecast]\nretrain_epochs = 0\n", "forecast.retrain_epochs"),
-            ("[forecast]\nretrain_hidden = 2\n", "forecast.retrain_hidden"),
+            (
+                "[forecast]\nretrain_epochs = 0\n",
+                "forecast.retrain_epochs",
+            ),
+            (
+                "[forecast]\nretrain_hidden = 2\n",
+                "forecast.retrain_hidden",
+            ),
             ("[forecast]\nholdout_s = 60\n", "forecast.holdout_s"),
             (
                 "[forecast]\nmin_holdout_cases = 0\n",
@@ -906,7 +915,10 @@ mod tests {
                 "[forecast]\nsample_retain_hours = 9000000000000000000\n",
                 "forecast.sample_retain_hours",
             ),
-            ("[forecast]\nsample_max_rows = 0\n", "forecast.sample_max_rows"),
+            (
+                "[forecast]\nsample_max_rows = 0\n",
+                "forecast.sample_max_rows",
+            ),
         ] {
             match parse(text) {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),

@@ -34,6 +34,7 @@ pub use config::{
     PlanConfig, PoolSection, StoreConfig,
 };
 pub use metrics::{Metrics, serve_metrics};
+pub use online::{ForecastConfig, ModelStatus, Online};
 pub use pool::{Demand, Overcommit, Pool, Reservation, Shortfall, host_totals};
 pub use reconcile::process_start;
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
@@ -41,10 +42,9 @@ pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use status::{
     DaemonStatus, PoolStatus, StatusError, query as query_status, table as status_table,
 };
-pub use online::{ForecastConfig, ModelStatus, Online};
 pub use store::{
-    BootRow, KeySummary, ProfileKey, ProfileStore, Sample, ServedForecast, StoreError,
-    StorePolicy, VmRecord, VmSource, VmState,
+    BootRow, KeySummary, ProfileKey, ProfileStore, Sample, ServedForecast, StoreError, StorePolicy,
+    VmRecord, VmSource, VmState,
 };
 pub use trace_capture::{Capture, CaptureError, Touch, capture};
 pub use working_set::{

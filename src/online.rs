@@ -672,9 +672,12 @@ impl RetrainOutcome {
     }
 }
 
+/// A VM's static features and its `(Unix seconds, value)` samples.
+type VmSamples = (Statics, Vec<(i64, f64)>);
+
 /// Per-VM 5-minute grids of stored samples, with static features.
 fn grids(samples: &[Sample]) -> Vec<(String, Statics, Grid)> {
-    let mut by_vm: BTreeMap<&str, (Statics, Vec<(i64, f64)>)> = BTreeMap::new();
+    let mut by_vm: BTreeMap<&str, VmSamples> = BTreeMap::new();
     for s in samples {
         let e = by_vm.entry(&s.vm_id).or_default();
         if let Some(v) = s.vcpus {
@@ -932,7 +935,10 @@ mod tests {
             reject_reason(&bad("weights checksum 1 does not match")),
             "corrupted"
         );
-        assert_eq!(reject_reason(&bad("no header (wrong magic)")), "not-a-model");
+        assert_eq!(
+            reject_reason(&bad("no header (wrong magic)")),
+            "not-a-model"
+        );
     }
 
     #[test]
@@ -943,6 +949,9 @@ mod tests {
             Some(PathBuf::from("/var/lib/p/store.db.model"))
         );
         assert_eq!(c.model_path(None), None);
-        assert_eq!(sibling(Path::new("/a/m"), "prev"), PathBuf::from("/a/m.prev"));
+        assert_eq!(
+            sibling(Path::new("/a/m"), "prev"),
+            PathBuf::from("/a/m.prev")
+        );
     }
 }

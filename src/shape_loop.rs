@@ -28,11 +28,11 @@ use vmm_hooks::{BalloonStatus, Event, EventKind, HookReply};
 
 use crate::metrics::Metrics;
 use crate::online::{CPU_METRIC, MEM_METRIC, Online};
-use crate::store::{Sample, ServedForecast};
 use crate::shaping::{
     DEFAULT_ARMS, HostCapacity, MarginTuner, ShapeError, ShapeLimits, ShapePlan, ShapePolicy,
     Shaper, TunerMode, VmShapeInput, baseline_forecasts, reward, slack_shortfall,
 };
+use crate::store::{Sample, ServedForecast};
 
 /// Intervals of history a forecast sees.
 const HISTORY: usize = 576;

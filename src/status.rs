@@ -196,7 +196,9 @@ pub fn table(s: &DaemonStatus) -> String {
     if let Some(m) = &s.model {
         out.push_str(&format!(
             "model: {} ({}){}{}\n",
-            m.loaded.as_deref().unwrap_or("none loaded, baselines serve"),
+            m.loaded
+                .as_deref()
+                .unwrap_or("none loaded, baselines serve"),
             m.path.as_deref().unwrap_or("no file"),
             m.rejected
                 .as_ref()

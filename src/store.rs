@@ -907,19 +907,16 @@ impl ProfileStore {
             "SELECT vm_id, at_unix_ms, metric, forecaster, reason, p50, p90, p99
              FROM served_forecasts WHERE ?1 IS NULL OR vm_id = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
-        let rows = st.query_map(
-            params![vm, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                Ok(ServedForecast {
-                    vm_id: r.get(0)?,
-                    at_unix_ms: r.get(1)?,
-                    metric: r.get(2)?,
-                    forecaster: r.get(3)?,
-                    reason: r.get(4)?,
-                    quantiles: [r.get(5)?, r.get(6)?, r.get(7)?],
-                })
-            },
-        )?;
+        let rows = st.query_map(params![vm, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok(ServedForecast {
+                vm_id: r.get(0)?,
+                at_unix_ms: r.get(1)?,
+                metric: r.get(2)?,
+                forecaster: r.get(3)?,
+                reason: r.get(4)?,
+                quantiles: [r.get(5)?, r.get(6)?, r.get(7)?],
+            })
+        })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
