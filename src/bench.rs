@@ -18,11 +18,13 @@ use vmm_hooks::{
 use crate::store::{ProfileKey, ProfileStore, StorePolicy};
 
 mod offload;
+mod retrain;
 use crate::working_set::{FrequencyModel, PlanPolicy, WorkingSetModel};
 pub use offload::{
     AGREE_STEPS, AGREEMENT, OffloadBench, OffloadResult, OffloadRow, offload_table,
     write_offload_json,
 };
+pub use retrain::{RetrainRow, fill_samples, retrain_bench, retrain_table};
 
 /// What can go wrong running a benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -747,10 +749,34 @@ mod tests {
     }
 
     #[test]
+    fn retrain_bench_fills_a_store_and_times_two_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::ForecastConfig {
+            retrain_epochs: 1,
+            retrain_hidden: 8,
+            min_holdout_cases: 1,
+            ..crate::ForecastConfig::default()
+        };
+        let rows = retrain_bench(dir.path(), 4, 30, &cfg).unwrap();
+        assert_eq!(rows.len(), 2);
+        for r in &rows {
+            assert_eq!(r.outcome.samples, 4 * 30 * 12);
+            assert!(r.outcome.holdout_cases > 0, "{r:?}");
+            assert!(r.outcome.best_baseline.is_some(), "{r:?}");
+            assert!(r.outcome.wall_s > 0.0 && r.outcome.cpu_s > 0.0, "{r:?}");
+        }
+        // The first run had no model to score.
+        assert_eq!(rows[0].outcome.model_loss, None);
+        assert!(retrain_table(&rows).contains("| no model yet |"));
+    }
+
+    #[test]
     fn load_bench_loses_no_event_at_a_small_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let r = load_bench(dir.path(), 20, 1, 2).unwrap();
+        let r = load_bench(dir.path(), 20, 1, 2, false).unwrap();
         assert!(r.events_sent > 0);
+        assert_eq!(r.retrain, None);
+        assert!(load_table(&r).contains("| off |"));
         assert_eq!(r.failures, 0);
         assert_eq!(r.events_logged, r.events_sent);
         assert_eq!(r.boots_stored * 5, r.events_sent);
@@ -800,6 +826,9 @@ pub struct LoadResult {
     /// VM records left in the store's pool table after every VM stopped
     /// (0: nothing leaked).
     pub reservations_left: u64,
+    /// With a retraining job running beside the load: its runs completed
+    /// and their CPU seconds.
+    pub retrain: Option<(u64, f64)>,
 }
 
 /// Runs the load benchmark.
@@ -808,6 +837,7 @@ pub fn load_bench(
     per_s: u32,
     seconds: u32,
     clients: u32,
+    retrain: bool,
 ) -> Result<LoadResult, BenchError> {
     use std::os::unix::net::UnixStream;
     use vmm_hooks::proto::{self, Message};
@@ -840,6 +870,17 @@ pub fn load_bench(
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     let serving = runtime.spawn(server.serve(rx));
+    // The daemon's retraining job (100 VMs x 1 day of samples, training
+    // again and again at the lowest CPU priority) beside the hooks load.
+    let stop_retrain = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let retraining = if retrain {
+        Some(retrain::retrain_in_background(
+            dir,
+            std::sync::Arc::clone(&stop_retrain),
+        )?)
+    } else {
+        None
+    };
 
     let per_client = f64::from(per_s) / f64::from(clients);
     let duration = Duration::from_secs(u64::from(seconds));
@@ -955,6 +996,14 @@ pub fn load_bench(
         admissions[1] += a[1];
     }
     let elapsed = start.elapsed().as_secs_f64();
+    stop_retrain.store(true, std::sync::atomic::Ordering::Relaxed);
+    let retrain = match retraining {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| BenchError::Io("the retraining thread panicked".into()))?,
+        ),
+        None => None,
+    };
     let _ = tx.send(true);
     let _ = runtime.block_on(serving);
     let events_logged = std::fs::read_to_string(&log)
@@ -986,15 +1035,16 @@ pub fn load_bench(
         admitted: admissions[0],
         not_admitted: admissions[1],
         reservations_left,
+        retrain,
     })
 }
 
 /// The load benchmark as a table.
 pub fn load_table(r: &LoadResult) -> String {
     format!(
-        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms | retraining runs (CPU s) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
         r.offered_per_s,
         r.achieved_per_s,
         r.seconds,
@@ -1009,7 +1059,9 @@ pub fn load_table(r: &LoadResult) -> String {
         r.latency_ms[0],
         r.latency_ms[1],
         r.latency_ms[2],
-        r.latency_ms[3]
+        r.latency_ms[3],
+        r.retrain
+            .map_or_else(|| "off".into(), |(n, c)| format!("{n} ({c:.1})"))
     )
 }
 

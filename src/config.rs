@@ -699,11 +699,11 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if f.retrain_interval_s != 0 && !(60..=30 * 86_400).contains(&f.retrain_interval_s) {
+        if f.retrain_interval_s > 30 * 86_400 {
             return Err(bad(
                 "forecast.retrain_interval_s",
                 f.retrain_interval_s.to_string(),
-                "must be 0 (off) or 60 to 2592000",
+                "must be 0 (off) to 2592000",
             ));
         }
         if !(100..=100_000_000).contains(&f.retrain_max_samples) {
@@ -883,7 +883,7 @@ mod tests {
             ("[forecast]\nmodel = \"\"\n", "forecast.model"),
             ("[forecast]\nmin_outcomes = 0\n", "forecast.min_outcomes"),
             (
-                "[forecast]\nretrain_interval_s = 5\n",
+                "[forecast]\nretrain_interval_s = 2592001\n",
                 "forecast.retrain_interval_s",
             ),
             (

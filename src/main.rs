@@ -214,6 +214,9 @@ enum BenchCommand {
     Store(StoreBenchArgs),
     /// Simulated VM lifecycles through the hooks socket at a fixed rate.
     Load(LoadBenchArgs),
+    /// One run of the daemon's retraining job on a store of realistic size:
+    /// samples, decision, wall and CPU time.
+    Retrain(RetrainBenchArgs),
     /// The forecasting model's batch kernels on the CPU and the GPU side by
     /// side, their agreement, and the measured crossover.
     Offload(OffloadBenchArgs),
@@ -279,6 +282,26 @@ struct LoadBenchArgs {
     #[arg(long, default_value_t = 16)]
     clients: u32,
     /// Where the socket, store and event log go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// Run the daemon's retraining job (100 VMs x 1 day of samples,
+    /// training again and again at the lowest CPU priority) beside the load.
+    #[arg(long)]
+    retrain: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RetrainBenchArgs {
+    /// VMs in the store.
+    #[arg(long, default_value_t = 100)]
+    vms: usize,
+    /// Hours of 5-minute samples per VM.
+    #[arg(long, default_value_t = 24)]
+    hours: u32,
+    /// Epochs of each training.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Where the temporary store and model go.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
 }
@@ -371,9 +394,29 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 eprintln!("prescient: cannot create {}: {e}", a.dir.display());
                 return ExitCode::FAILURE;
             }
-            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients) {
+            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients, a.retrain) {
                 Ok(r) => {
                     println!("{}", bench::load_table(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("prescient: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        BenchCommand::Retrain(a) => {
+            if let Err(e) = std::fs::create_dir_all(&a.dir) {
+                eprintln!("prescient: cannot create {}: {e}", a.dir.display());
+                return ExitCode::FAILURE;
+            }
+            let mut cfg = prescient::ForecastConfig::default();
+            if let Some(e) = a.epochs {
+                cfg.retrain_epochs = e.max(1);
+            }
+            match bench::retrain_bench(&a.dir, a.vms.max(1), a.hours.max(1), &cfg) {
+                Ok(rows) => {
+                    println!("{}", bench::retrain_table(&rows));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

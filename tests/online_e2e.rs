@@ -435,3 +435,95 @@ fn a_good_model_is_loaded_and_each_served_forecast_names_its_forecaster() {
     let log = server.stop();
     assert!(log.contains("forecasting model loaded"), "{log}");
 }
+
+/// The scheduling policy (`/proc/PID/task/TID/stat` field 41) of each of
+/// `pid`'s threads, by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After ')': field 3 is index 0, so field 41 is index 38.
+        out.push((comm.trim().to_string(), f[38].parse().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn the_daemon_retrains_periodically_on_its_own_thread_at_the_lowest_cpu_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // 6 VMs x 30 h of samples ending now, as the shaping loop stores them.
+    prescient::bench::fill_samples(&store, 6, 30, i64::try_from(now_s).unwrap(), 3).unwrap();
+    let config = dir.path().join("prescient.toml");
+    std::fs::write(
+        &config,
+        "[forecast]\nretrain_interval_s = 1\nretrain_epochs = 1\nretrain_hidden = 8\nmin_holdout_cases = 1\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let server = Server::start_in(
+        dir,
+        true,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--shape-interval-s",
+            "1",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let start = Instant::now();
+    let text = loop {
+        let text = scrape(port);
+        if text.contains("prescient_retrain_runs_total{") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no retraining run: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        text.contains("prescient_retrain_last_cpu_seconds"),
+        "{text}"
+    );
+    // Its threads run at SCHED_IDLE (5).
+    let policies = thread_policies(server.pid());
+    let retrain: Vec<_> = policies
+        .iter()
+        .filter(|(n, _)| n.starts_with("prescient-retra") || n.starts_with("prescient-train"))
+        .collect();
+    assert_eq!(retrain.len(), 2, "{policies:?}");
+    assert!(
+        retrain.iter().all(|(_, p)| *p == libc::SCHED_IDLE as u32),
+        "{policies:?}"
+    );
+    // The hooks path does not.
+    assert!(
+        policies
+            .iter()
+            .filter(|(n, _)| !n.starts_with("prescient-retra") && !n.starts_with("prescient-train"))
+            .all(|(_, p)| *p == 0),
+        "{policies:?}"
+    );
+    let s = daemon_status(&server);
+    let last = s.model.unwrap().last_retrain.unwrap();
+    assert!(last.contains("held-out decisions"), "{last}");
+    let log = server.stop();
+    assert!(log.contains("retraining job on"), "{log}");
+    assert!(log.contains("retraining run:"), "{log}");
+}

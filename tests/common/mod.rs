@@ -79,6 +79,11 @@ impl Server {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The directory holding the socket, store and event log.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
