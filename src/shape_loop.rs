@@ -930,6 +930,87 @@ mod tests {
         );
     }
 
+    /// With a model loaded, the model competes; once the VM's selector has
+    /// measured it better than every baseline, the served forecast is the
+    /// model's and names it by file checksum and version, in the stored
+    /// record, the status and the metrics. Before, the best baseline serves
+    /// and says why.
+    #[test]
+    fn a_model_measured_better_serves_and_its_id_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.model");
+        models::LearnedForecaster::untrained(8).save(&path).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let online = Arc::new(Online::new(
+            crate::online::ForecastConfig {
+                model: Some(path.clone()),
+                min_outcomes: 3,
+                ..crate::online::ForecastConfig::default()
+            },
+            None,
+            Arc::clone(&metrics),
+        ));
+        let id = online.model().unwrap().id.clone();
+        let c = ShapingConfig {
+            interval_s: 300,
+            host_memory_mib: Some(1 << 20),
+            host_cpus: Some(16.0),
+            ..ShapingConfig::default()
+        };
+        let l = ShapingLoop::new(c, Arc::clone(&metrics))
+            .unwrap()
+            .with_online(online);
+        let t0 = Instant::now();
+        let u0 = 1_795_000_000_000i64;
+        l.observe(&created_1g("vm-m"), None, HookReply::Ack);
+        let mut seq = 1;
+        let mut step = |k: u64, used: u64| {
+            let e = event("vm-m", seq, EventKind::Balloon(status(0, used)));
+            seq += 1;
+            l.observe(&e, None, HookReply::Ack);
+            let at = i64::try_from(k).unwrap() * 300_000;
+            l.tick_at(t0 + Duration::from_secs(300 * k), u0 + at)
+        };
+        for k in 0..3 {
+            step(k, 200 + 100 * (k % 2));
+        }
+        let served = l.served();
+        assert_eq!(served.len(), 1);
+        assert!(served[0].forecaster.starts_with("baseline:"), "{served:?}");
+        assert!(served[0].reason.contains("model outcomes"), "{served:?}");
+        assert_eq!(served[0].at_unix_ms, u0 + 2 * 300_000);
+        // The selector has measured the model exact and every baseline far
+        // off (a faithful record of outcomes, at the selector's seam).
+        {
+            let mut st = l.lock();
+            let sel = &mut st.vms.get_mut("vm-m").unwrap().selector;
+            for _ in 0..500 {
+                sel.record("vm-m", MODEL, 250.0, &Quantiles([250.0; 3]));
+                for b in ["prev_hour", "prev_24h", "ewma_sd"] {
+                    sel.record("vm-m", b, 1e9, &Quantiles([0.0; 3]));
+                }
+            }
+        }
+        step(3, 250);
+        let served = l.served();
+        assert_eq!(served[0].forecaster, id, "{served:?}");
+        assert!(
+            served[0].reason.contains("model measured better"),
+            "{served:?}"
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "prescient_forecasts_served_total{{kind=\"{id}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("prescient_forecasts_served_total{kind=\"baseline:"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn a_peer_inventing_vm_ids_cannot_grow_the_loop_past_its_limit() {
         let l = shaping(ShapePolicy::MaximiseUtilisation);
