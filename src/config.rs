@@ -1037,6 +1037,8 @@ mod tests {
         assert_eq!(c.store_policy(), StorePolicy::default());
         assert_eq!(c.pool, PoolSection::default());
         assert_eq!(c.allocator, AllocatorSection::default());
+        // The documented [forecast] values are the defaults.
+        assert_eq!(c.forecast, crate::online::ForecastConfig::default());
     }
 
     #[test]
