@@ -807,6 +807,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    if config.online.is_none() && c.store.enabled && config.libvirt.is_some() {
+        // No shaping loop: the libvirt agent's samples are still stored.
+        config.online = Some(std::sync::Arc::new(prescient::Online::samples_only(
+            c.forecast.clone(),
+            std::sync::Arc::clone(&config.metrics),
+        )));
+    }
     let shaping = config.shaping.clone();
     let online = config.online.clone();
     if c.store.enabled {

@@ -287,6 +287,18 @@ impl Online {
         online
     }
 
+    /// Stores samples only: no model is loaded or served, nothing is
+    /// retrained (the daemon without its shaping loop, where only the
+    /// libvirt agent samples VMs).
+    pub fn samples_only(config: ForecastConfig, metrics: Arc<Metrics>) -> Self {
+        let config = ForecastConfig {
+            model: None,
+            retrain_interval_s: 0,
+            ..config
+        };
+        Online::new(config, None, metrics)
+    }
+
     fn load_at_start(&self, path: &Path) {
         if !path.exists() {
             tracing::info!(model = %path.display(), "no model file yet: serving the baselines (retraining writes it once a model beats them)");

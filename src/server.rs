@@ -245,7 +245,11 @@ impl HooksServer {
             .set(gpus.map_or(0, |g| i64::try_from(g.gpus.len()).unwrap_or(i64::MAX)));
         let gpu_ledger = config.store.as_deref().and_then(crate::gpu::open_ledger);
         let libvirt = match &config.libvirt {
-            Some(c) => Some(LibvirtAgent::start(c.clone(), Arc::clone(&config.metrics))?),
+            Some(c) => {
+                let mut c = c.clone();
+                c.samples.clone_from(&config.online);
+                Some(LibvirtAgent::start(c, Arc::clone(&config.metrics))?)
+            }
             None => None,
         };
         tracing::info!(socket = %path.display(), "listening for VMM hooks");

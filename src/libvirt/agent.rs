@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub locate_for: Duration,
     /// Append what the agent does here, as JSON lines.
     pub record_file: Option<PathBuf>,
+    /// Where usage samples go to the store (`qemu_rss_mib`,
+    /// `qemu_cpu_cores` per domain); `None`: not stored.
+    pub samples: Option<Arc<crate::online::Online>>,
 }
 
 impl AgentConfig {
@@ -64,6 +67,7 @@ impl AgentConfig {
             sample_interval: Duration::from_secs(10),
             locate_for: Duration::from_secs(60),
             record_file: None,
+            samples: None,
         }
     }
 }
@@ -200,6 +204,8 @@ struct Running {
     domain: LibvirtDomain,
     state: DomState,
     next_sample: Instant,
+    /// The last sample's time (ms) and QEMU CPU time (ms), for the rate.
+    last_cpu: Option<(u64, f64)>,
 }
 
 enum DomState {
@@ -375,6 +381,7 @@ impl Worker {
                     asked_qmp: false,
                 },
                 next_sample: Instant::now(),
+                last_cpu: None,
             },
         );
     }
@@ -424,6 +431,9 @@ impl Worker {
                     d.next_sample = now + self.config.sample_interval;
                     match sample(&self.config, self.gpus.as_ref(), &vm, pid) {
                         Some(r) => {
+                            if let Some(o) = &self.config.samples {
+                                store_usage(o, d, &r);
+                            }
                             self.count("usage-sampled");
                             self.write(&r);
                         }
@@ -585,6 +595,40 @@ fn act(
     }
 }
 
+/// Hands a usage record to the store's sample queue (never blocks): the
+/// QEMU process's resident memory, and its CPU in cores since the last
+/// sample.
+fn store_usage(online: &crate::online::Online, d: &mut Running, r: &AgentRecord) {
+    let AgentRecord::Usage {
+        vm,
+        at_unix_ms,
+        cpu_ms,
+        rss_kib,
+        ..
+    } = r
+    else {
+        return;
+    };
+    let at = i64::try_from(*at_unix_ms).unwrap_or(i64::MAX);
+    let sample = |metric: &str, value: f64| crate::store::Sample {
+        vm_id: vm.clone(),
+        metric: metric.into(),
+        at_unix_ms: at,
+        value,
+        vcpus: Some(d.domain.vcpus),
+        memory_mib: Some(d.domain.memory_kib / 1024),
+    };
+    online.sample(sample("qemu_rss_mib", *rss_kib as f64 / 1024.0));
+    if let Some((then, before)) = d.last_cpu
+        && *at_unix_ms > then
+        && *cpu_ms >= before
+    {
+        let cores = (cpu_ms - before) / (at_unix_ms - then) as f64;
+        online.sample(sample("qemu_cpu_cores", cores));
+    }
+    d.last_cpu = Some((*at_unix_ms, *cpu_ms));
+}
+
 /// One usage sample; `None` when the process is gone.
 fn sample(
     config: &AgentConfig,
@@ -698,6 +742,52 @@ mod tests {
         let mut d = domain(None, &[], Some(256));
         d.balloon_model = Some("none".into());
         assert_eq!(balloon_target_kib(&d), None);
+    }
+
+    /// Usage records reach the store's samples table: resident memory
+    /// each time, CPU in cores from the second record on.
+    #[test]
+    fn usage_samples_go_to_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.db");
+        drop(crate::store::ProfileStore::open(&store, Default::default()).unwrap());
+        let online = Arc::new(crate::online::Online::samples_only(
+            crate::online::ForecastConfig::default(),
+            Arc::new(Metrics::new()),
+        ));
+        online.start(&store).unwrap();
+        let mut d = Running {
+            domain: domain(None, &[], None),
+            state: DomState::Running { pid: 1 },
+            next_sample: Instant::now(),
+            last_cpu: None,
+        };
+        let usage = |at: u64, cpu_ms: f64| AgentRecord::Usage {
+            vm: "d".into(),
+            at_unix_ms: at,
+            qemu_pid: 1,
+            cpu_ms,
+            rss_kib: 256 * 1024,
+            balloon_actual_kib: None,
+            gpu_mem_mib: None,
+            gpu_sm_util_pct: None,
+        };
+        // Recent: older samples are pruned by the writer.
+        let t = u64::try_from(crate::online::unix_ms_now()).unwrap();
+        store_usage(&online, &mut d, &usage(t - 10_000, 500.0));
+        store_usage(&online, &mut d, &usage(t, 15_500.0));
+        online.shutdown();
+        let db = crate::store::ProfileStore::open(&store, Default::default()).unwrap();
+        let rss = db.samples("qemu_rss_mib", 0, 10).unwrap();
+        assert_eq!(rss.len(), 2);
+        assert_eq!(rss[1].value, 256.0);
+        assert_eq!((rss[1].vcpus, rss[1].memory_mib), (Some(4), Some(512)));
+        let cpu = db.samples("qemu_cpu_cores", 0, 10).unwrap();
+        assert_eq!(cpu.len(), 1);
+        assert_eq!(
+            (cpu[0].at_unix_ms, cpu[0].value),
+            (i64::try_from(t).unwrap(), 1.5)
+        );
     }
 
     #[test]
