@@ -165,16 +165,8 @@ impl ServedModel {
         }
     }
 
-    /// Forecasts `h` (next hour).
-    pub fn forecast(&self, h: &History<'_>) -> Quantiles {
-        let f = self
-            .forecaster
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f.forecast(h, Horizon::NextHour).sanitized()
-    }
-
-    fn forecast_batch(&self, hs: &[History<'_>]) -> Vec<Quantiles> {
+    /// Forecasts each history (next hour), in batches.
+    pub fn forecast_batch(&self, hs: &[History<'_>]) -> Vec<Quantiles> {
         let f = self
             .forecaster
             .lock()

@@ -510,6 +510,43 @@ impl ShapingLoop {
                 t.selector.forget(MODEL);
             }
         }
+        // The model's forecasts, one batch for every VM: each VM on its
+        // 5-minute grid, as the model was trained.
+        let model_q: HashMap<&str, Quantiles> = match &model {
+            Some(m) => {
+                let grids: Vec<(&str, Grid, models::Statics)> = st
+                    .vms
+                    .iter()
+                    .filter(|(_, t)| t.mem.iter().filter(|x| !x.is_nan()).count() >= WARMUP)
+                    .filter_map(|(vm, t)| {
+                        let pts: Vec<(i64, f64)> = t
+                            .at_s
+                            .iter()
+                            .zip(&t.mem)
+                            .filter(|(_, v)| v.is_finite())
+                            .map(|(&a, &v)| (a, v))
+                            .collect();
+                        let statics = models::Statics {
+                            vcpus: Some(f64::from(t.vcpus)),
+                            mem_cap_kb: Some(t.memory_mib as f64 * 1024.0),
+                        };
+                        Grid::from_samples(&pts).map(|g| (vm.as_str(), g, statics))
+                    })
+                    .collect();
+                let hs: Vec<History<'_>> = grids
+                    .iter()
+                    .map(|(_, g, statics)| History {
+                        values: &g.values,
+                        first_slot: g.first_slot,
+                        decision_slot: slot_of(unix_s).max(g.last_slot()),
+                        statics: *statics,
+                    })
+                    .collect();
+                let qs = m.forecast_batch(&hs);
+                grids.iter().map(|(vm, _, _)| *vm).zip(qs).collect()
+            }
+            None => HashMap::new(),
+        };
         // Forecast and decide.
         let mut inputs = Vec::new();
         let mut ids: Vec<&String> = st.vms.keys().collect();
@@ -531,27 +568,8 @@ impl ShapingLoop {
                 statics: models::Statics::default(),
             };
             let mut all = baseline_forecasts(&h);
-            if let Some(m) = &model {
-                // The model sees the VM on its 5-minute grid, as trained.
-                let pts: Vec<(i64, f64)> = t
-                    .at_s
-                    .iter()
-                    .zip(&t.mem)
-                    .filter(|(_, v)| v.is_finite())
-                    .map(|(&a, &v)| (a, v))
-                    .collect();
-                if let Some(g) = Grid::from_samples(&pts) {
-                    let mh = History {
-                        values: &g.values,
-                        first_slot: g.first_slot,
-                        decision_slot: slot_of(unix_s).max(g.last_slot()),
-                        statics: models::Statics {
-                            vcpus: Some(f64::from(t.vcpus)),
-                            mem_cap_kb: Some(t.memory_mib as f64 * 1024.0),
-                        },
-                    };
-                    all.push((MODEL.to_string(), m.forecast(&mh)));
-                }
+            if let Some(q) = model_q.get(vm.as_str()) {
+                all.push((MODEL.to_string(), *q));
             }
             let choice = t.selector.choose(vm);
             let (chosen, q) = all
