@@ -379,3 +379,40 @@ fn the_slot_listener_refuses_bad_requests_and_keeps_serving() {
     assert_eq!(a["ok"], false);
     drop(dest);
 }
+
+/// With destinations configured, the companion moves a VM on its own when
+/// the VMs' forecast memory would overload this host.
+#[test]
+fn hw_kvm_a_predicted_overload_moves_a_vm_without_an_operator() {
+    const TEST: &str = "hw_kvm_a_predicted_overload_moves_a_vm_without_an_operator";
+    if !kvm_or_skip(TEST) {
+        return;
+    }
+    let Some(labvm) = labvm_bin(TEST) else {
+        return;
+    };
+    let (dest, dest_addr, _d) = destination(&labvm, "2");
+    // A host with 8 MiB for VMs: a guest's resident memory (its labvm
+    // process, tens of MiB) is forecast over 95 % of it. Boots are let in
+    // without a reservation so that the guest runs at all.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("src.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pool]\nmemory_mib = 8\nreserved_memory_mib = 0\nmemory_overcommit = 1.0\n\n[allocator]\non_shortfall = \"boot-lazily\"\n\n[migration]\ndestinations = [\"{dest_addr}\"]\nwindow = 3\n"
+        ),
+    )
+    .unwrap();
+    let src = Server::start_args(false, &["--config", cfg.to_str().unwrap()]);
+    let guest = source_labvm(&labvm, &src, "hot-1", "60");
+    let done = guest.wait_with_output().unwrap();
+    let gout = text(&done.stdout);
+    assert!(done.status.success(), "{gout}\n{}", text(&done.stderr));
+    assert!(gout.contains("migrated to 127.0.0.1:"), "{gout}");
+    let status = prescient::query_status(&src.socket, Duration::from_secs(5)).unwrap();
+    let m = status.migrations.iter().find(|m| m.vm == "hot-1").unwrap();
+    assert_eq!(m.state, prescient::migration::MoveState::Moved, "{m:?}");
+    assert!(m.reason.contains("predicted overload"), "{}", m.reason);
+    wait_events(&dest, "hot-1", "restarted", 1);
+}
