@@ -934,12 +934,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let receiver = prescient::migration::Receiver {
-                labvm: c.migration.labvm.clone(),
-                args: c.migration.labvm_args.clone(),
-                advertise: c.migration.advertise.unwrap_or_else(|| addr.ip()),
-                hooks_socket: c.daemon.socket.clone(),
-            };
+            let receiver = prescient::migration::Receiver::new(
+                c.migration.labvm.clone(),
+                c.migration.labvm_args.clone(),
+                c.migration.advertise.unwrap_or_else(|| addr.ip()),
+                c.daemon.socket.clone(),
+            );
             tracing::info!(
                 listen = %listener.local_addr().unwrap_or(addr),
                 labvm = %receiver.labvm.display(),

@@ -756,6 +756,7 @@ impl Mover {
                 }
             }
         }
+        prune(&mut self.lock().moves);
         tracing::info!(vms = started.len(), ?destinations, "draining this host");
         for (destination, req) in started {
             self.request(destination, req);
@@ -947,7 +948,7 @@ impl SlotRequest {
 /// How the receiving side starts labvms.
 #[derive(Clone, Debug)]
 pub struct Receiver {
-    /// The labvm binary and its extra arguments.
+    /// The labvm binary.
     pub labvm: PathBuf,
     /// Extra arguments.
     pub args: Vec<String>,
@@ -955,9 +956,80 @@ pub struct Receiver {
     pub advertise: IpAddr,
     /// This companion's hooks socket (the labvm reports there).
     pub hooks_socket: PathBuf,
+    /// Started labvms that have not received their VM yet: VM id to RAM
+    /// (MiB). Counted against the pool until the VM arrives and reserves
+    /// for itself, and bounded ([`MAX_PENDING`]).
+    pending: Arc<Mutex<HashMap<String, u64>>>,
 }
 
+/// Finished moves kept for `prescient status` (the oldest go first).
+const MAX_FINISHED_MOVES: usize = 1024;
+
+/// Drops the oldest finished moves beyond [`MAX_FINISHED_MOVES`].
+fn prune(moves: &mut BTreeMap<String, MoveRecord>) {
+    let finished = moves.values().filter(|m| m.state.is_final()).count();
+    if finished <= MAX_FINISHED_MOVES {
+        return;
+    }
+    let mut old: Vec<(u64, String)> = moves
+        .values()
+        .filter(|m| m.state.is_final())
+        .map(|m| (m.started_unix_ms, m.vm.clone()))
+        .collect();
+    old.sort();
+    for (_, vm) in old.into_iter().take(finished - MAX_FINISHED_MOVES) {
+        moves.remove(&vm);
+    }
+}
+
+/// Most labvms waiting for an incoming VM at once.
+pub const MAX_PENDING: usize = 4;
+
 impl Receiver {
+    /// Starts `labvm` (with `args`) for incoming VMs, listening on
+    /// `advertise`, reporting to `hooks_socket`.
+    pub fn new(
+        labvm: PathBuf,
+        args: Vec<String>,
+        advertise: IpAddr,
+        hooks_socket: PathBuf,
+    ) -> Self {
+        Receiver {
+            labvm,
+            args,
+            advertise,
+            hooks_socket,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Checks `req` with `admit` (given the RAM of the labvms still
+    /// waiting) and, when it passes, counts it as waiting.
+    fn claim(&self, req: &SlotRequest, admit: &SlotAdmitter) -> Result<(), String> {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.contains_key(&req.vm_id) {
+            return Err(format!("a labvm already waits for VM {:?}", req.vm_id));
+        }
+        if pending.len() >= MAX_PENDING {
+            return Err(format!(
+                "{MAX_PENDING} incoming migrations are already waiting; try again later"
+            ));
+        }
+        admit(req, pending.values().sum())?;
+        pending.insert(req.vm_id.clone(), req.ram_mib);
+        Ok(())
+    }
+
+    fn unclaim(pending: &Mutex<HashMap<String, u64>>, vm: &str) {
+        pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm);
+    }
+
     /// Starts a labvm waiting for `req`'s VM; returns where it listens.
     /// The labvm outlives this call (and the companion): it is its own
     /// process group, and a thread reaps it and logs its output.
@@ -986,6 +1058,7 @@ impl Receiver {
         };
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let vm = req.vm_id.clone();
+        let pending = Arc::clone(&self.pending);
         let out = std::thread::Builder::new()
             .name("prescient-incoming".into())
             .spawn(move || {
@@ -995,9 +1068,14 @@ impl Receiver {
                         let _ = tx.send(a.trim().to_string());
                         sent = true;
                     }
+                    if line.starts_with("incoming: VM received") {
+                        // It reserves for itself in before-boot from now.
+                        Receiver::unclaim(&pending, &vm);
+                    }
                     tracing::info!(vm, "incoming labvm: {line}");
                 }
                 let status = child.wait();
+                Receiver::unclaim(&pending, &vm);
                 tracing::info!(vm, ?status, "incoming labvm exited");
             });
         let vm = req.vm_id.clone();
@@ -1030,8 +1108,10 @@ impl Receiver {
     }
 }
 
-/// The receiving companion's check of a slot request (room in its pool).
-pub type SlotAdmitter = Arc<dyn Fn(&SlotRequest) -> Result<(), String> + Send + Sync>;
+/// The receiving companion's check of a slot request, given the RAM (MiB)
+/// of labvms still waiting for their VMs: room in its pool, and no VM of
+/// that id on the host.
+pub type SlotAdmitter = Arc<dyn Fn(&SlotRequest, u64) -> Result<(), String> + Send + Sync>;
 
 /// Serves slot requests on `listener` until `shutdown`: one request line
 /// per connection, checked, then `admit` (the pool's check), then a labvm
@@ -1068,11 +1148,16 @@ pub async fn serve_slots(
             .await;
             let answer = match read {
                 Ok(Ok(_)) => match SlotRequest::parse(&line) {
-                    Ok(req) => match admit(&req) {
+                    Ok(req) => match receiver.claim(&req, &admit) {
                         Ok(()) => {
-                            let receiver = Arc::clone(&receiver);
+                            let receiver2 = Arc::clone(&receiver);
                             let req2 = req.clone();
-                            match tokio::task::spawn_blocking(move || receiver.start(&req2)).await {
+                            let started =
+                                tokio::task::spawn_blocking(move || receiver2.start(&req2)).await;
+                            if !matches!(started, Ok(Ok(_))) {
+                                Receiver::unclaim(&receiver.pending, &req.vm_id);
+                            }
+                            match started {
                                 Ok(Ok(addr)) => {
                                     tracing::info!(vm = req.vm_id, %peer, addr, "a labvm waits for an incoming VM");
                                     SlotAnswer {

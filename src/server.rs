@@ -274,13 +274,19 @@ impl HooksServer {
     /// (the labvm's own `before-boot` then reserves them).
     pub fn slot_admitter(&self) -> crate::migration::SlotAdmitter {
         let state = Arc::clone(&self.state);
-        Arc::new(move |req| {
+        Arc::new(move |req, pending_mib| {
             let st = state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.vms.contains_key(&req.vm_id) {
+                return Err(format!(
+                    "a VM named {:?} already runs on this host",
+                    req.vm_id
+                ));
+            }
             let demand = Resources {
                 cpu_millis: u64::from(req.vcpus).saturating_mul(1000),
-                memory_mib: req.ram_mib,
+                memory_mib: req.ram_mib.saturating_add(pending_mib),
                 ..Resources::ZERO
             };
             st.pool

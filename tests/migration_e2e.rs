@@ -416,3 +416,36 @@ fn hw_kvm_a_predicted_overload_moves_a_vm_without_an_operator() {
     assert!(m.reason.contains("predicted overload"), "{}", m.reason);
     wait_events(&dest, "hot-1", "restarted", 1);
 }
+
+/// At most four labvms wait for incoming VMs at once, one per VM id.
+#[test]
+fn the_slot_listener_bounds_the_labvms_it_starts() {
+    const TEST: &str = "the_slot_listener_bounds_the_labvms_it_starts";
+    let Some(labvm) = labvm_bin(TEST) else {
+        return;
+    };
+    // Each labvm started waits 30 s for its VM, then exits by itself.
+    let (_dest, addr, _cfg) = destination(&labvm, "1");
+    let req =
+        |id: &str| format!("{{\"version\":1,\"vm_id\":\"{id}\",\"ram_mib\":64,\"vcpus\":1}}\n");
+    let first = slot_exchange(&addr, req("w-0").as_bytes());
+    assert_eq!(first["ok"], true, "{first}");
+    let port: std::net::SocketAddr = first["addr"].as_str().unwrap().parse().unwrap();
+    assert!(port.ip().is_loopback() && port.port() != 0, "{port}");
+    let again = slot_exchange(&addr, req("w-0").as_bytes());
+    assert_eq!(again["ok"], false);
+    assert!(
+        again["error"].as_str().unwrap().contains("already waits"),
+        "{again}"
+    );
+    for i in 1..4 {
+        let a = slot_exchange(&addr, req(&format!("w-{i}")).as_bytes());
+        assert_eq!(a["ok"], true, "{a}");
+    }
+    let fifth = slot_exchange(&addr, req("w-4").as_bytes());
+    assert_eq!(fifth["ok"], false);
+    assert!(
+        fifth["error"].as_str().unwrap().contains("already waiting"),
+        "{fifth}"
+    );
+}
