@@ -40,7 +40,7 @@ pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use status::{
     DaemonStatus, PoolStatus, StatusError, moves_table, query as query_status, request_drain,
-    table as status_table,
+    request_undrain, table as status_table,
 };
 pub use store::{
     BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy, VmRecord, VmSource,

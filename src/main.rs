@@ -58,8 +58,17 @@ enum HostCommand {
     /// Live-migrate every VM that can migrate to other hosts' companions
     /// (their `[migration] listen`), in turn, and follow until each moved
     /// or failed (a VM whose move fails runs on here). Exit 0 when every VM
-    /// moved, 1 otherwise.
+    /// moved, 1 otherwise. The host takes no new VMs until `undrain`.
     Drain(DrainArgs),
+    /// End a drain: the host takes new VMs again.
+    Undrain(UndrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UndrainArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -1044,6 +1053,22 @@ fn main() -> ExitCode {
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
         Command::Host(HostCommand::Drain(args)) => host_drain(&args),
+        Command::Host(HostCommand::Undrain(args)) => {
+            match prescient::request_undrain(&args.socket, std::time::Duration::from_secs(5)) {
+                Ok(s) if !s.draining => {
+                    eprintln!("this host takes new VMs again");
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("prescient host undrain: the daemon still reports draining");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("prescient host undrain: {}", error_chain(&e));
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Gpu(cmd) => match gpu_cli::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

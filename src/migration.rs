@@ -472,6 +472,9 @@ pub struct Mover {
     capacity_mib: Mutex<f64>,
     state: Mutex<MoverState>,
     metrics: Arc<crate::Metrics>,
+    /// A drain began and was not ended: no new VMs here (boots are
+    /// deferred, slot requests refused).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Asks the companion at `addr` for a slot for `req`; returns the address
@@ -547,6 +550,7 @@ impl Mover {
             capacity_mib: Mutex::new(capacity_mib),
             state: Mutex::new(MoverState::default()),
             metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -567,6 +571,21 @@ impl Mover {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the host is draining (see [`drain`](Self::drain)).
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ends a drain: the host takes new VMs again.
+    pub fn undrain(&self) {
+        if self
+            .draining
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!("drain ended: this host takes new VMs again");
+        }
     }
 
     /// Every move so far (the latest per VM).
@@ -701,12 +720,15 @@ impl Mover {
     }
 
     /// Moves every VM that can migrate to `destinations` in turn (VMs in
-    /// `known` that cannot are listed as unsupported). Returns at once;
+    /// `known` that cannot are listed as unsupported), and keeps new VMs
+    /// off this host until [`undrain`](Self::undrain). Returns at once;
     /// progress is in [`moves`](Self::moves).
     pub fn drain(self: &Arc<Self>, destinations: &[String], known: &[String]) -> Vec<MoveRecord> {
         if destinations.is_empty() {
             return self.moves();
         }
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut started = Vec::new();
         {
             let mut st = self.lock();

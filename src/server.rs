@@ -274,7 +274,11 @@ impl HooksServer {
     /// (the labvm's own `before-boot` then reserves them).
     pub fn slot_admitter(&self) -> crate::migration::SlotAdmitter {
         let state = Arc::clone(&self.state);
+        let mover = self.config.migration.clone();
         Arc::new(move |req, pending_mib| {
+            if mover.as_ref().is_some_and(|m| m.draining()) {
+                return Err("this host is draining; it takes no VMs".into());
+            }
             let st = state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -454,6 +458,28 @@ async fn handle_connection(
                     can_migrate,
                 };
                 record(state, config, &peer, event)
+            }
+            Message::UndrainRequest => {
+                if let Some(m) = config.migration.as_ref() {
+                    m.undrain();
+                }
+                let status = {
+                    let st = state
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    status_of(&st, config)
+                };
+                let msg = match serde_json::to_value(&status) {
+                    Ok(status) => Message::Status { status },
+                    Err(e) => Message::Error {
+                        message: format!("cannot encode the status: {e}"),
+                    },
+                };
+                if let Err(e) = send(&mut stream, &msg).await {
+                    tracing::debug!("cannot answer an undrain request: {e}");
+                    return;
+                }
+                continue;
             }
             Message::DrainRequest { to } => {
                 let msg = drain(state, config, &to);
@@ -675,7 +701,25 @@ fn record(state: &Mutex<State>, config: &ServerConfig, peer: &Peer<'_>, event: E
                 .or_insert_with(|| new_record(&vm, &key, VmSource::Vmm, pid, event.at_unix_ms));
             HookReply::Ack
         }
+        EventKind::BeforeBoot { .. }
+            if can_interrupt && config.migration.as_ref().is_some_and(|m| m.draining()) =>
+        {
+            // No new VMs on a host being emptied; the VMM asks again.
+            HookReply::Defer {
+                reason: "this host is draining for maintenance (prescient host undrain ends it)"
+                    .into(),
+                retry_after_ms: 5000,
+                missing_mib: 0,
+            }
+        }
         EventKind::BeforeBoot { vcpu_tids, ram, .. } => {
+            if config.migration.as_ref().is_some_and(|m| m.draining()) {
+                tracing::warn!(
+                    vm,
+                    peer = peer_name,
+                    "a VM boots on a draining host: its VMM cannot be deferred"
+                );
+            }
             let declared = Declared {
                 vcpus: u64::try_from(vcpu_tids.len()).unwrap_or(u64::MAX).max(1),
                 memory_mib: ram.len >> 20,
@@ -1123,6 +1167,7 @@ fn status_of(st: &State, config: &ServerConfig) -> DaemonStatus {
             .as_ref()
             .map(|m| m.moves())
             .unwrap_or_default(),
+        draining: config.migration.as_ref().is_some_and(|m| m.draining()),
     }
 }
 

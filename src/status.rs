@@ -94,6 +94,9 @@ pub struct DaemonStatus {
     /// companions).
     #[serde(default)]
     pub migrations: Vec<crate::migration::MoveRecord>,
+    /// A drain holds new VMs off this host (`prescient host undrain` ends it).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Asks the daemon at `socket` for its status.
@@ -109,6 +112,11 @@ pub fn request_drain(
     timeout: Duration,
 ) -> Result<DaemonStatus, StatusError> {
     ask(socket, &Message::DrainRequest { to: to.to_vec() }, timeout)
+}
+
+/// Ends a drain of the daemon at `socket` (`prescient host undrain`).
+pub fn request_undrain(socket: &Path, timeout: Duration) -> Result<DaemonStatus, StatusError> {
+    ask(socket, &Message::UndrainRequest, timeout)
 }
 
 /// Sends `msg`; the answer is a status.
@@ -196,13 +204,18 @@ pub fn table(s: &DaemonStatus) -> String {
         rows.push(row);
     }
     let mut out = format!(
-        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}\n\n",
+        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}{}\n\n",
         s.version,
         s.socket,
         s.store.as_deref().unwrap_or("none"),
         p.overcommit.cpu,
         p.overcommit.memory,
-        p.reservations
+        p.reservations,
+        if s.draining {
+            "; DRAINING (no new VMs; prescient host undrain ends it)"
+        } else {
+            ""
+        }
     );
     out.push_str(&render(&rows, |c| c == 0));
     out.push('\n');

@@ -449,3 +449,64 @@ fn the_slot_listener_bounds_the_labvms_it_starts() {
         "{fifth}"
     );
 }
+
+/// A drain holds new VMs off the host (their boots are deferred) until
+/// `prescient host undrain`.
+#[test]
+fn a_drained_host_defers_new_boots_until_undrain() {
+    let src = Server::start_with(false);
+    let mut hc = vmm_hooks::SocketHookConfig::new(&src.socket, "labvm-like 1.0");
+    hc.timeout = Duration::from_secs(5);
+    hc.features = vec![vmm_hooks::proto::FEATURE_INTERRUPT.into()];
+    let mut hook = vmm_hooks::SocketHook::new(hc);
+    let vm = |id: &str| VmIdentity {
+        vm_id: id.into(),
+        image_digest: "i".into(),
+        package_digest: "p".into(),
+    };
+    let created = EventKind::Created {
+        spec: VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            vmm: "labvm-like 1.0".into(),
+            priority: 0,
+            interruptible: false,
+        },
+    };
+    let before_boot = EventKind::BeforeBoot {
+        vcpu_tids: vec![1],
+        ram: vmm_hooks::GuestRange {
+            start: 0,
+            len: 64 << 20,
+        },
+        admission: vmm_hooks::Admission::default(),
+    };
+    let ev = |id: &str, seq: u64, kind: EventKind| Event {
+        vm: vm(id),
+        seq,
+        at_unix_ms: 1,
+        kind,
+    };
+    // One VM runs (its VMM cannot migrate): the drain leaves it, but begins.
+    hook.on_event(&ev("old", 0, created.clone()));
+    let out = drain(&src, "127.0.0.1:9");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let status = prescient::query_status(&src.socket, Duration::from_secs(5)).unwrap();
+    assert!(status.draining);
+    hook.on_event(&ev("new", 0, created));
+    match hook.on_event(&ev("new", 1, before_boot.clone())) {
+        HookReply::Defer { reason, .. } => assert!(reason.contains("draining"), "{reason}"),
+        other => panic!("a boot on a draining host got {other:?}"),
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
+        .args(["host", "undrain", "--socket"])
+        .arg(&src.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!prescient::query_status(&src.socket, Duration::from_secs(5)).unwrap().draining);
+    assert!(matches!(
+        hook.on_event(&ev("new", 2, before_boot)),
+        HookReply::Plan(_)
+    ));
+}

@@ -254,6 +254,9 @@ pub enum Message {
         /// their `[migration] listen`), used in turn.
         to: Vec<String>,
     },
+    /// An operator's tool ends a drain (`prescient host undrain`): the
+    /// host takes new VMs again. Answered with [`Message::Status`].
+    UndrainRequest,
 }
 
 /// What can go wrong on the wire.
@@ -323,6 +326,7 @@ impl Message {
             Message::StatusRequest => "status-request",
             Message::Status { .. } => "status",
             Message::DrainRequest { .. } => "drain-request",
+            Message::UndrainRequest => "undrain-request",
         }
     }
 }
@@ -528,6 +532,7 @@ mod tests {
             Message::DrainRequest {
                 to: vec!["10.0.0.2:7790".into()],
             },
+            Message::UndrainRequest,
         ] {
             let frame = encode(&m).unwrap();
             assert_eq!(read_message(&mut frame.as_slice()).unwrap(), m);
