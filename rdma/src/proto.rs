@@ -52,6 +52,23 @@
 //!   [source stops its VM]
 //! ```
 //!
+//! With the RDMA transport (cargo feature `rdma`) the source sends
+//! `Hello{bulk: 0}` and opens no bulk connections; the queue pairs are
+//! connected over the control connection instead, and page data moves by
+//! RDMA (see `verbs.rs` and the crate README):
+//!
+//! ```text
+//!   Hello{version, vm, bulk: 0} -------->  checks version and VmDescriptor
+//!   RdmaConnect{qp}           ----------->  registers guest RAM, QP to RTR,
+//!                                           posts receives
+//!                             <-----------  RdmaAccept{qp, region}
+//!   [source checks region.len == vm.ram_bytes, QP to RTS]
+//!                             <-----------  Accept
+//!   rounds: page runs as RDMA WRITE WITH IMMEDIATE into region.addr + gpa
+//!           (imm = frame number), zero runs as 16-byte RDMA SENDs; each
+//!           is one frame of RoundEnd's count; the rest as above.
+//! ```
+//!
 //! Either side may send `Abort{reason}` at any point and close; the source
 //! then resumes its VM (if it paused it), the destination discards its VM.
 //! A frame that does not decode (bad magic, version, kind, flags, length,
@@ -59,6 +76,8 @@
 //! migration on that side; it never reaches guest memory.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::rdma_wire::{QpEndpoint, RemoteRegion};
 
 /// Protocol version spoken here.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -140,6 +159,20 @@ pub enum Control {
     Complete,
     /// Destination to source: the guest runs here now.
     Running,
+    /// Source to destination, RDMA transport only (after `Hello` with
+    /// `bulk: 0`): the source's queue pair.
+    RdmaConnect {
+        /// The source's RC queue pair.
+        qp: QpEndpoint,
+    },
+    /// Destination to source, RDMA transport only: the destination's queue
+    /// pair (ready to receive) and its guest RAM as one memory region.
+    RdmaAccept {
+        /// The destination's RC queue pair.
+        qp: QpEndpoint,
+        /// Guest RAM, registered for remote writes.
+        region: RemoteRegion,
+    },
     /// Either side: the migration is over without success.
     Abort {
         /// Why.
