@@ -484,6 +484,39 @@ mod tests {
     }
 
     #[test]
+    fn rdma_control_frames_round_trip() {
+        let qp = QpEndpoint {
+            lid: 0,
+            qpn: 0x1234,
+            psn: 0xabcdef,
+            gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, 1],
+            mtu: 5,
+        };
+        for m in [
+            Control::RdmaConnect { qp },
+            Control::RdmaAccept {
+                qp,
+                region: RemoteRegion {
+                    addr: 0x7f12_3456_7000,
+                    len: 1 << 30,
+                    rkey: 0xdead_beef,
+                },
+            },
+        ] {
+            let b = encode_control(&m);
+            assert_eq!(decode_frame(&b).unwrap(), (Frame::Control(m), b.len()));
+        }
+    }
+
+    #[test]
+    fn rdma_accept_with_a_gid_of_the_wrong_length_is_malformed() {
+        let body = br#"{"type":"rdma-accept","qp":{"lid":0,"qpn":5,"psn":1,"gid":[1,2,3],"mtu":3},"region":{"addr":4096,"len":4096,"rkey":1}}"#;
+        let mut b = header(KIND_CONTROL, &[body]).to_vec();
+        b.extend_from_slice(body);
+        assert!(matches!(decode_frame(&b), Err(ProtocolError::Control(_))));
+    }
+
+    #[test]
     fn pages_frame_round_trips() {
         let data = vec![7u8; 8192];
         let b = encode_run(PageRun::Data {

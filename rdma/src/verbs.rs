@@ -889,7 +889,22 @@ fn wc_imm(wc: &ib::ibv_wc) -> u32 {
 #[derive(Debug, Default)]
 struct Landed {
     frames: u64,
-    error: Option<String>,
+    error: Option<RecvFailure>,
+}
+
+/// Why the receiver thread stopped.
+#[derive(Clone, Debug)]
+enum RecvFailure {
+    /// A receive completed with an error status.
+    Completion(Failure),
+    /// Anything else (a bad frame number, a zero run out of range, a verb).
+    Other(String),
+}
+
+impl From<String> for RecvFailure {
+    fn from(s: String) -> Self {
+        RecvFailure::Other(s)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1390,7 +1405,7 @@ impl RecvCtx {
         while !self.stop.load(Ordering::Acquire) {
             let n = match self.verbs.poll(&mut wcs, WAIT_SLICE) {
                 Ok(n) => n,
-                Err(e) => return self.fail(e.to_string()),
+                Err(e) => return self.fail(e.to_string().into()),
             };
             for wc in &wcs[..n] {
                 if let Err(e) = self.handle(wc, expected) {
@@ -1415,7 +1430,7 @@ impl RecvCtx {
                     self.lkey,
                 );
                 if let Err(e) = r {
-                    return self.fail(e.to_string());
+                    return self.fail(e.to_string().into());
                 }
             }
         }
@@ -1423,31 +1438,33 @@ impl RecvCtx {
 
     /// One receive completion: a page run that landed (write with
     /// immediate) or a zero run to apply (send with immediate).
-    fn handle(&self, wc: &ib::ibv_wc, expected: u32) -> Result<(), String> {
+    fn handle(&self, wc: &ib::ibv_wc, expected: u32) -> Result<(), RecvFailure> {
         if wc.status != ib::ibv_wc_status::IBV_WC_SUCCESS {
-            return Err(format!(
-                "receive completed with status \"{}\" (vendor error {:#x})",
-                status_str(wc.status),
-                wc.vendor_err
-            ));
+            return Err(RecvFailure::Completion(Failure {
+                op: "receive",
+                status: status_str(wc.status),
+                vendor_err: wc.vendor_err,
+            }));
         }
         let slot = usize::try_from(wc.wr_id).unwrap_or(usize::MAX);
         if slot >= self.buf.len() / RECV_SLOT {
-            return Err(format!("completion for unknown receive {}", wc.wr_id));
+            return Err(format!("completion for unknown receive {}", wc.wr_id).into());
         }
         if wc.wc_flags & ib::ibv_wc_flags::IBV_WC_WITH_IMM.0 == 0 {
-            return Err("a frame without its frame number (no immediate data)".into());
+            return Err(RecvFailure::Other(
+                "a frame without its frame number (no immediate data)".into(),
+            ));
         }
         rdma_wire::check_imm(wc_imm(wc), expected)?;
         match wc.opcode {
             ib::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => Ok(()),
             ib::ibv_wc_opcode::IBV_WC_RECV => {
                 if wc.byte_len as usize != rdma_wire::ZERO_MSG_LEN {
-                    return Err(format!(
+                    return Err(RecvFailure::Other(format!(
                         "zero-run message of {} bytes ({} expected)",
                         wc.byte_len,
                         rdma_wire::ZERO_MSG_LEN
-                    ));
+                    )));
                 }
                 let mut m = [0u8; rdma_wire::ZERO_MSG_LEN];
                 // SAFETY: slot < depth (checked above), so the slot's
@@ -1464,14 +1481,14 @@ impl RecvCtx {
                 let (gpa, pages) = rdma_wire::decode_zero(&m)?;
                 let bytes = rdma_wire::check_zero_run(gpa, pages, self.ram.size() as u64)
                     .map_err(|e| format!("zero run refused: {e}"))?;
-                self.ram.zero_checked(gpa, bytes)
+                Ok(self.ram.zero_checked(gpa, bytes)?)
             }
-            other => Err(format!("unexpected completion opcode {other}")),
+            other => Err(format!("unexpected completion opcode {other}").into()),
         }
     }
 
-    fn fail(&self, e: String) {
-        tracing::error!(error = %e, "RDMA receive failed");
+    fn fail(&self, e: RecvFailure) {
+        tracing::error!(error = ?e, "RDMA receive failed");
         {
             let mut l = self
                 .shared
@@ -1601,8 +1618,19 @@ impl Transport for RdmaTransport {
                 } else {
                     l
                 };
-                if let Some(e) = &l.error {
-                    return Err(self.unexpected(&format!("RDMA data ({e})")));
+                match &l.error {
+                    None => {}
+                    Some(RecvFailure::Completion(f)) => {
+                        return Err(TransportError::Completion {
+                            peer: self.peer.clone(),
+                            op: f.op,
+                            status: f.status.clone(),
+                            vendor_err: f.vendor_err,
+                        });
+                    }
+                    Some(RecvFailure::Other(e)) => {
+                        return Err(self.unexpected(&format!("RDMA data ({e})")));
+                    }
                 }
                 if l.frames > want {
                     return Err(self.unexpected(&format!(
