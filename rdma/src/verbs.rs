@@ -392,8 +392,9 @@ impl Verbs {
                     )
                 })?,
         };
-        // SAFETY: `dev` is a live device of `list`, which is freed only at
-        // the end of this function (the context outlives the list).
+        // SAFETY: `dev` is a live device of `list`, which is still alive
+        // here; the context stays valid after the list is freed (below), as
+        // libibverbs documents.
         let ctx = unsafe { ib::ibv_open_device(dev) };
         drop(list);
         if ctx.is_null() {
@@ -428,6 +429,15 @@ impl Verbs {
         }
         v.ethernet = port.link_layer == LINK_LAYER_ETHERNET;
         let (gid_index, gid) = v.pick_gid(opts.gid_index, port.gid_tbl_len)?;
+        if v.ethernet && gid == [0; 16] {
+            return Err(setup(
+                &v.device,
+                format!(
+                    "RoCE port {} has no GID (is an IP address configured on its network interface?)",
+                    opts.port
+                ),
+            ));
+        }
         v.gid_index = gid_index;
         let caps = v.query_device()?;
         let max_wr = u32::try_from(caps.max_qp_wr).unwrap_or(0);
@@ -599,6 +609,18 @@ impl Verbs {
             &mut a,
             M::IBV_QP_STATE | M::IBV_QP_PKEY_INDEX | M::IBV_QP_PORT | M::IBV_QP_ACCESS_FLAGS,
             "ibv_modify_qp(INIT)",
+        )
+    }
+
+    /// Moves the QP to the error state: the NIC accepts no more requests on it.
+    fn to_error(&self) -> Result<(), TransportError> {
+        // SAFETY: ibv_qp_attr is integers and plain structs; all zero is valid.
+        let mut a: ib::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ib::ibv_qp_state::IBV_QPS_ERR;
+        self.modify(
+            &mut a,
+            ib::ibv_qp_attr_mask::IBV_QP_STATE,
+            "ibv_modify_qp(ERR)",
         )
     }
 
@@ -1083,6 +1105,28 @@ impl RdmaTransport {
         Ok(())
     }
 
+    /// Destination: stops the receiver thread and moves the queue pair to
+    /// the error state, so that no later RDMA write lands in guest RAM
+    /// (the NIC refuses them; the source sees a completion error). Done on
+    /// `Complete`, on `Abort` and on close. Nothing to do on a source.
+    fn seal(&mut self) {
+        let Some(r) = self.receiver.as_mut() else {
+            return;
+        };
+        let Some(t) = r.thread.take() else {
+            return;
+        };
+        r.stop.store(true, Ordering::Release);
+        if t.join().is_err() {
+            tracing::error!("the RDMA receiver thread panicked");
+        }
+        if let Err(e) = self.verbs.to_error() {
+            // Dropping the transport destroys the QP; until then a late
+            // write could still land: say so.
+            tracing::warn!(peer = %self.peer, "cannot move the RDMA queue pair to the error state: {e}");
+        }
+    }
+
     fn unexpected(&self, what: &str) -> TransportError {
         TransportError::Unexpected {
             peer: self.peer.clone(),
@@ -1235,10 +1279,25 @@ impl RdmaTransport {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         ring.ops[slot] = op;
-        self.verbs
-            .post_send(wr_id, opcode, (dst as u64, len, ring.lkey), remote, imm)?;
-        ring.posted += 1;
-        Ok(())
+        let lkey = ring.lkey;
+        match self
+            .verbs
+            .post_send(wr_id, opcode, (dst as u64, len, lkey), remote, imm)
+        {
+            Ok(()) => {
+                ring.posted += 1;
+                Ok(())
+            }
+            Err(e) => {
+                // A run may be half posted: nothing later may go out.
+                self.failure = Some(Failure {
+                    op,
+                    status: e.to_string(),
+                    vendor_err: 0,
+                });
+                Err(e)
+            }
+        }
     }
 }
 
@@ -1586,18 +1645,30 @@ impl Transport for RdmaTransport {
                 peer: self.peer.clone(),
             });
         }
-        match read_frame(&mut self.control, &self.peer, self.timeout)? {
-            Frame::Control(c) => Ok(c),
+        let c = match read_frame(&mut self.control, &self.peer, self.timeout)? {
+            Frame::Control(c) => c,
             other => {
-                Err(self.unexpected(&format!("{} on the control connection", frame_name(&other))))
+                return Err(
+                    self.unexpected(&format!("{} on the control connection", frame_name(&other)))
+                );
             }
+        };
+        // Destination: after `Complete` (every page is in) or `Abort`, no
+        // RDMA write may touch guest RAM any more, since the guest may run.
+        if matches!(c, Control::Complete | Control::Abort { .. }) {
+            self.seal();
         }
+        Ok(c)
     }
 
     fn wait_pages(&mut self, frames: u64) -> Result<(), TransportError> {
-        let Some(shared) = self.receiver.as_ref().map(|r| Arc::clone(&r.shared)) else {
+        let Some(r) = self.receiver.as_ref() else {
             return Err(self.unexpected("wait_pages on a source"));
         };
+        if r.thread.is_none() {
+            return Err(self.unexpected("page data after Complete or Abort"));
+        }
+        let shared = Arc::clone(&r.shared);
         if self.closed {
             return Err(TransportError::Closed {
                 peer: self.peer.clone(),
@@ -1656,14 +1727,7 @@ impl Transport for RdmaTransport {
     }
 
     fn close(&mut self) {
-        if let Some(mut r) = self.receiver.take() {
-            r.stop.store(true, Ordering::Release);
-            if let Some(t) = r.thread.take()
-                && t.join().is_err()
-            {
-                tracing::error!("the RDMA receiver thread panicked");
-            }
-        }
+        self.seal();
         let _ = self.control.shutdown(std::net::Shutdown::Both);
         self.closed = true;
     }

@@ -460,6 +460,45 @@ fn hw_rdma_destination_closing_mid_stream_fails_the_source() {
 }
 
 #[test]
+fn hw_rdma_writes_after_complete_do_not_reach_the_running_guest() {
+    if rdma_device_or_skip("hw_rdma_writes_after_complete_do_not_reach_the_running_guest").is_none()
+    {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dst = std::sync::Arc::new(Mapping::new(RAM, 0xEE));
+    let dest = destination(listener, dst.clone(), |tr: &mut RdmaTransport| {
+        serve_rounds(tr).unwrap();
+        assert_eq!(tr.recv_control().unwrap(), Control::Complete);
+        tr.send_control(&Control::Running).unwrap();
+        // Wait for the source to go; the guest "runs" meanwhile.
+        tr.recv_control()
+    });
+    let mut src = source(&addr, RAM);
+    src.send_run(PageRun::Data {
+        gpa: 0,
+        data: &pattern(0, 0),
+    })
+    .unwrap();
+    end_round(&mut src, 0, 1, true);
+    src.send_control(&Control::Complete).unwrap();
+    assert_eq!(src.recv_control().unwrap(), Control::Running);
+    // A late write: the destination's queue pair no longer accepts it.
+    let r = src
+        .send_run(PageRun::Data {
+            gpa: PAGE as u64,
+            data: &[0x77u8; PAGE],
+        })
+        .and_then(|()| src.flush());
+    assert!(matches!(r, Err(TransportError::Completion { .. })), "{r:?}");
+    drop(src);
+    assert!(dest.join().unwrap().is_err());
+    assert_eq!(dst.read(0, PAGE), pattern(0, 0));
+    assert!(dst.read(PAGE, PAGE).iter().all(|&b| b == 0xEE));
+}
+
+#[test]
 fn hw_rdma_without_a_device_the_destination_tells_the_source() {
     let devices = list_devices().unwrap();
     if !devices.is_empty() {
