@@ -121,7 +121,8 @@ pub enum Control {
         version: u16,
         /// The VM being moved.
         vm: VmDescriptor,
-        /// Number of bulk connections that follow.
+        /// Number of bulk connections that follow; 0: the source moves
+        /// page data over RDMA (`RdmaConnect` follows instead).
         bulk: u32,
         /// Session id the bulk connections present in `join`.
         session: u64,

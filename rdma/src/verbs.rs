@@ -839,7 +839,11 @@ impl Verbs {
         let max = i32::try_from(wcs.len()).unwrap_or(i32::MAX);
         // SAFETY: `cq` is live; `wcs` has room for `max` completions.
         let n = unsafe { ib::ibv_poll_cq(self.cq, max, wcs.as_mut_ptr()) };
-        usize::try_from(n).map_err(|_| verb_failed("ibv_poll_cq", n))
+        // ibv_poll_cq never returns more than asked; the min keeps slicing
+        // by the result in bounds whatever a provider does.
+        usize::try_from(n)
+            .map(|n| n.min(wcs.len()))
+            .map_err(|_| verb_failed("ibv_poll_cq", n))
     }
 }
 
