@@ -1599,14 +1599,14 @@ impl Transport for RdmaTransport {
                     // region.addr + region.len does not overflow (checked at open).
                     let remote = region.addr + gpa + off as u64;
                     let piece = &data[off..off + len];
-                    if i == last {
+                    let r = if i == last {
                         self.post(
                             "RDMA write with immediate",
                             ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
                             piece,
                             Some((remote, region.rkey)),
                             Some(rdma_wire::imm_for(seq)),
-                        )?;
+                        )
                     } else {
                         self.post(
                             "RDMA write",
@@ -1614,7 +1614,19 @@ impl Transport for RdmaTransport {
                             piece,
                             Some((remote, region.rkey)),
                             None,
-                        )?;
+                        )
+                    };
+                    if let Err(e) = r {
+                        if i > 0 && self.failure.is_none() {
+                            // Part of the run is out without its frame
+                            // number: nothing later may follow it.
+                            self.failure = Some(Failure {
+                                op: "RDMA write",
+                                status: format!("run at {gpa:#x} only partly sent: {e}"),
+                                vendor_err: 0,
+                            });
+                        }
+                        return Err(e);
                     }
                 }
             }
