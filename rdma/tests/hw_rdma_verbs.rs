@@ -107,12 +107,21 @@ fn hello(session: u64, ram: usize, bulk: u32) -> Control {
     }
 }
 
-fn small_ring() -> RdmaOptions {
-    // Few small slots and few receives, so the ring wraps, long runs are
-    // split, and the source outruns the destination's receives.
+/// Source options: 32 slots of 64 KiB, so the ring wraps, a 1 MiB run is
+/// split into 16 writes, and the source can have twice as many frames in
+/// flight as the destination has receives posted (receiver-not-ready
+/// retries).
+fn source_opts() -> RdmaOptions {
     RdmaOptions {
-        slots: 4,
+        slots: 32,
         slot_bytes: 64 << 10,
+        ..RdmaOptions::default()
+    }
+}
+
+/// Destination options: 16 receives posted.
+fn dest_opts() -> RdmaOptions {
+    RdmaOptions {
         recv_depth: 16,
         ..RdmaOptions::default()
     }
@@ -128,7 +137,7 @@ fn destination<R: Send + 'static>(
     std::thread::spawn(move || {
         let (pending, h) = PendingIncoming::accept(listener, T).unwrap();
         assert!(pending.wants_rdma(), "{h:?}");
-        let mut tr = pending.attach_rdma(mem.guest_ram(), &small_ring()).unwrap();
+        let mut tr = pending.attach_rdma(mem.guest_ram(), &dest_opts()).unwrap();
         tr.send_control(&Control::Accept).unwrap();
         let r = body(&mut tr);
         drop(tr);
@@ -159,7 +168,7 @@ fn serve_rounds(tr: &mut RdmaTransport) -> Result<u32, TransportError> {
 }
 
 fn source(addr: &str, ram: usize) -> RdmaTransport {
-    let mut src = RdmaTransport::connect(addr, &small_ring(), T).unwrap();
+    let mut src = RdmaTransport::connect(addr, &source_opts(), T).unwrap();
     src.send_control(&hello(src.session(), ram, 0)).unwrap();
     src.open_data_path(ram as u64).unwrap();
     assert_eq!(src.recv_control().unwrap(), Control::Accept);
@@ -201,8 +210,9 @@ fn hw_rdma_page_runs_land_in_the_destination_mapping_over_loopback_rc() {
     let mut expect = vec![0xEEu8; RAM];
     let mut src = source(&addr, RAM);
 
-    // Round 0: one 1 MiB run (16 writes of 64 KiB through 4 slots), 300
-    // single pages (far more than the 16 receives posted), one zero run.
+    // Round 0: one 1 MiB run (16 writes of 64 KiB), 300 single pages (the
+    // 32-slot ring wraps, and up to 32 frames chase 16 posted receives),
+    // one zero run.
     let mut frames = 0u64;
     for p in 0..256 {
         src_mem.write(p * PAGE, &pattern(p, 0));
@@ -346,7 +356,7 @@ fn hw_rdma_region_of_another_size_is_refused_by_the_source() {
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0));
     let dest = destination(listener, dst, |tr: &mut RdmaTransport| tr.recv_control());
-    let mut src = RdmaTransport::connect(&addr, &small_ring(), T).unwrap();
+    let mut src = RdmaTransport::connect(&addr, &source_opts(), T).unwrap();
     src.send_control(&hello(src.session(), RAM, 0)).unwrap();
     // The source's VM has twice the RAM the destination registered.
     let r = src.open_data_path(2 * RAM as u64);
