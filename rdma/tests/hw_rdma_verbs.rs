@@ -26,6 +26,16 @@ const PAGE: usize = 4096;
 const RAM: usize = 4 << 20;
 const T: Duration = Duration::from_secs(20);
 
+/// The tests run one at a time: registered memory counts against the
+/// process's RLIMIT_MEMLOCK, and each test pins about 6 MiB.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// An anonymous private mapping, unmapped on drop.
 struct Mapping {
     addr: usize,
@@ -201,6 +211,7 @@ fn hw_rdma_page_runs_land_in_the_destination_mapping_over_loopback_rc() {
     {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0xEE));
@@ -290,6 +301,7 @@ fn hw_rdma_out_of_range_runs_are_refused_and_nothing_is_written() {
     {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0xEE));
@@ -352,6 +364,7 @@ fn hw_rdma_region_of_another_size_is_refused_by_the_source() {
     if rdma_device_or_skip("hw_rdma_region_of_another_size_is_refused_by_the_source").is_none() {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0));
@@ -383,6 +396,7 @@ fn hw_rdma_source_closing_mid_round_is_an_error_at_the_destination() {
     {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0));
@@ -424,6 +438,7 @@ fn hw_rdma_destination_closing_mid_stream_fails_the_source() {
     if rdma_device_or_skip("hw_rdma_destination_closing_mid_stream_fails_the_source").is_none() {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0));
@@ -477,6 +492,7 @@ fn hw_rdma_writes_after_complete_do_not_reach_the_running_guest() {
     {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dst = std::sync::Arc::new(Mapping::new(RAM, 0xEE));
