@@ -144,6 +144,15 @@ pub enum ConfigError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The `[migration]` section is out of range.
+    #[error("{path}")]
+    Migration {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        #[source]
+        source: crate::migration::MigrationError,
+    },
     /// The `[shaping]` section is out of range.
     #[error("{path}")]
     Shaping {
@@ -179,6 +188,8 @@ pub struct Config {
     pub interrupt: InterruptSection,
     /// The forecasting model, the samples kept for it and its retraining.
     pub forecast: crate::online::ForecastConfig,
+    /// Live migration between hosts.
+    pub migration: crate::migration::MigrationConfig,
 }
 
 /// `[interrupt]`: the interruption coordinator (`crate::interrupt`).
@@ -765,6 +776,12 @@ impl Config {
                 format!("{} / {}", f.sample_max_rows, f.forecast_max_rows),
                 "sample_max_rows and forecast_max_rows must be at least 1",
             ));
+        }
+        if let Err(e) = self.migration.validate() {
+            return Err(ConfigError::Migration {
+                path: path.to_path_buf(),
+                source: e,
+            });
         }
         if s.enabled && s.path.as_os_str().is_empty() {
             return Err(bad(

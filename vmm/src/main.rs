@@ -139,6 +139,18 @@ struct Cli {
     /// by --restore).
     #[arg(long)]
     restart: bool,
+    /// Milliseconds between run-status events to the companion (`poll`, or
+    /// the `run` part of balloon events), whose replies may order a live
+    /// migration. Only with --hooks-socket.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+    /// Seconds between dirty-rate measurements reported to the companion
+    /// (0: never). Each turns dirty logging on for --dirty-window-ms.
+    #[arg(long, default_value_t = 10.0)]
+    dirty_sample_s: f64,
+    /// Length of one dirty-rate measurement, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    dirty_window_ms: u64,
     /// Longest wait, in seconds, while the companion defers this VM's boot
     /// for lack of resources; then it boots anyway.
     #[arg(long, default_value_t = 600.0)]
@@ -154,6 +166,58 @@ impl labvm::RunObserver for CliStop {
     fn should_stop(&mut self) -> bool {
         stop_requested() || self.until.is_some_and(|t| Instant::now() >= t)
     }
+}
+
+fn print_migration(m: &labvm::MigrationReport) {
+    match &m.error {
+        None => println!(
+            "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
+            m.to, m.total_ms, m.downtime_ms, m.bytes
+        ),
+        Some(e) => println!("migration failed, the VM ran on here: {e}"),
+    }
+}
+
+/// The companion at --hooks-socket, or none.
+fn companion(cli: &Cli) -> Box<dyn LifecycleHook> {
+    match &cli.hooks_socket {
+        Some(path) => {
+            let mut c = SocketHookConfig::new(path, VMM_NAME);
+            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
+            c.features = vec![
+                vmm_hooks::proto::FEATURE_INTERRUPT.to_string(),
+                vmm_hooks::proto::FEATURE_MIGRATE.to_string(),
+            ];
+            Box::new(SocketHook::new(c))
+        }
+        None => Box::new(NoCompanion),
+    }
+}
+
+/// --vm-id, or labvm-PID.
+fn vm_id(cli: &Cli) -> String {
+    cli.vm_id
+        .clone()
+        .unwrap_or_else(|| format!("labvm-{}", std::process::id()))
+}
+
+/// The reporter with run status and migration orders (see
+/// `HookReporter::with_migration`).
+fn with_migration<'a>(reporter: HookReporter<'a>, cli: &Cli) -> HookReporter<'a> {
+    let sample = (cli.dirty_sample_s > 0.0).then(|| Duration::from_secs_f64(cli.dirty_sample_s));
+    reporter.with_migration(
+        Duration::from_millis(cli.poll_ms.max(10)),
+        sample,
+        Duration::from_millis(cli.dirty_window_ms.max(10)),
+    )
+}
+
+/// Streams and timeouts of migrations the companion orders.
+fn template(cli: &Cli) -> labvm::MigrationOptions {
+    let mut opts = labvm::MigrationOptions::new(String::new());
+    opts.streams = cli.migrate_streams;
+    opts.downtime = Duration::from_millis(cli.downtime_ms);
+    opts
 }
 
 fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, value: &T) {
@@ -196,12 +260,15 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
         inc.report.rounds, inc.report.total_ms
     );
     write_json(&cli.migration_report, &inc.report);
-    let mut stop = CliStop {
-        until: cli
-            .run_for
-            .map(|s| Instant::now() + Duration::from_secs_f64(s)),
+    let until = cli
+        .run_for
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let result = if cli.hooks_socket.is_some() {
+        run_incoming_with_companion(cli, &mut inc, until)
+    } else {
+        inc.run(&mut CliStop { until })
     };
-    match inc.run(&mut stop) {
+    match result {
         Ok(report) => {
             write_json(&cli.report_json, &report);
             ExitCode::SUCCESS
@@ -211,6 +278,41 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs a received VM under this host's companion: it hears of the VM as
+/// of a restored one (`created`, `before-boot` restarting, `restarted`),
+/// gets its run status, and may move it on again.
+fn run_incoming_with_companion(
+    cli: &Cli,
+    inc: &mut labvm::Incoming,
+    until: Option<Instant>,
+) -> Result<labvm::RunReport, labvm::VmmError> {
+    let mut hook = companion(cli);
+    let identity = lab_identity(&vm_id(cli), &inc.vm);
+    let stop = move || stop_requested() || until.is_some_and(|t| Instant::now() >= t);
+    let stop: &dyn Fn() -> bool = &stop;
+    let mut reporter = HookReporter::new(hook.as_mut(), identity)
+        .with_stop(stop)
+        .with_admission(
+            Admission::new(cli.priority, false).restarting(),
+            Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
+        )
+        .restored();
+    if let Some(balloon) = inc.vm.balloon() {
+        reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
+    }
+    reporter = with_migration(reporter, cli);
+    reporter.created(&inc.vm);
+    let mut source = labvm::MigrationSource::on_request(template(cli), &mut reporter);
+    let result = inc.run(&mut source);
+    let moved = source.report.take();
+    reporter.stopped(&result);
+    if let Some(m) = &moved {
+        print_migration(m);
+        write_json(&cli.migration_report, m);
+    }
+    result
 }
 
 fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
@@ -332,19 +434,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut hook: Box<dyn LifecycleHook> = match &cli.hooks_socket {
-        Some(path) => {
-            let mut c = SocketHookConfig::new(path, VMM_NAME);
-            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
-            c.features = vec![vmm_hooks::proto::FEATURE_INTERRUPT.to_string()];
-            Box::new(SocketHook::new(c))
-        }
-        None => Box::new(NoCompanion),
-    };
-    let vm_id = cli
-        .vm_id
-        .clone()
-        .unwrap_or_else(|| format!("labvm-{}", std::process::id()));
+    let mut hook = companion(&cli);
+    let vm_id = vm_id(&cli);
     let identity = lab_identity(&vm_id, &vm);
     let stop: &dyn Fn() -> bool = &stop_requested;
     let mut admission = Admission::new(cli.priority, cli.interruptible);
@@ -369,6 +460,9 @@ fn main() -> ExitCode {
     if let Some(balloon) = vm.balloon() {
         reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
     }
+    if cli.hooks_socket.is_some() {
+        reporter = with_migration(reporter, &cli);
+    }
     reporter.created(&vm);
     let (result, migration) = match &cli.migrate_to {
         Some(to) => {
@@ -377,6 +471,13 @@ fn main() -> ExitCode {
             opts.downtime = Duration::from_millis(cli.downtime_ms);
             opts.streams = cli.migrate_streams;
             let mut source = labvm::MigrationSource::new(opts, &mut reporter);
+            let r = vm.run(&mut source);
+            let m = source.report.take();
+            (r, m)
+        }
+        // With a companion, it may order a live migration at any time.
+        None if cli.hooks_socket.is_some() => {
+            let mut source = labvm::MigrationSource::on_request(template(&cli), &mut reporter);
             let r = vm.run(&mut source);
             let m = source.report.take();
             (r, m)
@@ -400,16 +501,7 @@ fn main() -> ExitCode {
         }
     }
     if let Some(m) = &migration {
-        match &m.error {
-            None => println!(
-                "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
-                cli.migrate_to.as_deref().unwrap_or_default(),
-                m.total_ms,
-                m.downtime_ms,
-                m.bytes
-            ),
-            Some(e) => println!("migration failed, the VM ran on here: {e}"),
-        }
+        print_migration(m);
         write_json(&cli.migration_report, m);
     }
     match result {
