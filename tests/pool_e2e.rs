@@ -506,8 +506,10 @@ fn a_schema_version_1_store_is_migrated_and_keeps_its_boots() {
         };
         assert_eq!(store.summary(&key).unwrap().boots, 2);
         assert_eq!(store.boot_usage(&key, 10).unwrap().len(), 2);
+        assert_eq!(store.sample_rows().unwrap(), 0);
     }
-    assert_eq!(version(&path), 2);
+    // Migrated through version 2 (the pool) to version 3 (samples).
+    assert_eq!(version(&path), 3);
     // The daemon runs on it and uses it.
     let server = Server::start_in(dir, true, &[]);
     let mut hook = SocketHook::new(SocketHookConfig::new(&server.socket, "test"));
