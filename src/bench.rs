@@ -773,7 +773,7 @@ mod tests {
     #[test]
     fn load_bench_loses_no_event_at_a_small_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let r = load_bench(dir.path(), 20, 1, 2, false).unwrap();
+        let r = load_bench(dir.path(), 20, 1, 2, None).unwrap();
         assert!(r.events_sent > 0);
         assert_eq!(r.retrain, None);
         assert!(load_table(&r).contains("| off |"));
@@ -837,7 +837,7 @@ pub fn load_bench(
     per_s: u32,
     seconds: u32,
     clients: u32,
-    retrain: bool,
+    retrain: Option<(&Path, f64)>,
 ) -> Result<LoadResult, BenchError> {
     use std::os::unix::net::UnixStream;
     use vmm_hooks::proto::{self, Message};
@@ -870,16 +870,16 @@ pub fn load_bench(
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     let serving = runtime.spawn(server.serve(rx));
-    // The daemon's retraining job (100 VMs x 1 day of samples, training
+    // The daemon's retraining job (100 VMs x 14 days of samples, training
     // again and again at the lowest CPU priority) beside the hooks load.
     let stop_retrain = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let retraining = if retrain {
-        Some(retrain::retrain_in_background(
-            dir,
+    let retraining = match retrain {
+        Some((rdir, share)) => Some(retrain::retrain_in_background(
+            rdir,
+            share,
             std::sync::Arc::clone(&stop_retrain),
-        )?)
-    } else {
-        None
+        )?),
+        None => None,
     };
 
     let per_client = f64::from(per_s) / f64::from(clients);

@@ -89,6 +89,7 @@
 //! retrain_max_samples = 2000000
 //! retrain_max_seconds = 120.0
 //! retrain_epochs = 8
+//! retrain_cpu_share = 0.25     # CPU time / wall time while training
 //! retrain_hidden = 32
 //! holdout_s = 21600            # the latest 6 h are held out and score every model
 //! min_holdout_cases = 24
@@ -739,6 +740,13 @@ impl Config {
                 "must be 1 to 1000",
             ));
         }
+        if !(f.retrain_cpu_share.is_finite() && (0.05..=1.0).contains(&f.retrain_cpu_share)) {
+            return Err(bad(
+                "forecast.retrain_cpu_share",
+                f.retrain_cpu_share.to_string(),
+                "must be 0.05 to 1",
+            ));
+        }
         if !(4..=1024).contains(&f.retrain_hidden) {
             return Err(bad(
                 "forecast.retrain_hidden",
@@ -918,6 +926,10 @@ mod tests {
             (
                 "[forecast]\nretrain_hidden = 2\n",
                 "forecast.retrain_hidden",
+            ),
+            (
+                "[forecast]\nretrain_cpu_share = 0\n",
+                "forecast.retrain_cpu_share",
             ),
             ("[forecast]\nholdout_s = 60\n", "forecast.holdout_s"),
             (

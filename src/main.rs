@@ -429,10 +429,18 @@ struct LoadBenchArgs {
     /// Where the socket, store and event log go.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
-    /// Run the daemon's retraining job (100 VMs x 1 day of samples,
+    /// Run the daemon's retraining job (100 VMs x 14 days of samples,
     /// training again and again at the lowest CPU priority) beside the load.
     #[arg(long)]
     retrain: bool,
+    /// Where the retraining job's store and model files go [default: --dir]
+    /// (a tmpfs here separates its CPU use from its disk writes).
+    #[arg(long)]
+    retrain_dir: Option<PathBuf>,
+    /// The retraining job's CPU share ([forecast] retrain_cpu_share)
+    /// [default: 0.25].
+    #[arg(long, default_value_t = 0.25)]
+    retrain_cpu_share: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -539,7 +547,11 @@ fn bench(cmd: BenchCommand) -> ExitCode {
                 eprintln!("prescient: cannot create {}: {e}", a.dir.display());
                 return ExitCode::FAILURE;
             }
-            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients, a.retrain) {
+            let retrain_dir = a.retrain_dir.clone().unwrap_or_else(|| a.dir.clone());
+            let retrain = a
+                .retrain
+                .then_some((retrain_dir.as_path(), a.retrain_cpu_share.clamp(0.05, 1.0)));
+            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients, retrain) {
                 Ok(r) => {
                     println!("{}", bench::load_table(&r));
                     ExitCode::SUCCESS

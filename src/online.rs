@@ -69,6 +69,11 @@ pub struct ForecastConfig {
     pub retrain_max_seconds: f64,
     /// Most epochs one run trains.
     pub retrain_epochs: usize,
+    /// Share of one CPU a run may take while training (0.05 to 1): after
+    /// each step it sleeps so that its CPU time stays at this share of its
+    /// wall time. `SCHED_IDLE` alone still cost the hook path tail latency
+    /// on a 2-CPU host (README, "Online learning").
+    pub retrain_cpu_share: f64,
     /// Hidden width of a retrained model.
     pub retrain_hidden: usize,
     /// The held-out window: the latest this many seconds of samples are
@@ -93,6 +98,7 @@ impl Default for ForecastConfig {
             retrain_max_samples: 2_000_000,
             retrain_max_seconds: 120.0,
             retrain_epochs: 8,
+            retrain_cpu_share: 0.25,
             retrain_hidden: 32,
             holdout_s: 21_600,
             min_holdout_cases: 24,
@@ -856,8 +862,19 @@ pub fn retrain_once(
         threads: 1,
         ..TrainConfig::default()
     };
+    // The CPU share: after each step (example building, each epoch,
+    // calibration) sleep so that CPU time / wall time stays at the share.
+    let share = c.retrain_cpu_share.clamp(0.05, 1.0);
+    let mut last = thread_cpu_s();
     let trained = models::train(std::slice::from_ref(&ds), &cfg, &mut |l| {
         tracing::debug!("retraining: {l}");
+        if share < 1.0 {
+            let used = thread_cpu_s() - last;
+            std::thread::sleep(Duration::from_secs_f64(
+                (used * (1.0 / share - 1.0)).clamp(0.0, 60.0),
+            ));
+            last = thread_cpu_s();
+        }
     });
     let candidate = match trained {
         Ok((m, _)) => m,

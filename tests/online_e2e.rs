@@ -118,8 +118,9 @@ fn fill_store(store: &Path, vms: usize, days: i64, end_s: i64, constant: bool) {
 fn retrain_config(model: &Path) -> ForecastConfig {
     ForecastConfig {
         model: Some(model.to_path_buf()),
-        retrain_epochs: 6,
+        retrain_epochs: 16,
         retrain_hidden: 16,
+        retrain_cpu_share: 1.0,
         retrain_max_seconds: 600.0,
         holdout_s: 6 * 3600,
         min_holdout_cases: 10,

@@ -492,6 +492,10 @@ pub fn train_on(
     ));
     let device = base_device.clone().autodiff();
     let infer_device = offload.inference_device(EVAL_CHUNK);
+    // The initial weights follow the seed too, so a training is repeatable
+    // (burn's CPU backend keeps one generator per process: two trainings
+    // at once still draw from it in turn).
+    device.seed(cfg.seed);
     let mut net = QuantileMlp::new(spec, &device);
     let mut optim = AdamConfig::new().init();
     let mut order: Vec<usize> = (0..n).collect();

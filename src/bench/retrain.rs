@@ -156,18 +156,20 @@ pub fn retrain_table(rows: &[RetrainRow]) -> String {
     out
 }
 
-/// A retraining job that runs again and again (each time without a model,
+/// A retraining job on 100 VMs x 14 days of samples (the default
+/// retention) that runs again and again (each time without a model,
 /// so each run trains) until `stop`, the way the daemon runs it; returns
 /// the runs completed and their CPU seconds.
 pub(crate) fn retrain_in_background(
     dir: &Path,
+    cpu_share: f64,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<(u64, f64)>, BenchError> {
     let store = dir.join("load-retrain-store.db");
     let model = dir.join("load-retrain.model");
     let _ = std::fs::remove_file(&store);
     let end_s = crate::online::unix_ms_now() / 1000;
-    fill_samples(&store, 100, 24, end_s, 11)?;
+    fill_samples(&store, 100, 14 * 24, end_s, 11)?;
     std::thread::Builder::new()
         .name("bench-retrain".into())
         .spawn(move || {
@@ -184,6 +186,7 @@ pub(crate) fn retrain_in_background(
                 let _ = std::fs::remove_file(&model);
                 let cfg = ForecastConfig {
                     model: Some(model.clone()),
+                    retrain_cpu_share: cpu_share,
                     ..ForecastConfig::default()
                 };
                 let online = Online::new(cfg, Some(&store), Arc::new(Metrics::new()));
