@@ -528,3 +528,42 @@ fn the_daemon_retrains_periodically_on_its_own_thread_at_the_lowest_cpu_priority
     assert!(log.contains("retraining job on"), "{log}");
     assert!(log.contains("retraining run:"), "{log}");
 }
+
+#[test]
+fn a_model_rejected_at_start_is_set_aside_not_kept_as_previous_when_a_new_one_is_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    fill_store(&store, 12, 3, END_S, false);
+    let model = damaged_model(dir.path(), "forecast.model", |b| {
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    });
+    let foreign = std::fs::read(&model).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let online = Online::new(retrain_config(&model), Some(&store), Arc::clone(&metrics));
+    assert!(online.model().is_none());
+    assert!(
+        online
+            .status()
+            .rejected
+            .unwrap()
+            .contains("format version 2")
+    );
+    assert!(
+        metrics
+            .render()
+            .contains(r#"prescient_model_rejected_total{kind="other-version"} 1"#)
+    );
+    let mut db = ProfileStore::open(&store, StorePolicy::default()).unwrap();
+    let out = retrain_once(&online, &mut db, END_S * 1000 + 1).unwrap();
+    assert_eq!(out.decision, Decision::Installed, "{}", out.summary());
+    assert_eq!(out.model_loss, None);
+    assert_eq!(std::fs::read(sibling(&model, "rejected")).unwrap(), foreign);
+    assert!(!sibling(&model, "prev").exists());
+    assert_eq!(
+        models::LearnedForecaster::load(&model).unwrap().id(),
+        out.installed.unwrap()
+    );
+    let s = online.status();
+    assert_eq!(s.rejected, None);
+    assert!(s.last_retrain.unwrap().starts_with("installed"));
+}
