@@ -437,8 +437,7 @@ struct LoadBenchArgs {
     /// (a tmpfs here separates its CPU use from its disk writes).
     #[arg(long)]
     retrain_dir: Option<PathBuf>,
-    /// The retraining job's CPU share ([forecast] retrain_cpu_share)
-    /// [default: 0.25].
+    /// The retraining job's CPU share ([forecast] retrain_cpu_share).
     #[arg(long, default_value_t = 0.25)]
     retrain_cpu_share: f64,
 }
