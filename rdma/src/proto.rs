@@ -1,4 +1,4 @@
-//! The labvm migration protocol, version 1.
+//! The labvm migration protocol, version 2.
 //!
 //! # Frames
 //!
@@ -8,7 +8,7 @@
 //! ```text
 //! offset  size  field
 //! 0       4     magic "PMIG"
-//! 4       2     protocol version, little-endian (1)
+//! 4       2     protocol version, little-endian (2)
 //! 6       1     kind (see below)
 //! 7       1     flags (0; reserved, a non-zero value is rejected)
 //! 8       4     payload length, little-endian
@@ -47,21 +47,59 @@
 //!   last round (RoundEnd{final: true})
 //!   Vcpu{index, state} for every vCPU ->
 //!   Device{state}             ----------->
-//!   Complete                  ----------->  loads registers, resumes the guest
+//!   Complete                  ----------->  loads registers and device state;
+//!                                           vCPUs NOT started yet
+//!                             <-----------  Loaded
+//!   Go                        ----------->  commit point (see below)
+//!   [source never resumes its copy from here]
+//!                                           starts the vCPUs
 //!                             <-----------  Running
 //!   [source stops its VM]
 //! ```
 //!
-//! Either side may send `Abort{reason}` at any point and close; the source
-//! then resumes its VM (if it paused it), the destination discards its VM.
-//! A frame that does not decode (bad magic, version, kind, flags, length,
-//! checksum, JSON) is answered with `Abort` where possible and ends the
-//! migration on that side; it never reaches guest memory.
+//! # Commit (two-phase switch-over, new in version 2)
+//!
+//! `Go` is the commit point. Before the source has sent it, exactly one side
+//! may run the guest, the source: on any failure (an `Abort`, a closed or
+//! silent connection, a `Loaded` that never comes) the source resumes its
+//! VM and the destination discards its copy. A `Go` whose write failed was
+//! not delivered whole, and a partial frame never decodes, so it counts as
+//! not sent. Once `Go` is sent the source never resumes its copy. It waits
+//! for `Running`:
+//!
+//! - `Running` arrives: the destination runs the guest; the source stops.
+//! - `Abort{reason}` arrives instead: the destination says it discarded the
+//!   VM without starting it (e.g. it never received `Go` within its
+//!   timeout, or could not start the vCPUs), so the source resumes.
+//! - Nothing conclusive (connection lost, timeout): the migration is *in
+//!   doubt*. The destination may or may not run the guest. The source keeps
+//!   its VM paused, saves it to a state file and exits with a distinct
+//!   status; the operator restores that file only if the destination does
+//!   not run the guest. The guest is then never running twice, and never
+//!   lost.
+//!
+//! The destination waits for `Go` at most its timeout after `Loaded`; if
+//! it does not come (or the connection fails), it discards the VM, answers
+//! `Abort` where it still can, and fails. After `Go` it owns the guest: a
+//! `Running` it cannot deliver is logged, and the guest keeps running.
+//!
+//! Either side may send `Abort{reason}` at any point before `Go` and close;
+//! the source then resumes its VM (if it paused it), the destination
+//! discards its VM. A frame that does not decode (bad magic, version, kind,
+//! flags, length, checksum, JSON) is answered with `Abort` where possible
+//! and ends the migration on that side; it never reaches guest memory.
+//!
+//! # Versions
+//!
+//! The version is in every frame header, and a header with another version
+//! is refused before its payload is read: a version 1 peer (which had no
+//! `Loaded`/`Go` step) gets `Abort` naming both versions where the
+//! connection still allows it, and the error on this side names them too.
 
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken here.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"PMIG";
 /// Header length in bytes.
@@ -136,8 +174,14 @@ pub enum Control {
         /// Encoded state.
         state: String,
     },
-    /// Source to destination: everything was sent; resume the guest.
+    /// Source to destination: everything was sent; load it.
     Complete,
+    /// Destination to source: memory, vCPU and device state are loaded and
+    /// the vCPUs are ready to start (not running).
+    Loaded,
+    /// Source to destination: commit; start the guest. The source never
+    /// resumes its copy after sending this.
+    Go,
     /// Destination to source: the guest runs here now.
     Running,
     /// Either side: the migration is over without success.

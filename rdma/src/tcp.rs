@@ -267,7 +267,27 @@ impl PendingIncoming {
             .set_read_timeout(Some(timeout))
             .map_err(io(&peer, "configure"))?;
         control.set_nodelay(true).map_err(io(&peer, "configure"))?;
-        let hello = match read_frame(&mut control, &peer, timeout)? {
+        let first = match read_frame(&mut control, &peer, timeout) {
+            Err(TransportError::Protocol {
+                peer,
+                source: ProtocolError::Version(v),
+            }) => {
+                // An older (or newer) labvm: say which versions meet here.
+                // A peer of another version cannot decode this frame's
+                // header either, but its decoder then names our version.
+                let reason = format!(
+                    "migration protocol version {v} is not spoken here (this destination speaks {})",
+                    proto::PROTOCOL_VERSION
+                );
+                let _ = control.write_all(&proto::encode_control(&Control::Abort { reason }));
+                return Err(TransportError::Protocol {
+                    peer,
+                    source: ProtocolError::Version(v),
+                });
+            }
+            other => other?,
+        };
+        let hello = match first {
             Frame::Control(c @ Control::Hello { .. }) => c,
             other => {
                 return Err(TransportError::Unexpected {

@@ -106,12 +106,23 @@ struct Cli {
     /// Downtime target of the migration, in milliseconds.
     #[arg(long, default_value_t = 50)]
     downtime_ms: u64,
+    /// Migration socket timeout in seconds (either side); also how long the
+    /// destination waits for the source's commit and the source for the
+    /// destination's confirmation.
+    #[arg(long, default_value_t = 30.0)]
+    migrate_timeout: f64,
     /// Bulk TCP connections for page data.
     #[arg(long, default_value_t = 4)]
     migrate_streams: u32,
     /// Write the migration report (either side) as JSON here.
     #[arg(long)]
     migration_report: Option<PathBuf>,
+    /// Source: where to save the paused VM if the migration ends in doubt
+    /// (the destination was told to start it, but its confirmation never
+    /// came). Default: labvm-in-doubt-PID.state beside --migration-report,
+    /// else in the current directory. labvm then exits with status 76.
+    #[arg(long, value_name = "FILE", requires = "migrate_to")]
+    in_doubt_save: Option<PathBuf>,
     /// This VM's priority for the companion's interruption coordinator
     /// (higher wins; a VM may cause the interruption only of VMs of lower
     /// priority).
@@ -184,7 +195,8 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    let mut inc = match labvm::receive(listener, Duration::from_secs(30)) {
+    let timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
+    let mut inc = match labvm::receive(listener, timeout) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("labvm: incoming migration failed: {}", error_chain(&e));
@@ -376,6 +388,16 @@ fn main() -> ExitCode {
             opts.after = Duration::from_secs_f64(cli.migrate_after.max(0.0));
             opts.downtime = Duration::from_millis(cli.downtime_ms);
             opts.streams = cli.migrate_streams;
+            opts.timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
+            opts.in_doubt_save = cli.in_doubt_save.clone().or_else(|| {
+                let dir = cli.migration_report.as_ref()?.parent()?;
+                let dir = if dir.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    dir
+                };
+                Some(dir.join(format!("labvm-in-doubt-{}.state", std::process::id())))
+            });
             let mut source = labvm::MigrationSource::new(opts, &mut reporter);
             let r = vm.run(&mut source);
             let m = source.report.take();
@@ -401,6 +423,25 @@ fn main() -> ExitCode {
     }
     if let Some(m) = &migration {
         match &m.error {
+            _ if m.in_doubt.is_some() => {
+                let d = m.in_doubt.as_ref();
+                match d.and_then(|d| d.saved.as_ref()) {
+                    Some(s) => println!(
+                        "migration IN DOUBT ({}): the VM is paused and saved to {} (counter {:?}); \
+                         it may run on {}. Restore it with --restore only if it does not run there.",
+                        d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                        s.path.display(),
+                        s.counter,
+                        cli.migrate_to.as_deref().unwrap_or_default()
+                    ),
+                    None => println!(
+                        "migration IN DOUBT ({}): the VM could not be saved ({}); it runs on {} or nowhere",
+                        d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                        d.and_then(|d| d.save_error.as_deref()).unwrap_or_default(),
+                        cli.migrate_to.as_deref().unwrap_or_default()
+                    ),
+                }
+            }
             None => println!(
                 "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
                 cli.migrate_to.as_deref().unwrap_or_default(),
@@ -412,6 +453,7 @@ fn main() -> ExitCode {
         }
         write_json(&cli.migration_report, m);
     }
+    let in_doubt = migration.as_ref().is_some_and(|m| m.in_doubt.is_some());
     match result {
         Ok(report) => {
             match report.time_to_ready {
@@ -425,6 +467,7 @@ fn main() -> ExitCode {
                 }
             }
             match report.stop {
+                _ if in_doubt => ExitCode::from(labvm::EXIT_MIGRATION_IN_DOUBT),
                 _ if interrupted.is_some() => ExitCode::from(labvm::EXIT_INTERRUPTED),
                 StopReason::Exited(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
                 StopReason::Stopped => ExitCode::SUCCESS,

@@ -3,11 +3,21 @@
 //! watches), and the receiving side ([`receive`], then [`Incoming::run`]).
 //!
 //! The wire protocol and its sequence are documented in `rdma::proto`. The
-//! source keeps its VM until the destination says `Running`; any failure
-//! before that resumes the VM on the source. The destination discards its
-//! VM on any failure before `Complete`.
+//! switch-over is two-phase: the destination loads everything and answers
+//! `Loaded`; the source then sends `Go` (its commit point) and the
+//! destination starts the vCPUs and answers `Running`. Any failure before
+//! `Go` resumes the VM on the source and discards it on the destination.
+//! After `Go` the source never resumes its copy: without `Running` (or an
+//! `Abort` saying the destination discarded the VM) the migration is in
+//! doubt, and the source keeps the VM paused, saves it to a state file
+//! ([`MigrationOptions::in_doubt_save`]) and stops, so the guest never runs
+//! on both hosts and is never lost.
+//!
+//! The migration logic works on `&mut dyn Transport`; only connecting is
+//! transport-specific (TCP today).
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +59,10 @@ pub enum MigrateError {
     /// The VM offered does not fit this host.
     #[error("incompatible VM: {0}")]
     Incompatible(String),
+    /// Destination: the VM was loaded but the source's commit (`Go`) did
+    /// not come; the VM is discarded here.
+    #[error("no commit (go) from the source after loading; discarding the VM")]
+    NoCommit(#[source] TransportError),
 }
 
 /// How the source migrates.
@@ -64,8 +78,13 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// How long after ready to start.
     pub after: Duration,
-    /// Socket and pause timeout.
+    /// Socket and pause timeout; also how long the destination waits for
+    /// `Go` and the source for `Running`.
     pub timeout: Duration,
+    /// Where the source saves the paused VM when the migration is in doubt
+    /// (`Go` sent, no `Running`). `None`: `labvm-in-doubt-PID.state` in the
+    /// current directory.
+    pub in_doubt_save: Option<PathBuf>,
 }
 
 impl MigrationOptions {
@@ -78,8 +97,37 @@ impl MigrationOptions {
             max_rounds: 30,
             after: Duration::ZERO,
             timeout: Duration::from_secs(30),
+            in_doubt_save: None,
         }
     }
+
+    /// The in-doubt state file: [`in_doubt_save`](Self::in_doubt_save) or
+    /// the default in the current directory.
+    pub fn in_doubt_path(&self) -> PathBuf {
+        self.in_doubt_save.clone().unwrap_or_else(|| {
+            std::env::current_dir()
+                .unwrap_or_else(|_| PathBuf::from("."))
+                .join(format!("labvm-in-doubt-{}.state", std::process::id()))
+        })
+    }
+}
+
+/// Exit status of a `labvm` source whose migration is in doubt: the VM was
+/// committed to the destination (`Go` sent) but its `Running` never came;
+/// the VM is saved to a file and runs on neither side here.
+pub const EXIT_MIGRATION_IN_DOUBT: u8 = 76;
+
+/// A migration whose outcome the source cannot know (`Go` sent, neither
+/// `Running` nor `Abort` received).
+#[derive(Clone, Debug, Serialize)]
+pub struct InDoubt {
+    /// What cut the exchange short.
+    pub reason: String,
+    /// Where the paused VM was saved (restore it with `labvm --restore`
+    /// only if the destination does not run the guest).
+    pub saved: Option<crate::snapshot::SaveReport>,
+    /// Why saving failed, if it did (every path tried).
+    pub save_error: Option<String>,
 }
 
 /// What a migration did.
@@ -108,8 +156,12 @@ pub struct MigrationReport {
     pub counter: Option<u64>,
     /// Heartbeats the source had seen when the migration ended.
     pub heartbeats_at_end: u64,
-    /// Failure, if any (the VM then kept running on the source).
+    /// Failure, if any. Unless [`in_doubt`](Self::in_doubt) is set, the VM
+    /// then kept running on the source.
     pub error: Option<String>,
+    /// Set when the migration is in doubt: the source neither runs the VM
+    /// nor knows whether the destination does; the VM is saved.
+    pub in_doubt: Option<InDoubt>,
 }
 
 /// The VM configuration as it travels in `Hello`.
@@ -196,11 +248,11 @@ impl RunObserver for MigrationSource<'_> {
         self.done = true;
         let mut report = MigrationReport::default();
         let started = Instant::now();
-        let result = migrate(vm, vcpus, &self.opts, &mut report);
+        let ended = migrate(vm, vcpus, &self.opts, &mut report);
         report.total_ms = started.elapsed().as_secs_f64() * 1e3;
         report.heartbeats_at_end = vcpus.heartbeats();
-        let moved = match result {
-            Ok(()) => {
+        let stop = match ended {
+            Ended::Moved => {
                 tracing::info!(
                     to = %self.opts.to,
                     total_ms = report.total_ms,
@@ -210,15 +262,84 @@ impl RunObserver for MigrationSource<'_> {
                 );
                 true
             }
-            Err(e) => {
+            Ended::Failed(e) => {
                 let msg = vmm_hooks::error_chain(&e);
                 tracing::error!(to = %self.opts.to, "migration failed, the VM keeps running here: {msg}");
                 report.error = Some(msg);
                 false
             }
+            Ended::InDoubt(e, states) => {
+                let reason = vmm_hooks::error_chain(&e);
+                let doubt = save_in_doubt(vm, vcpus, states, &self.opts, reason);
+                report.error = Some(format!("in doubt: {}", doubt.reason));
+                report.in_doubt = Some(doubt);
+                // Never resume: the destination may run the guest.
+                true
+            }
         };
         self.report = Some(report);
-        moved
+        stop
+    }
+}
+
+/// How a migration ended on the source.
+enum Ended {
+    /// The destination runs the guest.
+    Moved,
+    /// Failed before `Go` (or the destination said it discarded the VM):
+    /// the vCPUs run again here.
+    Failed(MigrateError),
+    /// `Go` sent, no answer: the vCPUs stay paused with these states.
+    InDoubt(MigrateError, Vec<VcpuState>),
+}
+
+/// Saves an in-doubt VM (vCPUs paused) to the configured path, or to the
+/// temporary directory when that fails, and says so loudly.
+fn save_in_doubt(
+    vm: &LabVm,
+    vcpus: &VcpuControl<'_>,
+    states: Vec<VcpuState>,
+    opts: &MigrationOptions,
+    reason: String,
+) -> InDoubt {
+    let first = opts.in_doubt_path();
+    let fallback =
+        std::env::temp_dir().join(format!("labvm-in-doubt-{}.state", std::process::id()));
+    let mut errors = Vec::new();
+    for path in [first, fallback] {
+        match crate::snapshot::save_paused(vm, vcpus, states.clone(), &path) {
+            Ok(saved) => {
+                tracing::error!(
+                    to = %opts.to,
+                    saved = %path.display(),
+                    "migration IN DOUBT: Go was sent but Running never came ({reason}). \
+                     The VM is paused and saved here and does not run on this host; it may \
+                     run on the destination. Restore it (labvm --restore FILE) only if the \
+                     destination does not run it"
+                );
+                return InDoubt {
+                    reason,
+                    saved: Some(saved),
+                    save_error: (!errors.is_empty()).then(|| errors.join("; ")),
+                };
+            }
+            Err(e) => errors.push(format!(
+                "{}: {}",
+                path.display(),
+                vmm_hooks::error_chain(&e)
+            )),
+        }
+    }
+    let save_error = errors.join("; ");
+    tracing::error!(
+        to = %opts.to,
+        "migration IN DOUBT: Go was sent but Running never came ({reason}), and the paused \
+         VM could not be saved ({save_error}); it runs on the destination or nowhere"
+    );
+    InDoubt {
+        reason,
+        saved: None,
+        save_error: Some(save_error),
     }
 }
 
@@ -400,7 +521,31 @@ fn migrate(
     vcpus: &VcpuControl<'_>,
     opts: &MigrationOptions,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
+) -> Ended {
+    let mut tr = match connect(vm, opts) {
+        Ok(tr) => tr,
+        Err(e) => return Ended::Failed(e),
+    };
+    let ended = match vm.set_dirty_logging(true) {
+        Ok(()) => precopy_and_switch(vm, vcpus, opts, tr.as_mut(), report),
+        Err(e) => Ended::Failed(e.into()),
+    };
+    if let Err(e) = vm.set_dirty_logging(false) {
+        tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
+    }
+    if let Ended::Failed(e) = &ended {
+        // Tell the destination, if it still listens; the VM stays here.
+        let _ = tr.send_control(&Control::Abort {
+            reason: vmm_hooks::error_chain(e),
+        });
+    }
+    tr.close();
+    ended
+}
+
+/// Opens the TCP channel (control and bulk connections) and has the
+/// destination accept the VM.
+fn connect(vm: &LabVm, opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
     let mut tr = TcpTransport::connect(&opts.to, opts.timeout)?;
     let hello = Control::Hello {
         version: proto::PROTOCOL_VERSION,
@@ -410,29 +555,60 @@ fn migrate(
     };
     tr.send_control(&hello)?;
     tr.open_bulk(opts.streams.max(1))?;
-    expect(&mut tr, "accept", |c| matches!(c, Control::Accept))?;
-    vm.set_dirty_logging(true)?;
-    let result = precopy_and_switch(vm, vcpus, opts, &mut tr, report);
-    if let Err(e) = vm.set_dirty_logging(false) {
-        tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
+    match expect(&mut tr, "accept", |c| matches!(c, Control::Accept)) {
+        Err(MigrateError::Transport(TransportError::Closed { peer })) => {
+            Err(MigrateError::Protocol(format!(
+                "{peer} closed the connection instead of accepting the VM (a labvm that \
+                 speaks another migration protocol version than {} does that; see its log)",
+                proto::PROTOCOL_VERSION
+            )))
+        }
+        other => other.map(|()| Box::new(tr) as Box<dyn Transport>),
     }
-    if let Err(e) = &result {
-        // Tell the destination, if it still listens; the VM stays here.
-        let _ = tr.send_control(&Control::Abort {
-            reason: vmm_hooks::error_chain(e),
-        });
-    }
-    tr.close();
-    result
 }
 
 fn precopy_and_switch(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,
     opts: &MigrationOptions,
-    tr: &mut TcpTransport,
+    tr: &mut dyn Transport,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
+) -> Ended {
+    let pending = match precopy(vm, opts, tr, report) {
+        Ok(p) => p,
+        Err(e) => return Ended::Failed(e),
+    };
+    let n = report.rounds;
+    // Stop-and-copy: the guest is paused from here until Running or failure.
+    let paused = Instant::now();
+    let states = match vcpus.pause(opts.timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            vcpus.resume();
+            return Ended::Failed(e.into());
+        }
+    };
+    let outcome = stop_and_copy(vm, vcpus, tr, pending, n, &states, paused, report);
+    report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+    report.rounds = n + 1;
+    match outcome {
+        Ok(()) => Ended::Moved,
+        Err(Switch::Before(e)) => {
+            vcpus.resume();
+            Ended::Failed(e)
+        }
+        Err(Switch::InDoubt(e)) => Ended::InDoubt(e, states),
+    }
+}
+
+/// Iterative pre-copy; returns the dirty bitmap left for stop-and-copy
+/// (and leaves the round count in `report.rounds`).
+fn precopy(
+    vm: &LabVm,
+    opts: &MigrationOptions,
+    tr: &mut dyn Transport,
+    report: &mut MigrationReport,
+) -> Result<Vec<u64>, MigrateError> {
     let mem = vm.memory();
     let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
     // Clear what was logged before this point: everything is sent in round 0.
@@ -489,44 +665,51 @@ fn precopy_and_switch(
         pending = vm.take_dirty_log()?;
     }
     report.bandwidth_mb_s = bw / 1e6;
+    report.rounds = n;
+    Ok(pending)
+}
 
-    // Stop-and-copy: the guest is paused from here until Running or failure.
-    let paused = Instant::now();
-    let outcome = stop_and_copy(
-        vm,
-        vcpus,
-        tr,
-        &mut pending,
-        n,
-        (paused, opts.timeout),
-        report,
-    );
-    report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
-    report.rounds = n + 1;
-    match outcome {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            vcpus.resume();
-            Err(e)
-        }
+/// Where the switch-over failed: before `Go` was sent (the source resumes)
+/// or after (in doubt).
+enum Switch {
+    Before(MigrateError),
+    InDoubt(MigrateError),
+}
+
+impl From<MigrateError> for Switch {
+    fn from(e: MigrateError) -> Self {
+        Switch::Before(e)
     }
 }
 
+impl From<TransportError> for Switch {
+    fn from(e: TransportError) -> Self {
+        Switch::Before(e.into())
+    }
+}
+
+impl From<VmmError> for Switch {
+    fn from(e: VmmError) -> Self {
+        Switch::Before(e.into())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,
-    tr: &mut TcpTransport,
-    pending: &mut [u64],
+    tr: &mut dyn Transport,
+    mut pending: Vec<u64>,
     n: u32,
-    (paused, timeout): (Instant, Duration),
+    states: &[VcpuState],
+    paused: Instant,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
-    let states = vcpus.pause(timeout)?;
+) -> Result<(), Switch> {
     let last = vm.take_dirty_log()?;
     for (p, l) in pending.iter_mut().zip(&last) {
         *p |= *l;
     }
-    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(pending), None, report)?;
+    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(&pending), None, report)?;
     round(tr, n, frames, true)?;
     for (i, s) in states.iter().enumerate() {
         let state = serde_json::to_string(s)
@@ -542,7 +725,17 @@ fn stop_and_copy(
     tr.send_control(&Control::Complete)?;
     report.downtime_sent_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.counter = counter(vm);
-    expect(tr, "running", |c| matches!(c, Control::Running))
+    expect(tr, "loaded", |c| matches!(c, Control::Loaded))?;
+    // A Go whose write fails was not delivered whole, and a partial frame
+    // never decodes: the destination cannot have started, so resume here.
+    tr.send_control(&Control::Go)?;
+    // Committed: from here the source never resumes its copy.
+    match expect(tr, "running", |c| matches!(c, Control::Running)) {
+        Ok(()) => Ok(()),
+        // The destination says it discarded the VM without starting it.
+        Err(e @ MigrateError::PeerAborted(_)) => Err(Switch::Before(e)),
+        Err(e) => Err(Switch::InDoubt(e)),
+    }
 }
 
 fn counter(vm: &LabVm) -> Option<u64> {
@@ -593,19 +786,31 @@ impl PageSink for GuestSink {
     }
 }
 
-/// A migrated VM on the destination, ready to run.
-#[derive(Debug)]
+/// A migrated VM on the destination, committed by the source (`Go`
+/// received) and ready to run.
 pub struct Incoming {
     /// The VM, with memory and registers loaded.
     pub vm: LabVm,
-    transport: TcpTransport,
+    transport: Box<dyn Transport>,
     /// What the reception did.
     pub report: MigrationReport,
 }
 
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("vm", &self.vm)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Destination: accepts one migration on `listener`, builds the VM the
-/// source describes and loads its memory and state. On failure the source
-/// is told (`Abort`) and nothing is kept.
+/// source describes, loads its memory and state, answers `Loaded` and waits
+/// (at most `timeout`) for the source's `Go`. On failure, or without `Go`,
+/// the source is told (`Abort`, where the connection allows) and nothing
+/// is kept. Run the returned VM at once with [`Incoming::run`]: the source
+/// has committed and waits for `Running`.
 pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, MigrateError> {
     let started = Instant::now();
     let (mut pending, hello) = PendingIncoming::accept(listener, timeout)?;
@@ -634,9 +839,9 @@ pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, Mig
         mem: vm.guest_memory_arc(),
         ram: vm.config().ram_mib << 20,
     });
-    let mut tr = pending.attach(sink)?;
+    let mut tr: Box<dyn Transport> = Box::new(pending.attach(sink)?);
     let mut report = MigrationReport::default();
-    match load(&mut vm, &mut tr, &mut report) {
+    match load(&mut vm, tr.as_mut(), &mut report).and_then(|()| await_go(tr.as_mut())) {
         Ok(()) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             Ok(Incoming {
@@ -696,9 +901,22 @@ fn check_hello(hello: &Control) -> Result<LabVmConfig, MigrateError> {
     Ok(config)
 }
 
+/// Tells the source the VM is loaded and waits for its commit (`Go`).
+fn await_go(tr: &mut dyn Transport) -> Result<(), MigrateError> {
+    tr.send_control(&Control::Loaded)?;
+    match tr.recv_control() {
+        Ok(Control::Go) => Ok(()),
+        Ok(Control::Abort { reason }) => Err(MigrateError::PeerAborted(reason)),
+        Ok(other) => Err(MigrateError::Protocol(format!(
+            "expected go, got {other:?}"
+        ))),
+        Err(e) => Err(MigrateError::NoCommit(e)),
+    }
+}
+
 fn load(
     vm: &mut LabVm,
-    tr: &mut TcpTransport,
+    tr: &mut dyn Transport,
     report: &mut MigrationReport,
 ) -> Result<(), MigrateError> {
     tr.send_control(&Control::Accept)?;
@@ -768,41 +986,55 @@ fn load(
 /// Tells the source `Running` as soon as the vCPUs run (the run marks a
 /// migrated guest ready at once), then passes callbacks on.
 struct Confirm<'a> {
-    transport: &'a mut TcpTransport,
+    transport: &'a mut dyn Transport,
     inner: &'a mut dyn RunObserver,
-    failed: bool,
+    /// The vCPUs were started (`ready` came).
+    started: bool,
 }
 
 impl RunObserver for Confirm<'_> {
     fn should_stop(&mut self) -> bool {
-        self.failed || self.inner.should_stop()
+        self.inner.should_stop()
     }
     fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
+        self.started = true;
         if let Err(e) = self.transport.send_control(&Control::Running) {
-            // The source did not hear that the guest runs here: it resumes
-            // the guest itself, so this copy must stop.
-            tracing::error!(
-                "cannot confirm to the source; stopping this copy: {}",
+            // The source committed (Go) and never resumes its copy: this
+            // one keeps running. The source saved the VM as in doubt.
+            tracing::warn!(
+                "cannot confirm Running to the source (it keeps its copy paused and saved): {}",
                 vmm_hooks::error_chain(&e)
             );
-            self.failed = true;
         }
         self.transport.close();
         self.inner.ready(elapsed, report);
     }
     fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        self.failed || self.inner.tick(vm, vcpus)
+        self.inner.tick(vm, vcpus)
     }
 }
 
 impl Incoming {
-    /// Runs the migrated guest (confirming `Running` to the source first).
+    /// Runs the migrated guest, confirming `Running` to the source as soon
+    /// as its vCPUs run. If the run fails before they start, the source is
+    /// told (`Abort`) that the guest does not run here, so it resumes its
+    /// copy.
     pub fn run(&mut self, observer: &mut dyn RunObserver) -> Result<RunReport, VmmError> {
         let mut confirm = Confirm {
-            transport: &mut self.transport,
+            transport: self.transport.as_mut(),
             inner: observer,
-            failed: false,
+            started: false,
         };
-        self.vm.run(&mut confirm)
+        let result = self.vm.run(&mut confirm);
+        if let (Err(e), false) = (&result, confirm.started) {
+            let _ = confirm.transport.send_control(&Control::Abort {
+                reason: format!(
+                    "the destination could not start the guest: {}",
+                    vmm_hooks::error_chain(e)
+                ),
+            });
+            confirm.transport.close();
+        }
+        result
     }
 }

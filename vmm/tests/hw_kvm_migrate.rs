@@ -360,3 +360,244 @@ fn hw_kvm_migrate_two_vcpus_parked_one_stays_parked_and_counter_continues() {
     assert!(dst.counter.unwrap() > src.counter.unwrap());
     assert_eq!(dst.vcpu_tids.len(), 2);
 }
+
+/// What the control-stream proxy does to one control message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// Drops the control connection (both directions) instead of
+    /// forwarding the message.
+    Cut,
+    /// Swallows the message and keeps the connection open.
+    Swallow,
+}
+
+/// Forwards connections to `to`; on the first (control) connection it
+/// parses frames and applies `fault` to the first message of type `kind`
+/// (e.g. "go") in either direction. Bulk connections pass untouched.
+fn control_proxy(to: String, kind: &'static str, fault: Fault) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(client) = c else { return };
+            let Ok(server) = TcpStream::connect(&to) else {
+                return;
+            };
+            if i > 0 {
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                pipe(server, client, None);
+                continue;
+            }
+            let all = Arc::new([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+            for (from, dst) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                let all = Arc::clone(&all);
+                std::thread::spawn(move || framed_pipe(from, dst, kind, fault, &all));
+            }
+        }
+    });
+    addr
+}
+
+fn framed_pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    kind: &str,
+    fault: Fault,
+    all: &[TcpStream; 2],
+) {
+    let needle = format!("\"type\":\"{kind}\"");
+    loop {
+        let mut h = [0u8; 16];
+        if from.read_exact(&mut h).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        let mut payload = vec![0u8; len];
+        if from.read_exact(&mut payload).is_err() {
+            break;
+        }
+        if String::from_utf8_lossy(&payload).contains(&needle) {
+            match fault {
+                Fault::Cut => {
+                    for s in all {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    return;
+                }
+                Fault::Swallow => continue,
+            }
+        }
+        if to
+            .write_all(&h)
+            .and_then(|()| to.write_all(&payload))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Source and destination in this process, the control stream through a
+/// proxy that applies `fault` to the message `kind`. Returns the source's
+/// run and migration reports, and the destination's outcome (its run
+/// report, or its error).
+fn migrate_through(
+    kind: &'static str,
+    fault: Fault,
+    dest_timeout: Duration,
+    in_doubt: &std::path::Path,
+) -> (
+    labvm::RunReport,
+    labvm::MigrationReport,
+    Result<labvm::RunReport, String>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let real = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || match receive(listener, dest_timeout) {
+        Ok(mut inc) => Ok(inc.run(&mut Heartbeats { n: 10, from: None }).unwrap()),
+        Err(e) => Err(vmm_hooks_chain(&e)),
+    });
+    let to = control_proxy(real, kind, fault);
+    let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
+    let mut nothing = Nothing;
+    let mut opts = options(to);
+    opts.in_doubt_save = Some(in_doubt.to_path_buf());
+    let mut obs = RunOnAfter {
+        mig: MigrationSource::new(opts, &mut nothing),
+        more: 10,
+        stop_at: None,
+    };
+    let src = vm.run(&mut obs).unwrap();
+    let mig = obs.mig.report.clone().unwrap();
+    (src, mig, dest.join().unwrap())
+}
+
+#[test]
+fn hw_kvm_migrate_loaded_lost_source_resumes_and_destination_discards() {
+    if !kvm_or_skip("hw_kvm_migrate_loaded_lost_source_resumes_and_destination_discards") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doubt.state");
+    let (src, mig, dest) = migrate_through("loaded", Fault::Cut, Duration::from_secs(20), &file);
+    // Before Go: the source resumed and its guest counted on.
+    assert!(mig.in_doubt.is_none(), "{mig:?}");
+    assert!(mig.error.is_some());
+    assert!(src.counter.unwrap() > mig.counter.unwrap());
+    assert!(src.heartbeats >= mig.heartbeats_at_end + 10);
+    assert!(!file.exists());
+    // The destination never ran it.
+    let err = dest.unwrap_err();
+    assert!(err.contains("no commit"), "{err}");
+}
+
+#[test]
+fn hw_kvm_migrate_go_lost_source_saves_in_doubt_and_destination_discards() {
+    if !kvm_or_skip("hw_kvm_migrate_go_lost_source_saves_in_doubt_and_destination_discards") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doubt.state");
+    let (src, mig, dest) = migrate_through("go", Fault::Cut, Duration::from_secs(20), &file);
+    // After Go the source never resumed: its counter stopped at the switch.
+    let doubt = mig.in_doubt.clone().expect("in doubt");
+    assert_eq!(src.stop, StopReason::Stopped);
+    assert_eq!(src.counter, mig.counter);
+    assert_eq!(doubt.saved.as_ref().unwrap().path, file);
+    // The destination discarded its copy: neither side runs the guest...
+    let err = dest.unwrap_err();
+    assert!(err.contains("no commit"), "{err}");
+    // ...and it is not lost: the saved VM restores and counts on.
+    let mut restored = labvm::restore_from_file(&file).unwrap();
+    assert_eq!(restored.counter, mig.counter);
+    let run = restored
+        .vm
+        .run(&mut Heartbeats { n: 5, from: None })
+        .unwrap();
+    assert!(run.counter.unwrap() > mig.counter.unwrap());
+}
+
+#[test]
+fn hw_kvm_migrate_running_lost_destination_runs_and_source_stays_paused() {
+    if !kvm_or_skip("hw_kvm_migrate_running_lost_destination_runs_and_source_stays_paused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doubt.state");
+    let (src, mig, dest) = migrate_through("running", Fault::Cut, Duration::from_secs(20), &file);
+    let doubt = mig.in_doubt.clone().expect("in doubt");
+    // The source did not resume (its counter stopped at the switch) and
+    // saved the VM; the destination runs the guest from the same counter.
+    assert_eq!(src.counter, mig.counter);
+    assert!(doubt.saved.is_some());
+    assert!(file.exists());
+    let dest = dest.unwrap();
+    assert_eq!(dest.stop, StopReason::Stopped);
+    assert!(dest.counter.unwrap() > mig.counter.unwrap());
+    assert!(dest.heartbeats >= src.heartbeats + 10);
+}
+
+#[test]
+fn hw_kvm_migrate_go_never_arrives_destination_times_out_and_source_resumes() {
+    if !kvm_or_skip("hw_kvm_migrate_go_never_arrives_destination_times_out_and_source_resumes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doubt.state");
+    // The proxy swallows Go; the destination gives up after its timeout,
+    // says so (Abort), and the source, told the guest did not start there,
+    // resumes.
+    let (src, mig, dest) = migrate_through("go", Fault::Swallow, Duration::from_secs(3), &file);
+    let err = dest.unwrap_err();
+    assert!(err.contains("no commit"), "{err}");
+    assert!(mig.in_doubt.is_none(), "{mig:?}");
+    let e = mig.error.clone().unwrap();
+    assert!(e.contains("aborted"), "{e}");
+    assert!(src.counter.unwrap() > mig.counter.unwrap());
+    assert!(src.heartbeats >= mig.heartbeats_at_end + 10);
+    assert!(!file.exists());
+}
+
+#[test]
+fn migrate_version_1_peer_is_refused_naming_both_versions() {
+    // No KVM needed: the destination refuses before building a VM.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || receive(listener, Duration::from_secs(5)));
+    let mut c = TcpStream::connect(addr).unwrap();
+    // A version 1 hello frame, as a labvm before the two-phase commit sent it.
+    let body = br#"{"type":"hello","version":1,"vm":{"ram_bytes":67108864,"vcpus":1,"workload":"x","config":"{}"},"bulk":1,"session":1}"#;
+    let mut frame = b"PMIG".to_vec();
+    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&[1, 0]);
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    frame.extend_from_slice(&rdma::proto::crc32(body).to_le_bytes());
+    frame.extend_from_slice(body);
+    c.write_all(&frame).unwrap();
+    let err = vmm_hooks_chain(&dest.join().unwrap().unwrap_err());
+    assert!(err.contains("version 1"), "{err}");
+    assert!(err.contains("speaks 2"), "{err}");
+    // The answer is an Abort naming both versions (in a version 2 frame,
+    // which an old peer's decoder reports as "unsupported version 2").
+    // The destination closes with our payload unread (a reset may follow
+    // its answer): read exactly one frame.
+    let mut reply = vec![0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    let len = rdma::proto::decode_header(&reply).unwrap().payload_len();
+    reply.resize(16 + len, 0);
+    c.read_exact(&mut reply[16..]).unwrap();
+    let (frame, _) = rdma::proto::decode_frame(&reply).unwrap();
+    let rdma::proto::Frame::Control(Control::Abort { reason }) = frame else {
+        panic!("expected abort, got {frame:?}");
+    };
+    assert!(reason.contains("version 1"), "{reason}");
+    assert!(reason.contains("speaks 2"), "{reason}");
+}
