@@ -601,3 +601,56 @@ fn migrate_version_1_peer_is_refused_naming_both_versions() {
     assert!(reason.contains("version 1"), "{reason}");
     assert!(reason.contains("speaks 2"), "{reason}");
 }
+
+#[test]
+fn hw_kvm_migrate_processes_running_lost_source_exits_in_doubt_with_saved_state() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if !kvm_or_skip("hw_kvm_migrate_processes_running_lost_source_exits_in_doubt_with_saved_state")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_labvm");
+    let mut dest = Command::new(bin)
+        .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
+        .arg("--report-json")
+        .arg(dir.path().join("dest.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("incoming: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let proxy = control_proxy(addr, "running", Fault::Cut);
+    let saved = dir.path().join("doubt.state");
+    let src = Command::new(bin)
+        .args(["--mem", "64", "--workload", "dirty:5000:16"])
+        .args(["--migrate-to", &proxy, "--migrate-after", "0.3"])
+        .arg("--in-doubt-save")
+        .arg(&saved)
+        .arg("--migration-report")
+        .arg(dir.path().join("src-mig.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&src.stdout);
+    assert_eq!(
+        src.status.code(),
+        Some(i32::from(labvm::EXIT_MIGRATION_IN_DOUBT)),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(stdout.contains("IN DOUBT"), "{stdout}");
+    assert!(saved.exists());
+    assert!(dest.wait().unwrap().success());
+    let sm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("src-mig.json")).unwrap()).unwrap();
+    let d: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("dest.json")).unwrap()).unwrap();
+    assert!(d["counter"].as_u64().unwrap() > sm["counter"].as_u64().unwrap());
+}
