@@ -21,13 +21,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use balloon::BalloonState;
 use rdma::{
     Control, PageRun, PageSink, PendingIncoming, TcpTransport, Transport, TransportError,
     VmDescriptor, proto,
 };
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::devices::BalloonConfig;
 use crate::vm::{
     LabDeviceState, LabVm, LabVmConfig, RunObserver, RunReport, VcpuControl, VcpuState,
 };
@@ -171,6 +173,28 @@ struct WireConfig {
     vcpus: u32,
     workload: Workload,
     stamp: u64,
+    /// The virtio-balloon device, if the VM has one.
+    #[serde(default)]
+    balloon: Option<WireBalloon>,
+}
+
+/// A balloon device's configuration (its state travels in `Device`).
+#[derive(Serialize, Deserialize)]
+struct WireBalloon {
+    stats_interval_ms: u64,
+    grace_ms: u64,
+}
+
+/// Device state as it travels in `Device`: the lab device and, if the VM
+/// has one, the virtio-balloon (device, queues and virtio-mmio transport).
+#[derive(Serialize, Deserialize)]
+struct WireDevices {
+    lab: LabDeviceState,
+    balloon: Option<BalloonState>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn descriptor(config: &LabVmConfig) -> VmDescriptor {
@@ -179,6 +203,10 @@ fn descriptor(config: &LabVmConfig) -> VmDescriptor {
         vcpus: config.vcpus,
         workload: config.workload.clone(),
         stamp: config.stamp,
+        balloon: config.balloon.as_ref().map(|b| WireBalloon {
+            stats_interval_ms: millis(b.stats_interval),
+            grace_ms: millis(b.grace),
+        }),
     };
     VmDescriptor {
         ram_bytes: config.ram_mib << 20,
@@ -370,8 +398,18 @@ fn send_pages(
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
     scan: Option<&[u64]>,
+    sent: &mut [u64],
     report: &mut MigrationReport,
 ) -> Result<(u64, u64), MigrateError> {
+    let mut mark = |p: u64, data: bool| {
+        if let Some(w) = sent.get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX)) {
+            if data {
+                *w |= 1 << (p % 64);
+            } else {
+                *w &= !(1 << (p % 64));
+            }
+        }
+    };
     let max = usize::try_from(proto::MAX_RUN_PAGES).unwrap_or(1);
     let page = PAGE_BYTES;
     let mut frames = 0u64;
@@ -414,7 +452,9 @@ fn send_pages(
                 .map_err(|e| read_err(p * PAGE_SIZE, e))?;
             &tmp
         };
-        if is_zero(data) {
+        let zero = is_zero(data);
+        mark(p, !zero);
+        if zero {
             report.zero_pages += 1;
             if !buf.is_empty() {
                 flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
@@ -574,7 +614,11 @@ fn precopy_and_switch(
     tr: &mut dyn Transport,
     report: &mut MigrationReport,
 ) -> Ended {
-    let pending = match precopy(vm, opts, tr, report) {
+    // Pages whose last copy on the destination holds data (not zeros).
+    let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
+    let mut sent = vec![0u64; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)];
+    let discards = balloon_discards(vm);
+    let pending = match precopy(vm, opts, tr, &mut sent, report) {
         Ok(p) => p,
         Err(e) => return Ended::Failed(e),
     };
@@ -588,7 +632,13 @@ fn precopy_and_switch(
             return Ended::Failed(e.into());
         }
     };
-    let outcome = stop_and_copy(vm, vcpus, tr, pending, n, &states, paused, report);
+    let copy = FinalCopy {
+        pending,
+        sent,
+        discards,
+        round: n,
+    };
+    let outcome = stop_and_copy(vm, vcpus, tr, copy, &states, paused, report);
     report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.rounds = n + 1;
     match outcome {
@@ -607,6 +657,7 @@ fn precopy(
     vm: &LabVm,
     opts: &MigrationOptions,
     tr: &mut dyn Transport,
+    sent: &mut [u64],
     report: &mut MigrationReport,
 ) -> Result<Vec<u64>, MigrateError> {
     let mem = vm.memory();
@@ -634,6 +685,7 @@ fn precopy(
         mem,
         dirty_pages(&populated).filter(|&p| p < ram_pages),
         Some(&populated),
+        sent,
         report,
     )?;
     round(tr, 0, frames, false)?;
@@ -654,7 +706,7 @@ fn precopy(
             break;
         }
         let t = Instant::now();
-        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, report)?;
+        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, sent, report)?;
         round(tr, n, frames, false)?;
         if bytes > 1 << 20 {
             bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -694,23 +746,92 @@ impl From<VmmError> for Switch {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What pre-copy leaves to the stop-and-copy phase.
+struct FinalCopy {
+    /// Pages dirtied since they were last sent.
+    pending: Vec<u64>,
+    /// Pages whose copy on the destination holds data.
+    sent: Vec<u64>,
+    /// The balloon's host discards when the migration began.
+    discards: Option<u64>,
+    /// The last round's number.
+    round: u32,
+}
+
+/// Host discards the balloon made (inflation, free page reporting).
+fn balloon_discards(vm: &LabVm) -> Option<u64> {
+    vm.balloon().map(|b| b.report().counters.discard_calls)
+}
+
+/// Adds to `pending` what the dirty log cannot see: pages the balloon
+/// device (host side) wrote, its used rings, and pages it gave back to the
+/// host during the migration (they read as zeros now, and the destination
+/// drops its stale copy).
+fn device_written_pages(
+    vm: &LabVm,
+    balloon: Option<&BalloonState>,
+    copy: &mut FinalCopy,
+) -> Result<(), MigrateError> {
+    let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
+    let mut set = |p: u64| {
+        if p < ram_pages
+            && let Some(w) = copy
+                .pending
+                .get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX))
+        {
+            *w |= 1 << (p % 64);
+        }
+    };
+    for q in balloon.iter().flat_map(|b| &b.queues).filter(|q| q.ready) {
+        // flags, idx, ring[size] of 8 bytes, avail_event.
+        let len = 6 + 8 * u64::from(q.size);
+        let first = q.used_ring / PAGE_SIZE;
+        let last = q.used_ring.saturating_add(len - 1) / PAGE_SIZE;
+        (first..=last.min(first + 16)).for_each(&mut set);
+    }
+    if copy.discards.is_some() && balloon_discards(vm) != copy.discards {
+        let populated = vm.populated_pages().map_err(|e| {
+            VmmError::GuestMemory(format!(
+                "reading /proc/self/pagemap for pages ballooned during the migration: {e}"
+            ))
+        })?;
+        for (w, (p, s)) in copy
+            .pending
+            .iter_mut()
+            .zip(populated.iter().zip(&copy.sent))
+        {
+            *w |= s & !p;
+        }
+    }
+    Ok(())
+}
+
 fn stop_and_copy(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,
     tr: &mut dyn Transport,
-    mut pending: Vec<u64>,
-    n: u32,
+    mut copy: FinalCopy,
     states: &[VcpuState],
     paused: Instant,
     report: &mut MigrationReport,
 ) -> Result<(), Switch> {
     let last = vm.take_dirty_log()?;
-    for (p, l) in pending.iter_mut().zip(&last) {
+    for (p, l) in copy.pending.iter_mut().zip(&last) {
         *p |= *l;
     }
-    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(&pending), None, report)?;
-    round(tr, n, frames, true)?;
+    // The vCPUs are paused, so the balloon (driven by their MMIO exits and
+    // by this thread) holds still.
+    let balloon = vm.balloon().map(|b| b.state());
+    device_written_pages(vm, balloon.as_ref(), &mut copy)?;
+    let (frames, _) = send_pages(
+        tr,
+        vm.memory(),
+        dirty_pages(&copy.pending),
+        None,
+        &mut copy.sent,
+        report,
+    )?;
+    round(tr, copy.round, frames, true)?;
     for (i, s) in states.iter().enumerate() {
         let state = serde_json::to_string(s)
             .map_err(|e| MigrateError::Protocol(format!("encoding vCPU {i}: {e}")))?;
@@ -719,7 +840,11 @@ fn stop_and_copy(
             state,
         })?;
     }
-    let dev = serde_json::to_string(&vcpus.device_state())
+    let devices = WireDevices {
+        lab: vcpus.device_state(),
+        balloon,
+    };
+    let dev = serde_json::to_string(&devices)
         .map_err(|e| MigrateError::Protocol(format!("encoding device state: {e}")))?;
     tr.send_control(&Control::Device { state: dev })?;
     tr.send_control(&Control::Complete)?;
@@ -776,13 +901,18 @@ impl PageSink for GuestSink {
     fn zero(&self, gpa: u64, pages: u64) -> Result<(), String> {
         let len = pages.checked_mul(PAGE_SIZE).ok_or("zero run too long")?;
         self.check(gpa, len)?;
-        let zero = [0u8; PAGE_BYTES];
-        for i in 0..pages {
-            self.mem
-                .write_slice(&zero, GuestAddress(gpa + i * PAGE_SIZE))
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        // Dropping the pages zeroes them and leaves them unbacked (pages
+        // the guest ballooned away on the source stay off this host too).
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| e.to_string())?;
+        let len = usize::try_from(len).map_err(|_| "zero run too long")?;
+        // SAFETY: `check` put [gpa, gpa + len) inside guest RAM, which is
+        // one private anonymous mapping (`GuestMemoryMmap::from_ranges`)
+        // that `self.mem` keeps alive; the VM does not run while it is
+        // received, and a zero run asks for exactly these contents to go.
+        unsafe { crate::sys::discard(host, len) }.map_err(|e| e.to_string())
     }
 }
 
@@ -898,6 +1028,12 @@ fn check_hello(hello: &Control) -> Result<LabVmConfig, MigrateError> {
     let mut config = LabVmConfig::new(wire.ram_mib, wire.workload);
     config.vcpus = wire.vcpus;
     config.stamp = wire.stamp;
+    // The target and everything else come with the device state.
+    config.balloon = wire.balloon.map(|b| BalloonConfig {
+        initial_target_mib: 0,
+        stats_interval: Duration::from_millis(b.stats_interval_ms),
+        grace: Duration::from_millis(b.grace_ms),
+    });
     Ok(config)
 }
 
@@ -922,7 +1058,7 @@ fn load(
     tr.send_control(&Control::Accept)?;
     let n = vm.config().vcpus as usize;
     let mut states: Vec<Option<VcpuState>> = vec![None; n];
-    let mut device: Option<LabDeviceState> = None;
+    let mut device: Option<WireDevices> = None;
     let mut next_round = 0u32;
     let mut last_done = false;
     loop {
@@ -956,10 +1092,9 @@ fn load(
                 );
             }
             Control::Device { state } => {
-                device = Some(
-                    serde_json::from_str(&state)
-                        .map_err(|e| MigrateError::Protocol(format!("device state: {e}")))?,
-                );
+                let wire: WireDevices = serde_json::from_str(&state)
+                    .map_err(|e| MigrateError::Protocol(format!("device state: {e}")))?;
+                device = Some(wire);
             }
             Control::Complete => break,
             Control::Abort { reason } => return Err(MigrateError::PeerAborted(reason)),
@@ -977,9 +1112,23 @@ fn load(
         .map(|(i, s)| s.ok_or_else(|| MigrateError::Protocol(format!("no state for vCPU {i}"))))
         .collect::<Result<_, _>>()?;
     let device = device.ok_or_else(|| MigrateError::Protocol("no device state".into()))?;
+    match (&device.balloon, vm.config().balloon.as_ref()) {
+        (Some(state), Some(b)) => vm.restore_balloon(state, millis(b.grace))?,
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(MigrateError::Protocol(
+                "balloon state for a VM configured without a balloon".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(MigrateError::Protocol(
+                "no balloon state for a VM configured with a balloon".into(),
+            ));
+        }
+    }
     report.rounds = next_round;
     report.counter = counter(vm);
-    vm.restore(&states, device)?;
+    vm.restore(&states, device.lab)?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Live migration between two lab VMs in this process, over loopback TCP,
 //! on real KVM. Each test prints `SKIP` and returns when /dev/kvm is absent,
 //! unless `PRESCIENT_REQUIRE=kvm` makes that a failure.
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test helpers outside #[test] functions; test arithmetic on small sizes
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -653,4 +653,148 @@ fn hw_kvm_migrate_processes_running_lost_source_exits_in_doubt_with_saved_state(
     let d: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("dest.json")).unwrap()).unwrap();
     assert!(d["counter"].as_u64().unwrap() > sm["counter"].as_u64().unwrap());
+}
+
+const MIB: u64 = 1 << 20;
+const PAGES_PER_MIB: u32 = 256;
+
+fn resident_mib_pages(mem: &vm_memory::GuestMemoryMmap, ram: u64) -> usize {
+    balloon::resident_pages(mem, 0, ram)
+        .unwrap()
+        .into_iter()
+        .filter(|&r| r)
+        .count()
+}
+
+/// Source side: after ready, inflates the balloon to `inflate_mib`, then
+/// lets the migration run.
+struct InflateThenMigrate<'a> {
+    mig: MigrationSource<'a>,
+    inflate_mib: u64,
+    phase: u8,
+    resident_before: usize,
+}
+
+impl RunObserver for InflateThenMigrate<'_> {
+    fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
+        let h = vm.balloon().unwrap();
+        match self.phase {
+            0 if vcpus.ready() => {
+                self.resident_before = resident_mib_pages(vm.memory(), vm.config().ram_mib * MIB);
+                h.set_target_mib(self.inflate_mib).unwrap();
+                self.phase = 1;
+                false
+            }
+            1 if h.report().actual_pages == self.inflate_mib as u32 * PAGES_PER_MIB => {
+                self.phase = 2;
+                false
+            }
+            2 => self.mig.tick(vm, vcpus),
+            _ => false,
+        }
+    }
+}
+
+/// Destination side: deflates to 0, then inflates to `again_mib`.
+struct DeflateThenInflate {
+    handle: balloon::BalloonHandle,
+    again_mib: u64,
+    phase: u8,
+}
+
+impl RunObserver for DeflateThenInflate {
+    fn should_stop(&mut self) -> bool {
+        let r = self.handle.report();
+        match self.phase {
+            0 => {
+                self.handle.set_target_mib(0).unwrap();
+                self.phase = 1;
+            }
+            1 if r.actual_pages == 0 => {
+                self.handle.set_target_mib(self.again_mib).unwrap();
+                self.phase = 2;
+            }
+            2 if r.actual_pages == self.again_mib as u32 * PAGES_PER_MIB => self.phase = 3,
+            _ => {}
+        }
+        self.phase == 3
+    }
+}
+
+#[test]
+fn hw_kvm_migrate_ballooned_guest_keeps_its_balloon_and_driver_on_the_destination() {
+    if !kvm_or_skip(
+        "hw_kvm_migrate_ballooned_guest_keeps_its_balloon_and_driver_on_the_destination",
+    ) {
+        return;
+    }
+    const RAM: u64 = 128;
+    const INFLATE: u64 = 64;
+    // A run that does not reach its end state fails, it does not hang.
+    const LIMIT: Duration = Duration::from_secs(60);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let mut inc = receive(listener, Duration::from_secs(20)).unwrap();
+        let handle = inc
+            .vm
+            .balloon()
+            .expect("the destination rebuilt the balloon");
+        let arrived = handle.report();
+        let resident = resident_mib_pages(inc.vm.memory(), RAM * MIB);
+        inc.vm.set_run_for(Some(LIMIT));
+        let mut script = DeflateThenInflate {
+            handle: handle.clone(),
+            again_mib: 32,
+            phase: 0,
+        };
+        let run = inc.run(&mut script).unwrap();
+        (arrived, resident, script.phase, handle.report(), run)
+    });
+    let mut config = LabVmConfig::new(RAM, Workload::from_spec("balloon:100:16", 0).unwrap());
+    config.run_for = Some(LIMIT);
+    config.balloon = Some(labvm::BalloonConfig {
+        initial_target_mib: 0,
+        stats_interval: Duration::from_millis(100),
+        grace: Duration::from_millis(500),
+    });
+    let mut vm = LabVm::create(config, Instant::now()).unwrap();
+    let mut nothing = Nothing;
+    let mut opts = options(to);
+    opts.after = Duration::ZERO;
+    let mut obs = InflateThenMigrate {
+        mig: MigrationSource::new(opts, &mut nothing),
+        inflate_mib: INFLATE,
+        phase: 0,
+        resident_before: 0,
+    };
+    vm.run(&mut obs).unwrap();
+    let mig = obs.mig.report.clone().expect("the migration ran");
+    assert_eq!(mig.error, None);
+    let src_state = vm.balloon().unwrap().state();
+    let (arrived, resident, phase, after, run) = dest.join().unwrap();
+
+    // The device arrived as it was: same target and actual size.
+    assert_eq!(arrived.actual_pages, INFLATE as u32 * PAGES_PER_MIB);
+    assert_eq!(arrived.target_pages, src_state.num_pages);
+    assert!(arrived.driver_ok);
+    // The guest had touched more than the balloon leaves it; the inflated
+    // pages were not sent, so they hold no memory on the destination.
+    assert!(obs.resident_before > ((RAM - INFLATE) * MIB / 4096) as usize);
+    assert!(
+        resident <= ((RAM - INFLATE) * MIB / 4096) as usize,
+        "{resident} pages resident on arrival"
+    );
+    // The guest's driver carried on: it deflated and inflated again.
+    assert_eq!(phase, 3, "the destination's balloon did not follow");
+    assert_eq!(run.stop, StopReason::Stopped);
+    assert_eq!(after.actual_pages, 32 * PAGES_PER_MIB);
+    assert_eq!(
+        after.counters.deflated_pages,
+        src_state.counters.deflated_pages + INFLATE * MIB / 4096
+    );
+    assert_eq!(
+        after.counters.skipped_chains + after.counters.skipped_pages,
+        0
+    );
 }
