@@ -416,15 +416,58 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// A decoded frame whose page data borrows the payload it came in (the
+/// bulk receive path decodes into a reused buffer this way).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    /// A control message.
+    Control(Control),
+    /// Pages with data.
+    Pages {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Page data (a multiple of 4 KiB).
+        data: &'a [u8],
+    },
+    /// Zero pages.
+    Zero {
+        /// First page.
+        gpa: u64,
+        /// Number of pages.
+        pages: u64,
+    },
+    /// First frame of a bulk connection.
+    Join {
+        /// Session id from `Hello`.
+        session: u64,
+        /// Index of this bulk connection.
+        index: u32,
+    },
+}
+
 /// Decodes a payload that belongs to `header`.
 pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+    Ok(match decode_borrowed(header, &payload)? {
+        FrameRef::Control(c) => Frame::Control(c),
+        FrameRef::Pages { gpa, data } => Frame::Pages {
+            gpa,
+            data: data.to_vec(),
+        },
+        FrameRef::Zero { gpa, pages } => Frame::Zero { gpa, pages },
+        FrameRef::Join { session, index } => Frame::Join { session, index },
+    })
+}
+
+/// Decodes a payload that belongs to `header` without copying page data;
+/// the same checks as [`decode_payload`].
+pub fn decode_borrowed(header: Header, payload: &[u8]) -> Result<FrameRef<'_>, ProtocolError> {
     if payload.len() != header.payload_len() {
         return Err(ProtocolError::Truncated {
             got: payload.len(),
             want: header.payload_len(),
         });
     }
-    let got = crc32(&payload);
+    let got = crc32(payload);
     if got != header.crc {
         return Err(ProtocolError::Checksum {
             got,
@@ -432,20 +475,21 @@ pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, Protoco
         });
     }
     match header.kind {
-        KIND_CONTROL => serde_json::from_slice(&payload)
-            .map(Frame::Control)
+        KIND_CONTROL => serde_json::from_slice(payload)
+            .map(FrameRef::Control)
             .map_err(|e| ProtocolError::Control(e.to_string())),
         KIND_PAGES => {
-            let gpa = le64(&payload);
+            let gpa = le64(payload);
             if !gpa.is_multiple_of(PAGE_SIZE) {
                 return Err(ProtocolError::Unaligned(gpa));
             }
-            let mut data = payload;
-            data.drain(..8);
-            Ok(Frame::Pages { gpa, data })
+            Ok(FrameRef::Pages {
+                gpa,
+                data: &payload[8..],
+            })
         }
         KIND_ZERO => {
-            let gpa = le64(&payload);
+            let gpa = le64(payload);
             let pages = le64(&payload[8..]);
             if !gpa.is_multiple_of(PAGE_SIZE) {
                 return Err(ProtocolError::Unaligned(gpa));
@@ -453,10 +497,10 @@ pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, Protoco
             if pages == 0 || pages > (1 << 40) {
                 return Err(ProtocolError::ZeroRun(pages));
             }
-            Ok(Frame::Zero { gpa, pages })
+            Ok(FrameRef::Zero { gpa, pages })
         }
-        KIND_JOIN => Ok(Frame::Join {
-            session: le64(&payload),
+        KIND_JOIN => Ok(FrameRef::Join {
+            session: le64(payload),
             index: u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]),
         }),
         other => Err(ProtocolError::Kind(other)),

@@ -14,6 +14,14 @@ use crate::{PageSink, Transport, TransportError};
 /// Frames queued per bulk connection before `send_run` blocks.
 const QUEUE_DEPTH: usize = 8;
 
+/// Page buffers kept for reuse after their frame was written.
+const POOL_MAX: usize = 16;
+
+/// Written page buffers, handed back to the source for its next frames
+/// (a fresh multi-MiB buffer costs an allocation and a page fault per
+/// 4 KiB on first use).
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
 enum Job {
     /// Page data at a guest-physical address: the sender thread frames it
     /// (checksum included), so that work is spread over the bulk threads.
@@ -49,6 +57,7 @@ pub struct TcpTransport {
     bulk: Vec<TcpStream>,
     threads: Vec<JoinHandle<()>>,
     session: u64,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -71,6 +80,22 @@ fn io<'a>(peer: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> Tra
 
 /// Reads one frame; `Closed` when the peer closed between frames.
 fn read_frame(s: &mut TcpStream, peer: &str, timeout: Duration) -> Result<Frame, TransportError> {
+    let header = read_header(s, peer, timeout)?;
+    let mut payload = vec![0u8; header.payload_len()];
+    read_rest(s, &mut payload, 0, peer)?;
+    proto::decode_payload(header, payload).map_err(|source| TransportError::Protocol {
+        peer: peer.into(),
+        source,
+    })
+}
+
+/// Reads and checks one frame header; `Closed` when the peer closed
+/// between frames.
+fn read_header(
+    s: &mut TcpStream,
+    peer: &str,
+    timeout: Duration,
+) -> Result<proto::Header, TransportError> {
     let mut h = [0u8; HEADER_LEN];
     if let Err(e) = s.read_exact(&mut h[..1]) {
         return Err(match e.kind() {
@@ -86,13 +111,7 @@ fn read_frame(s: &mut TcpStream, peer: &str, timeout: Duration) -> Result<Frame,
         });
     }
     read_rest(s, &mut h, 1, peer)?;
-    let header = proto::decode_header(&h).map_err(|source| TransportError::Protocol {
-        peer: peer.into(),
-        source,
-    })?;
-    let mut payload = vec![0u8; header.payload_len()];
-    read_rest(s, &mut payload, 0, peer)?;
-    proto::decode_payload(header, payload).map_err(|source| TransportError::Protocol {
+    proto::decode_header(&h).map_err(|source| TransportError::Protocol {
         peer: peer.into(),
         source,
     })
@@ -163,6 +182,7 @@ impl TcpTransport {
             bulk: Vec::new(),
             threads: Vec::new(),
             session: session_id(),
+            pool: Pool::default(),
         })
     }
 
@@ -186,9 +206,10 @@ impl TcpTransport {
                 .map_err(io(&self.peer, "join"))?;
             let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
             let w = s.try_clone().map_err(io(&self.peer, "clone socket"))?;
+            let pool = Arc::clone(&self.pool);
             let t = std::thread::Builder::new()
                 .name(format!("migrate-tx{i}"))
-                .spawn(move || bulk_sender(w, &rx))
+                .spawn(move || bulk_sender(w, &rx, &pool))
                 .map_err(io(&self.peer, "spawn sender"))?;
             self.bulk.push(s);
             self.senders.push(tx);
@@ -201,9 +222,26 @@ impl TcpTransport {
     pub fn peer(&self) -> &str {
         &self.peer
     }
+
+    /// Hands a job to the next bulk connection's sender (round-robin).
+    fn queue(&mut self, job: Job) -> Result<(), TransportError> {
+        if self.senders.is_empty() {
+            return Err(TransportError::Unexpected {
+                peer: self.peer.clone(),
+                what: "page run before the bulk connections were opened".into(),
+            });
+        }
+        let i = self.next % self.senders.len();
+        self.next = self.next.wrapping_add(1);
+        self.senders[i]
+            .send(job)
+            .map_err(|_| TransportError::Closed {
+                peer: self.peer.clone(),
+            })
+    }
 }
 
-fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
+fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>, pool: &Mutex<Vec<Vec<u8>>>) {
     let mut failed: Option<String> = None;
     while let Ok(job) = rx.recv() {
         match job {
@@ -224,6 +262,12 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
                     if let Err(e) = r {
                         failed = Some(e.to_string());
                     }
+                }
+                let mut p = pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if p.len() < POOL_MAX {
+                    p.push(data);
                 }
             }
             Job::Flush(ack) => {
@@ -395,7 +439,47 @@ impl PendingIncoming {
             bulk,
             threads,
             session: self.session,
+            pool: Pool::default(),
         })
+    }
+}
+
+/// Reads one bulk frame into `buf` (reused from frame to frame, so page
+/// data is neither allocated nor moved again) and stores it in `sink`.
+fn receive_bulk(
+    s: &mut TcpStream,
+    peer: &str,
+    timeout: Duration,
+    sink: &dyn PageSink,
+    buf: &mut Vec<u8>,
+) -> Result<(), TransportError> {
+    let header = read_header(s, peer, timeout)?;
+    let len = header.payload_len();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let payload = &mut buf[..len];
+    read_rest(s, payload, 0, peer)?;
+    let frame =
+        proto::decode_borrowed(header, payload).map_err(|source| TransportError::Protocol {
+            peer: peer.into(),
+            source,
+        })?;
+    match frame {
+        proto::FrameRef::Pages { gpa, data } => sink
+            .write(gpa, data)
+            .map_err(|reason| TransportError::Sink { gpa, reason }),
+        proto::FrameRef::Zero { gpa, pages } => sink
+            .zero(gpa, pages)
+            .map_err(|reason| TransportError::Sink { gpa, reason }),
+        proto::FrameRef::Control(c) => Err(TransportError::Unexpected {
+            peer: peer.into(),
+            what: format!("{} on a bulk connection", frame_name(&Frame::Control(c))),
+        }),
+        proto::FrameRef::Join { .. } => Err(TransportError::Unexpected {
+            peer: peer.into(),
+            what: "join on a bulk connection after its first frame".into(),
+        }),
     }
 }
 
@@ -406,18 +490,10 @@ fn bulk_receiver(
     sink: &dyn PageSink,
     state: &RecvState,
 ) {
+    let mut buf = Vec::new();
     loop {
-        let stored = match read_frame(&mut s, peer, timeout) {
-            Ok(Frame::Pages { gpa, data }) => sink
-                .write(gpa, &data)
-                .map_err(|reason| TransportError::Sink { gpa, reason }),
-            Ok(Frame::Zero { gpa, pages }) => sink
-                .zero(gpa, pages)
-                .map_err(|reason| TransportError::Sink { gpa, reason }),
-            Ok(other) => Err(TransportError::Unexpected {
-                peer: peer.into(),
-                what: format!("{} on a bulk connection", frame_name(&other)),
-            }),
+        let stored = match receive_bulk(&mut s, peer, timeout, sink, &mut buf) {
+            Ok(()) => Ok(()),
             // The source closes bulk connections when it is done.
             Err(TransportError::Closed { .. }) => return,
             // Idle bulk connections are normal while the source waits.
@@ -470,23 +546,30 @@ impl Transport for TcpTransport {
     }
 
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        if self.senders.is_empty() {
-            return Err(TransportError::Unexpected {
-                peer: self.peer.clone(),
-                what: "page run before the bulk connections were opened".into(),
-            });
-        }
         let job = match run {
-            PageRun::Data { gpa, data } => Job::Pages(gpa, data.to_vec()),
+            PageRun::Data { gpa, data } => {
+                let mut buf = self.page_buffer();
+                buf.extend_from_slice(data);
+                Job::Pages(gpa, buf)
+            }
             PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
         };
-        let i = self.next % self.senders.len();
-        self.next = self.next.wrapping_add(1);
-        self.senders[i]
-            .send(job)
-            .map_err(|_| TransportError::Closed {
-                peer: self.peer.clone(),
-            })
+        self.queue(job)
+    }
+
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.queue(Job::Pages(gpa, data))
+    }
+
+    fn page_buffer(&mut self) -> Vec<u8> {
+        let reused = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut b = reused.unwrap_or_default();
+        b.clear();
+        b
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {

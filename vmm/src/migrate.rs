@@ -164,6 +164,42 @@ pub struct MigrationReport {
     /// Set when the migration is in doubt: the source neither runs the VM
     /// nor knows whether the destination does; the VM is saved.
     pub in_doubt: Option<InDoubt>,
+    /// Where the downtime went (source only).
+    pub phases: DowntimePhases,
+}
+
+/// The stop-and-copy phase, step by step, in ms from the previous step
+/// (source side). Their sum is [`MigrationReport::downtime_ms`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimePhases {
+    /// Asking the vCPUs to leave `KVM_RUN` until all have saved their state.
+    pub pause_ms: f64,
+    /// The last dirty-log read, and the pages devices wrote.
+    pub dirty_log_ms: f64,
+    /// Reading and queueing the last round's pages.
+    pub send_ms: f64,
+    /// Pages in the last round.
+    pub pages: u64,
+    /// Encoding and sending the vCPU states.
+    pub vcpu_ms: f64,
+    /// Encoding and sending the device state, and `Complete`.
+    pub device_ms: f64,
+    /// Until every queued byte was handed to the network (the end of
+    /// QEMU's downtime measure; `downtime_sent_ms` is the sum up to here).
+    pub flush_ms: f64,
+    /// Until the destination stored the last round and loaded the state
+    /// (`RoundAck`, `Loaded`).
+    pub load_ms: f64,
+    /// `Go` to `Running`: the destination starts the vCPUs.
+    pub commit_ms: f64,
+}
+
+/// Milliseconds since `*t`, and moves `*t` to now.
+fn lap(t: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let ms = now.duration_since(*t).as_secs_f64() * 1e3;
+    *t = now;
+    ms
 }
 
 /// The VM configuration as it travels in `Hello`.
@@ -417,7 +453,8 @@ fn send_pages(
     let mut sent_pages = 0u64;
     // Pending data run: first page and the bytes gathered.
     let mut run_start = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(max * page);
+    let mut buf = tr.page_buffer();
+    buf.reserve(max * page);
     let mut zero_start = 0u64;
     let mut zeros = 0u64;
     let mut tmp = vec![0u8; page];
@@ -517,13 +554,14 @@ fn flush_data(
     bytes: &mut u64,
 ) -> Result<(), MigrateError> {
     if !buf.is_empty() {
-        tr.send_run(PageRun::Data {
-            gpa: start * PAGE_SIZE,
-            data: buf,
-        })?;
         *frames += 1;
         *bytes += buf.len() as u64 + proto::HEADER_LEN as u64 + 8;
-        buf.clear();
+        // The buffer goes to the transport as it is (no copy); the next
+        // run fills a recycled one.
+        let mut next = tr.page_buffer();
+        next.reserve(buf.capacity());
+        let data = std::mem::replace(buf, next);
+        tr.send_data(start * PAGE_SIZE, data)?;
     }
     Ok(())
 }
@@ -632,6 +670,7 @@ fn precopy_and_switch(
             return Ended::Failed(e.into());
         }
     };
+    report.phases.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
     let copy = FinalCopy {
         pending,
         sent,
@@ -697,10 +736,12 @@ fn precopy(
     loop {
         let dirty: u64 = pending.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = (dirty * (PAGE_SIZE + 32)) as f64 / bw;
-        // Under the target, one more round still pays while it halves the
-        // dirty set (the guest dirties less during a shorter round): the
-        // pause then holds only what the guest dirties in one short round.
-        let fits = est <= target && (dirty.saturating_mul(2) > prev_dirty || dirty == 0);
+        // Under the target, one more round still pays while it shrinks the
+        // dirty set by a tenth or more (the guest dirties less during a
+        // shorter round): the pause then holds only what the guest dirties
+        // in one round of fixed costs.
+        let shrinking = dirty.saturating_mul(10) < prev_dirty.saturating_mul(9);
+        let fits = est <= target && (!shrinking || dirty == 0);
         if fits || n >= opts.max_rounds {
             tracing::info!(round = n, dirty, est_ms = est * 1e3, "stop-and-copy");
             break;
@@ -815,6 +856,7 @@ fn stop_and_copy(
     paused: Instant,
     report: &mut MigrationReport,
 ) -> Result<(), Switch> {
+    let mut t = Instant::now();
     let last = vm.take_dirty_log()?;
     for (p, l) in copy.pending.iter_mut().zip(&last) {
         *p |= *l;
@@ -823,6 +865,8 @@ fn stop_and_copy(
     // by this thread) holds still.
     let balloon = vm.balloon().map(|b| b.state());
     device_written_pages(vm, balloon.as_ref(), &mut copy)?;
+    report.phases.dirty_log_ms = lap(&mut t);
+    let before = report.pages;
     let (frames, _) = send_pages(
         tr,
         vm.memory(),
@@ -831,7 +875,16 @@ fn stop_and_copy(
         &mut copy.sent,
         report,
     )?;
-    round(tr, copy.round, frames, true)?;
+    report.phases.pages = report.pages - before;
+    // The destination stores the round's frames before it reads the next
+    // control message, so the state follows at once; its RoundAck is
+    // read after everything was sent.
+    tr.send_control(&Control::RoundEnd {
+        round: copy.round,
+        frames,
+        last: true,
+    })?;
+    report.phases.send_ms = lap(&mut t);
     for (i, s) in states.iter().enumerate() {
         let state = serde_json::to_string(s)
             .map_err(|e| MigrateError::Protocol(format!("encoding vCPU {i}: {e}")))?;
@@ -840,6 +893,7 @@ fn stop_and_copy(
             state,
         })?;
     }
+    report.phases.vcpu_ms = lap(&mut t);
     let devices = WireDevices {
         lab: vcpus.device_state(),
         balloon,
@@ -848,14 +902,26 @@ fn stop_and_copy(
         .map_err(|e| MigrateError::Protocol(format!("encoding device state: {e}")))?;
     tr.send_control(&Control::Device { state: dev })?;
     tr.send_control(&Control::Complete)?;
+    report.phases.device_ms = lap(&mut t);
+    tr.flush()?;
+    report.phases.flush_ms = lap(&mut t);
     report.downtime_sent_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.counter = counter(vm);
+    let n = copy.round;
+    expect(
+        tr,
+        "round-ack",
+        |c| matches!(c, Control::RoundAck { round } if *round == n),
+    )?;
     expect(tr, "loaded", |c| matches!(c, Control::Loaded))?;
+    report.phases.load_ms = lap(&mut t);
     // A Go whose write fails was not delivered whole, and a partial frame
     // never decodes: the destination cannot have started, so resume here.
     tr.send_control(&Control::Go)?;
     // Committed: from here the source never resumes its copy.
-    match expect(tr, "running", |c| matches!(c, Control::Running)) {
+    let running = expect(tr, "running", |c| matches!(c, Control::Running));
+    report.phases.commit_ms = lap(&mut t);
+    match running {
         Ok(()) => Ok(()),
         // The destination says it discarded the VM without starting it.
         Err(e @ MigrateError::PeerAborted(_)) => Err(Switch::Before(e)),

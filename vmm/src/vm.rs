@@ -291,39 +291,48 @@ impl VcpuControl<'_> {
         self.shared.pause.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
         let deadline = Instant::now() + timeout;
+        let mut kicked: Option<Instant> = None;
+        let mut st = lock(&self.shared.state);
         loop {
-            {
-                let st = lock(&self.shared.state);
-                if st.snapshots.iter().filter(|s| s.is_some()).count() == n {
-                    let mut out = Vec::with_capacity(n);
-                    for (i, s) in st.snapshots.iter().enumerate() {
-                        match s {
-                            Some(Ok(v)) => out.push(v.clone()),
-                            Some(Err(e)) => {
-                                return Err(VmmError::Config(format!(
-                                    "reading vCPU {i}'s state: {e}"
-                                )));
-                            }
-                            None => {}
+            if st.snapshots.iter().filter(|s| s.is_some()).count() == n {
+                let mut out = Vec::with_capacity(n);
+                for (i, s) in st.snapshots.iter().enumerate() {
+                    match s {
+                        Some(Ok(v)) => out.push(v.clone()),
+                        Some(Err(e)) => {
+                            return Err(VmmError::Config(format!("reading vCPU {i}'s state: {e}")));
                         }
+                        None => {}
                     }
-                    return Ok(out);
                 }
-                if st.outcome.is_some() || st.finished > 0 {
-                    return Err(VmmError::Config("the VM ended while pausing".into()));
-                }
+                return Ok(out);
             }
-            if Instant::now() >= deadline {
+            if st.outcome.is_some() || st.finished > 0 {
+                return Err(VmmError::Config("the VM ended while pausing".into()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(VmmError::Config(format!(
                     "vCPUs did not pause within {timeout:?}"
                 )));
             }
-            for t in self.threads.iter().filter(|t| !t.is_finished()) {
-                if let Err(e) = t.kill(sys::kick_signal()) {
-                    tracing::debug!("kicking a vCPU thread: {e}");
+            // Kick at once, then again every millisecond: a kick can land
+            // between a thread's flag check and KVM_RUN.
+            if kicked.is_none_or(|k| now.duration_since(k) >= Duration::from_millis(1)) {
+                for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                    if let Err(e) = t.kill(sys::kick_signal()) {
+                        tracing::debug!("kicking a vCPU thread: {e}");
+                    }
                 }
+                kicked = Some(now);
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Each vCPU notifies once it saved its state.
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, Duration::from_micros(250))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
