@@ -51,6 +51,13 @@ pub trait Transport: Send {
     }
     /// Returns when every queued run has been handed to the network.
     fn flush(&mut self) -> Result<(), TransportError>;
+    /// Stop-and-copy: flushes, then sends later runs on the calling thread
+    /// instead of handing them to other threads, so a paused guest does
+    /// not wait for those to be scheduled on a busy host. Transports
+    /// without such threads need not do anything.
+    fn send_inline(&mut self) -> Result<(), TransportError> {
+        self.flush()
+    }
     /// Receives the next control message (waits at most the transport's timeout).
     fn recv_control(&mut self) -> Result<Control, TransportError>;
     /// Destination: waits until `frames` more page runs have landed in the sink.

@@ -52,8 +52,10 @@
 //!                             <-----------  Loaded
 //!   Go                        ----------->  commit point (see below)
 //!   [source never resumes its copy from here]
-//!                                           starts the vCPUs
+//!                                           creates the vCPU threads
 //!                             <-----------  Running
+//!                                           releases the vCPUs (nothing
+//!                                           can fail between the two)
 //!   [source stops its VM]
 //! ```
 //!

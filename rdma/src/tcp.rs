@@ -50,6 +50,10 @@ pub struct TcpTransport {
     timeout: Duration,
     /// Source: one queue and thread per bulk connection.
     senders: Vec<SyncSender<Job>>,
+    /// Source: which senders were given work since the last flush.
+    busy: Vec<bool>,
+    /// Source: page runs are written on the caller's thread.
+    inline: bool,
     next: usize,
     /// Destination: what the bulk readers stored.
     recv: Arc<RecvState>,
@@ -176,6 +180,8 @@ impl TcpTransport {
             control,
             timeout,
             senders: Vec::new(),
+            busy: Vec::new(),
+            inline: false,
             next: 0,
             recv: Arc::new(RecvState::default()),
             consumed: 0,
@@ -213,6 +219,7 @@ impl TcpTransport {
                 .map_err(io(&self.peer, "spawn sender"))?;
             self.bulk.push(s);
             self.senders.push(tx);
+            self.busy.push(false);
             self.threads.push(t);
         }
         Ok(())
@@ -223,7 +230,8 @@ impl TcpTransport {
         &self.peer
     }
 
-    /// Hands a job to the next bulk connection's sender (round-robin).
+    /// Hands a job to the next bulk connection's sender (round-robin), or
+    /// writes it on this thread once [`Transport::send_inline`] was asked.
     fn queue(&mut self, job: Job) -> Result<(), TransportError> {
         if self.senders.is_empty() {
             return Err(TransportError::Unexpected {
@@ -233,11 +241,49 @@ impl TcpTransport {
         }
         let i = self.next % self.senders.len();
         self.next = self.next.wrapping_add(1);
+        if self.inline {
+            // The sender threads are idle (flushed) and get no more work,
+            // so this thread is the connection's only writer.
+            let s = &self.bulk[i];
+            let r = match job {
+                Job::Pages(gpa, data) => {
+                    let r = write_pages(s, gpa, &data);
+                    recycle(&self.pool, data);
+                    r
+                }
+                Job::Frame(f) => (&mut &*s).write_all(&f),
+                Job::Flush(_) => Ok(()),
+            };
+            return r.map_err(io(&self.peer, "send pages"));
+        }
+        if let Some(b) = self.busy.get_mut(i) {
+            *b = true;
+        }
         self.senders[i]
             .send(job)
             .map_err(|_| TransportError::Closed {
                 peer: self.peer.clone(),
             })
+    }
+}
+
+/// Writes one `pages` frame (checksummed here) for `data` at `gpa`.
+fn write_pages(mut s: &TcpStream, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+    let (head, gpa) = proto::pages_header(gpa, data);
+    let mut first = [0u8; HEADER_LEN + 8];
+    first[..HEADER_LEN].copy_from_slice(&head);
+    first[HEADER_LEN..].copy_from_slice(&gpa);
+    s.write_all(&first)?;
+    s.write_all(data)
+}
+
+/// Keeps a written page buffer for reuse.
+fn recycle(pool: &Mutex<Vec<Vec<u8>>>, data: Vec<u8>) {
+    let mut p = pool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if p.len() < POOL_MAX {
+        p.push(data);
     }
 }
 
@@ -253,22 +299,12 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>, pool: &Mutex<Vec<Vec<u8>>>)
                 }
             }
             Job::Pages(gpa, data) => {
-                if failed.is_none() {
-                    let (head, gpa) = proto::pages_header(gpa, &data);
-                    let mut first = [0u8; HEADER_LEN + 8];
-                    first[..HEADER_LEN].copy_from_slice(&head);
-                    first[HEADER_LEN..].copy_from_slice(&gpa);
-                    let r = s.write_all(&first).and_then(|()| s.write_all(&data));
-                    if let Err(e) = r {
-                        failed = Some(e.to_string());
-                    }
+                if failed.is_none()
+                    && let Err(e) = write_pages(&s, gpa, &data)
+                {
+                    failed = Some(e.to_string());
                 }
-                let mut p = pool
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if p.len() < POOL_MAX {
-                    p.push(data);
-                }
+                recycle(pool, data);
             }
             Job::Flush(ack) => {
                 let r = match &failed {
@@ -433,6 +469,8 @@ impl PendingIncoming {
             control: self.control,
             timeout: self.timeout,
             senders: Vec::new(),
+            busy: Vec::new(),
+            inline: false,
             next: 0,
             recv,
             consumed: 0,
@@ -561,6 +599,12 @@ impl Transport for TcpTransport {
         self.queue(Job::Pages(gpa, data))
     }
 
+    fn send_inline(&mut self) -> Result<(), TransportError> {
+        self.flush()?;
+        self.inline = true;
+        Ok(())
+    }
+
     fn page_buffer(&mut self) -> Vec<u8> {
         let reused = self
             .pool
@@ -574,7 +618,12 @@ impl Transport for TcpTransport {
 
     fn flush(&mut self) -> Result<(), TransportError> {
         let mut acks = Vec::new();
-        for tx in &self.senders {
+        // Only senders given work since the last flush have anything to
+        // hand over (or a new error to report); the others are not woken.
+        for (tx, busy) in self.senders.iter().zip(&mut self.busy) {
+            if !std::mem::take(busy) {
+                continue;
+            }
             let (atx, arx) = sync_channel(1);
             tx.send(Job::Flush(atx))
                 .map_err(|_| TransportError::Closed {

@@ -213,7 +213,10 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
             .run_for
             .map(|s| Instant::now() + Duration::from_secs_f64(s)),
     };
-    match inc.run(&mut stop) {
+    let result = inc.run(&mut stop);
+    // Again, with when the guest resumed here.
+    write_json(&cli.migration_report, &inc.report);
+    match result {
         Ok(report) => {
             write_json(&cli.report_json, &report);
             ExitCode::SUCCESS

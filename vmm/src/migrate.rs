@@ -166,6 +166,20 @@ pub struct MigrationReport {
     pub in_doubt: Option<InDoubt>,
     /// Where the downtime went (source only).
     pub phases: DowntimePhases,
+    /// Source: when the vCPUs were asked to pause, in µs since the Unix
+    /// epoch (wall clock, so that two processes on one host compare).
+    pub paused_unix_us: Option<u64>,
+    /// Destination: when `Running` was sent and the vCPUs released, in µs
+    /// since the Unix epoch. With [`paused_unix_us`](Self::paused_unix_us)
+    /// of the source on the same host: the guest's whole downtime.
+    pub resumed_unix_us: Option<u64>,
+}
+
+fn unix_us() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_micros()).ok())
 }
 
 /// The stop-and-copy phase, step by step, in ms from the previous step
@@ -453,8 +467,8 @@ fn send_pages(
     let mut sent_pages = 0u64;
     // Pending data run: first page and the bytes gathered.
     let mut run_start = 0u64;
-    let mut buf = tr.page_buffer();
-    buf.reserve(max * page);
+    // Taken from the transport at the first page of each run.
+    let mut buf: Vec<u8> = Vec::new();
     let mut zero_start = 0u64;
     let mut zeros = 0u64;
     let mut tmp = vec![0u8; page];
@@ -527,6 +541,10 @@ fn send_pages(
             flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
             run_start = p;
         }
+        if buf.capacity() == 0 {
+            buf = tr.page_buffer();
+            buf.reserve(max * page);
+        }
         buf.extend_from_slice(data);
         sent_pages += 1;
     }
@@ -558,10 +576,7 @@ fn flush_data(
         *bytes += buf.len() as u64 + proto::HEADER_LEN as u64 + 8;
         // The buffer goes to the transport as it is (no copy); the next
         // run fills a recycled one.
-        let mut next = tr.page_buffer();
-        next.reserve(buf.capacity());
-        let data = std::mem::replace(buf, next);
-        tr.send_data(start * PAGE_SIZE, data)?;
+        tr.send_data(start * PAGE_SIZE, std::mem::take(buf))?;
     }
     Ok(())
 }
@@ -663,6 +678,7 @@ fn precopy_and_switch(
     let n = report.rounds;
     // Stop-and-copy: the guest is paused from here until Running or failure.
     let paused = Instant::now();
+    report.paused_unix_us = unix_us();
     let states = match vcpus.pause(opts.timeout) {
         Ok(s) => s,
         Err(e) => {
@@ -732,16 +748,25 @@ fn precopy(
     let mut n = 1u32;
     let mut pending = vm.take_dirty_log()?;
     let mut prev_dirty = u64::MAX;
+    let mut stalls = 0u32;
     let target = opts.downtime.as_secs_f64();
     loop {
         let dirty: u64 = pending.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = (dirty * (PAGE_SIZE + 32)) as f64 / bw;
-        // Under the target, one more round still pays while it shrinks the
-        // dirty set by a tenth or more (the guest dirties less during a
-        // shorter round): the pause then holds only what the guest dirties
-        // in one round of fixed costs.
-        let shrinking = dirty.saturating_mul(10) < prev_dirty.saturating_mul(9);
-        let fits = est <= target && (!shrinking || dirty == 0);
+        // Under the target, more rounds still pay while they shrink the
+        // dirty set (the guest dirties less during a shorter round): the
+        // pause then holds only what the guest dirties in one round of
+        // fixed costs. A round that does not shrink it by a tenth is a
+        // stall (a busy host slows single rounds, so one is not enough to
+        // stop); stop at a set the link moves in half a millisecond, or
+        // after three stalls in a row.
+        if dirty.saturating_mul(10) < prev_dirty.saturating_mul(9) {
+            stalls = 0;
+        } else {
+            stalls += 1;
+        }
+        let small = bw * 0.0005 / (PAGE_SIZE + 32) as f64;
+        let fits = dirty == 0 || (est <= target && (dirty as f64 <= small || stalls >= 3));
         if fits || n >= opts.max_rounds {
             tracing::info!(round = n, dirty, est_ms = est * 1e3, "stop-and-copy");
             break;
@@ -857,6 +882,7 @@ fn stop_and_copy(
     report: &mut MigrationReport,
 ) -> Result<(), Switch> {
     let mut t = Instant::now();
+    tr.send_inline()?;
     let last = vm.take_dirty_log()?;
     for (p, l) in copy.pending.iter_mut().zip(&last) {
         *p |= *l;
@@ -1031,6 +1057,12 @@ pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, Mig
             return Err(e.into());
         }
     };
+    if let Err(e) = vm.prespawn_vcpu_threads() {
+        tracing::warn!(
+            "cannot create the vCPU threads ahead; they start after the commit: {}",
+            vmm_hooks::error_chain(&e)
+        );
+    }
     let sink = Arc::new(GuestSink {
         mem: vm.guest_memory_arc(),
         ram: vm.config().ram_mib << 20,
@@ -1107,7 +1139,10 @@ fn check_hello(hello: &Control) -> Result<LabVmConfig, MigrateError> {
 fn await_go(tr: &mut dyn Transport) -> Result<(), MigrateError> {
     tr.send_control(&Control::Loaded)?;
     match tr.recv_control() {
-        Ok(Control::Go) => Ok(()),
+        Ok(Control::Go) => {
+            tracing::debug!("go received");
+            Ok(())
+        }
         Ok(Control::Abort { reason }) => Err(MigrateError::PeerAborted(reason)),
         Ok(other) => Err(MigrateError::Protocol(format!(
             "expected go, got {other:?}"
@@ -1198,29 +1233,40 @@ fn load(
     Ok(())
 }
 
-/// Tells the source `Running` as soon as the vCPUs run (the run marks a
-/// migrated guest ready at once), then passes callbacks on.
+/// Tells the source `Running` once the vCPU threads exist and nothing can
+/// fail before they are released (`before_boot`: what follows it in
+/// [`LabVm::run`] is infallible for a migrated guest), then passes
+/// callbacks on. Sending it there rather than after the release keeps the
+/// newly runnable vCPU threads from delaying the message on a busy host.
 struct Confirm<'a> {
     transport: &'a mut dyn Transport,
     inner: &'a mut dyn RunObserver,
-    /// The vCPUs were started (`ready` came).
+    /// `Running` was sent (or tried): the vCPUs are released.
     started: bool,
+    /// When that was, µs since the Unix epoch.
+    resumed_unix_us: Option<u64>,
 }
 
 impl RunObserver for Confirm<'_> {
-    fn should_stop(&mut self) -> bool {
-        self.inner.should_stop()
-    }
-    fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
+    fn before_boot(&mut self, _vm: &LabVm, _tids: &[i32]) -> vmm_hooks::BootPlan {
+        tracing::debug!("vCPU threads ready; sending running");
         self.started = true;
+        self.resumed_unix_us = unix_us();
         if let Err(e) = self.transport.send_control(&Control::Running) {
             // The source committed (Go) and never resumes its copy: this
-            // one keeps running. The source saved the VM as in doubt.
+            // one runs. The source saved the VM as in doubt.
             tracing::warn!(
                 "cannot confirm Running to the source (it keeps its copy paused and saved): {}",
                 vmm_hooks::error_chain(&e)
             );
         }
+        // A migrated guest booted elsewhere: no plan to apply.
+        vmm_hooks::BootPlan::empty()
+    }
+    fn should_stop(&mut self) -> bool {
+        self.inner.should_stop()
+    }
+    fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
         self.transport.close();
         self.inner.ready(elapsed, report);
     }
@@ -1239,8 +1285,10 @@ impl Incoming {
             transport: self.transport.as_mut(),
             inner: observer,
             started: false,
+            resumed_unix_us: None,
         };
         let result = self.vm.run(&mut confirm);
+        self.report.resumed_unix_us = confirm.resumed_unix_us;
         if let (Err(e), false) = (&result, confirm.started) {
             let _ = confirm.transport.send_control(&Control::Abort {
                 reason: format!(

@@ -373,6 +373,16 @@ pub struct LabVm {
     /// Set on a migration destination: the guest is past ready and its
     /// lab device continues from here.
     resumed: Option<LabDeviceState>,
+    /// Threads created ahead of [`run`](Self::run) to become the vCPU
+    /// threads (see [`prespawn_vcpu_threads`](Self::prespawn_vcpu_threads)).
+    prespawned: Vec<Prespawned>,
+}
+
+/// A thread waiting for the vCPU loop it is to run.
+#[derive(Debug)]
+struct Prespawned {
+    handle: JoinHandle<()>,
+    job: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
 }
 
 /// Memory slot of guest RAM.
@@ -427,6 +437,27 @@ impl LabVm {
         let devices = Arc::get_mut(&mut self.devices)
             .ok_or_else(|| VmmError::Config("the VM's devices are in use".into()))?;
         devices.restore_balloon(state, &self.mem, grace_ms)
+    }
+
+    /// Creates the vCPU threads now, idle until [`run`](Self::run) hands
+    /// them their vCPU: a migration destination does this while memory
+    /// arrives, so that starting the guest after the commit wakes sleeping
+    /// threads instead of waiting for new ones to be scheduled (which
+    /// takes milliseconds on a busy host). A VM dropped unrun ends them.
+    pub(crate) fn prespawn_vcpu_threads(&mut self) -> Result<(), VmmError> {
+        for i in self.prespawned.len()..self.vcpus.len() {
+            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let handle = std::thread::Builder::new()
+                .name(format!("labvm-vcpu{i}"))
+                .spawn(move || {
+                    if let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .map_err(VmmError::Thread)?;
+            self.prespawned.push(Prespawned { handle, job: tx });
+        }
+        Ok(())
     }
 
     pub(crate) fn guest_memory_arc(&self) -> Arc<GuestMemoryMmap> {
@@ -531,6 +562,7 @@ impl LabVm {
             devices,
             host: host as u64,
             resumed: None,
+            prespawned: Vec::new(),
         })
     }
 
@@ -610,13 +642,23 @@ impl LabVm {
             cv: Condvar::new(),
         });
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(n);
+        let mut prespawned = std::mem::take(&mut self.prespawned).into_iter();
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let thread_shared = Arc::clone(&shared);
             let mem = Arc::clone(&self.mem);
             let devices = Arc::clone(&self.devices);
-            let spawned = std::thread::Builder::new()
-                .name(format!("labvm-vcpu{i}"))
-                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices));
+            let job = move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices);
+            let spawned = match prespawned.next() {
+                Some(p) => match p.job.send(Box::new(job)) {
+                    Ok(()) => Ok(p.handle),
+                    Err(std::sync::mpsc::SendError(job)) => std::thread::Builder::new()
+                        .name(format!("labvm-vcpu{i}"))
+                        .spawn(job),
+                },
+                None => std::thread::Builder::new()
+                    .name(format!("labvm-vcpu{i}"))
+                    .spawn(job),
+            };
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
