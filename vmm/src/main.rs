@@ -207,14 +207,14 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
         "incoming: VM received ({} rounds, {:.1} ms); running",
         inc.report.rounds, inc.report.total_ms
     );
-    write_json(&cli.migration_report, &inc.report);
+    // The migration report is written once the run ends: a file write here
+    // would sit in the guest's downtime (the source waits for Running).
     let mut stop = CliStop {
         until: cli
             .run_for
             .map(|s| Instant::now() + Duration::from_secs_f64(s)),
     };
     let result = inc.run(&mut stop);
-    // Again, with when the guest resumed here.
     write_json(&cli.migration_report, &inc.report);
     match result {
         Ok(report) => {

@@ -619,6 +619,7 @@ fn migrate(
         Ok(tr) => tr,
         Err(e) => return Ended::Failed(e),
     };
+    tracing::debug!("destination accepted the VM");
     let ended = match vm.set_dirty_logging(true) {
         Ok(()) => precopy_and_switch(vm, vcpus, opts, tr.as_mut(), report),
         Err(e) => Ended::Failed(e.into()),
@@ -745,6 +746,12 @@ fn precopy(
     )?;
     round(tr, 0, frames, false)?;
     let mut bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    tracing::debug!(
+        bytes,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        mb_s = bw / 1e6,
+        "pre-copy round 0 (every populated page)"
+    );
     let mut n = 1u32;
     let mut pending = vm.take_dirty_log()?;
     let mut prev_dirty = u64::MAX;

@@ -618,6 +618,7 @@ impl LabVm {
         if self.vcpus.is_empty() {
             return Err(VmmError::Config("this VM has already run".into()));
         }
+        tracing::trace!("run starts");
         sys::install_kick_handler()
             .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
         let n = self.vcpus.len();
@@ -667,6 +668,7 @@ impl LabVm {
                 }
             }
         }
+        tracing::trace!("vCPU threads handed their vCPUs");
         // Wait for every thread to report its id, then let the observer act.
         let tids = {
             let mut st = lock(&shared.state);
