@@ -130,6 +130,15 @@ pub enum ConfigError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The `[migration]` section is out of range.
+    #[error("{path}")]
+    Migration {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        #[source]
+        source: crate::migration::MigrationError,
+    },
     /// The `[shaping]` section is out of range.
     #[error("{path}")]
     Shaping {
@@ -163,6 +172,8 @@ pub struct Config {
     pub shaping: crate::ShapingConfig,
     /// The interruption coordinator.
     pub interrupt: InterruptSection,
+    /// Live migration between hosts.
+    pub migration: crate::migration::MigrationConfig,
 }
 
 /// `[interrupt]`: the interruption coordinator (`crate::interrupt`).
@@ -664,6 +675,12 @@ impl Config {
         }
         if let Err(e) = self.shaping.validate() {
             return Err(ConfigError::Shaping {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
+        if let Err(e) = self.migration.validate() {
+            return Err(ConfigError::Migration {
                 path: path.to_path_buf(),
                 source: e,
             });

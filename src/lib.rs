@@ -15,6 +15,7 @@ mod gpu;
 pub mod interrupt;
 pub mod libvirt;
 mod metrics;
+pub mod migration;
 mod pool;
 mod reconcile;
 mod server;
@@ -38,7 +39,8 @@ pub use reconcile::process_start;
 pub use server::{EventRecord, HooksServer, ServeError, ServerConfig};
 pub use shape_loop::{ShapingConfig, ShapingLoop, TickOutcome};
 pub use status::{
-    DaemonStatus, PoolStatus, StatusError, query as query_status, table as status_table,
+    DaemonStatus, PoolStatus, StatusError, moves_table, query as query_status, request_drain,
+    request_undrain, table as status_table,
 };
 pub use store::{
     BootRow, KeySummary, ProfileKey, ProfileStore, StoreError, StorePolicy, VmRecord, VmSource,

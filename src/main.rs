@@ -48,6 +48,151 @@ enum Command {
     /// GPUs: inventory (NVML or a recording), recordings, reservations.
     #[command(subcommand)]
     Gpu(gpu_cli::GpuCommand),
+    /// This host as a whole: drain it (move every VM off) before an update.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Live-migrate every VM that can migrate to other hosts' companions
+    /// (their `[migration] listen`), in turn, and follow until each moved
+    /// or failed (a VM whose move fails runs on here). Exit 0 when every VM
+    /// moved, 1 otherwise. The host takes no new VMs until `undrain`.
+    Drain(DrainArgs),
+    /// End a drain: the host takes new VMs again.
+    Undrain(UndrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UndrainArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct DrainArgs {
+    /// The daemon's hooks socket.
+    #[arg(long, default_value = "/run/prescient/hooks.sock")]
+    socket: PathBuf,
+    /// A destination companion, HOST:PORT (repeat for several; VMs are
+    /// spread over them in turn).
+    #[arg(long = "to", required = true, value_name = "HOST:PORT")]
+    to: Vec<String>,
+    /// Give up following after this many seconds (moves in flight go on).
+    #[arg(long, default_value_t = 600.0)]
+    timeout_s: f64,
+    /// Print the final state as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bytes as MB, for display.
+#[allow(clippy::cast_precision_loss)]
+fn megabytes(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// `prescient host drain`: asks, then follows the moves, one line per change.
+fn host_drain(args: &DrainArgs) -> ExitCode {
+    use prescient::migration::MoveRecord;
+    let ask = std::time::Duration::from_secs(5);
+    let first = match prescient::request_drain(&args.socket, &args.to, ask) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("prescient host drain: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let line = |m: &MoveRecord| -> String {
+        match (&m.state, &m.outcome, &m.error) {
+            (_, _, Some(e)) => format!("{}: {}: {e}", m.vm, m.state_name()),
+            (_, Some(o), None) => format!(
+                "{}: {} to {} (total {:.0} ms, downtime {:.1} ms, {:.1} MB)",
+                m.vm,
+                m.state_name(),
+                m.addr.as_deref().unwrap_or("?"),
+                o.total_ms,
+                o.downtime_ms,
+                megabytes(o.bytes)
+            ),
+            _ => format!(
+                "{}: {}{}",
+                m.vm,
+                m.state_name(),
+                m.addr
+                    .as_deref()
+                    .or(Some(m.destination.as_str()).filter(|d| !d.is_empty()))
+                    .map(|a| format!(" ({a})"))
+                    .unwrap_or_default()
+            ),
+        }
+    };
+    let drained: Vec<String> = first
+        .migrations
+        .iter()
+        .filter(|m| m.reason == "drain")
+        .map(|m| m.vm.clone())
+        .collect();
+    if drained.is_empty() {
+        eprintln!("prescient host drain: no VMs on this host");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("draining {} VM(s) to {}", drained.len(), args.to.join(", "));
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs_f64(args.timeout_s.max(0.0));
+    let mut current = first;
+    loop {
+        let mine: Vec<&MoveRecord> = current
+            .migrations
+            .iter()
+            .filter(|m| drained.contains(&m.vm))
+            .collect();
+        for m in &mine {
+            let l = line(m);
+            if seen.get(&m.vm) != Some(&l) {
+                eprintln!("{l}");
+                seen.insert(m.vm.clone(), l);
+            }
+        }
+        if mine.iter().all(|m| m.state.is_final()) || std::time::Instant::now() >= deadline {
+            let moved = mine
+                .iter()
+                .filter(|m| m.state == prescient::migration::MoveState::Moved)
+                .count();
+            if args.json {
+                let json = serde_json::to_string_pretty(&mine).unwrap_or_default();
+                println!("{json}");
+            } else {
+                print!("{}", prescient::moves_table(&current.migrations));
+            }
+            let done = mine.iter().all(|m| m.state.is_final());
+            eprintln!(
+                "{moved} of {} moved{}",
+                mine.len(),
+                if done {
+                    ""
+                } else {
+                    "; gave up following (moves in flight go on)"
+                }
+            );
+            return if moved == mine.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        match prescient::query_status(&args.socket, ask) {
+            Ok(s) => current = s,
+            Err(e) => {
+                eprintln!("prescient host drain: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -743,6 +888,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    match prescient::migration::Mover::new(
+        c.migration.clone(),
+        0.0,
+        std::sync::Arc::clone(&config.metrics),
+    ) {
+        Ok(m) => config.migration = Some(std::sync::Arc::new(m)),
+        Err(e) => {
+            eprintln!("prescient: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    }
     let shaping = config.shaping.clone();
     if c.store.enabled {
         if let Some(dir) = c.store.path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -778,6 +934,33 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = c.migration.listen {
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(source) => {
+                    let e = prescient::migration::MigrationError::Listen { addr, source };
+                    eprintln!("prescient: {}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            };
+            let receiver = prescient::migration::Receiver::new(
+                c.migration.labvm.clone(),
+                c.migration.labvm_args.clone(),
+                c.migration.advertise.unwrap_or_else(|| addr.ip()),
+                c.daemon.socket.clone(),
+            );
+            tracing::info!(
+                listen = %listener.local_addr().unwrap_or(addr),
+                labvm = %receiver.labvm.display(),
+                "taking live migrations from other hosts"
+            );
+            tokio::spawn(prescient::migration::serve_slots(
+                listener,
+                receiver,
+                server.slot_admitter(),
+                rx.clone(),
+            ));
+        }
         if let Some(addr) = c.daemon.metrics_listen {
             let rx = rx.clone();
             let listener = tokio::spawn(prescient::serve_metrics(addr, metrics, rx));
@@ -869,6 +1052,23 @@ fn main() -> ExitCode {
         Command::ShapeReplay(args) => shape_replay(args),
         Command::Train(args) => forecast(forecast_cli::run_train(args)),
         Command::Eval(args) => forecast(forecast_cli::run_eval(args)),
+        Command::Host(HostCommand::Drain(args)) => host_drain(&args),
+        Command::Host(HostCommand::Undrain(args)) => {
+            match prescient::request_undrain(&args.socket, std::time::Duration::from_secs(5)) {
+                Ok(s) if !s.draining => {
+                    eprintln!("this host takes new VMs again");
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("prescient host undrain: the daemon still reports draining");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("prescient host undrain: {}", error_chain(&e));
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Gpu(cmd) => match gpu_cli::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

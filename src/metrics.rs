@@ -86,6 +86,9 @@ pub struct Metrics {
     /// `admit-after-shrink`, `restart-reserved`, `interrupt-ordered`,
     /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
     pub interrupt_actions: Family<KindLabel, Counter>,
+    /// Live migrations the companion ordered or followed, by kind
+    /// (`auto`, `ordered`, `moved`, `failed`).
+    pub migrations: Family<KindLabel, Counter>,
     /// What the shaping loop did, by kind (`balloon-target`, `cgroup-set`,
     /// `cgroup-failed`).
     pub shape_actions: Family<KindLabel, Counter>,
@@ -157,6 +160,7 @@ impl Metrics {
             allocator_short.clone(),
         );
         let interrupt_actions = Family::<KindLabel, Counter>::default();
+        let migrations = Family::<KindLabel, Counter>::default();
         let gpus = Gauge::default();
         let gpu_released = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -200,6 +204,11 @@ impl Metrics {
             "interrupt_actions",
             "What the interruption coordinator did, by kind",
             interrupt_actions.clone(),
+        );
+        registry.register(
+            "migrations",
+            "Live migrations the companion ordered or followed, by kind",
+            migrations.clone(),
         );
         let shape_actions = Family::<KindLabel, Counter>::default();
         let shape_forecast_mib = Family::<VmQuantileLabel, Gauge<f64, AtomicU64>>::default();
@@ -273,6 +282,7 @@ impl Metrics {
             allocator_decisions,
             allocator_short,
             interrupt_actions,
+            migrations,
             gpus,
             gpu_released,
         }

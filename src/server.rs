@@ -102,6 +102,9 @@ pub struct ServerConfig {
     /// The shaping loop (`None`: off). It sees every event and answers
     /// balloon status with its targets; its ticks run beside the server.
     pub shaping: Option<Arc<crate::ShapingLoop>>,
+    /// Live migration: orders for VMs whose VMM can migrate, drains, and
+    /// moves on predicted overload (`[migration]`).
+    pub migration: Option<Arc<crate::migration::Mover>>,
 }
 
 impl ServerConfig {
@@ -122,6 +125,7 @@ impl ServerConfig {
             allocator: AllocatorPolicy::default(),
             interrupt: None,
             shaping: None,
+            migration: None,
         }
     }
 }
@@ -227,6 +231,11 @@ impl HooksServer {
             )?;
         }
         config.metrics.set_pool(&pool);
+        if let Some(m) = &config.migration {
+            // The overload check compares forecasts with what VMs may use.
+            #[allow(clippy::cast_precision_loss)]
+            m.set_capacity_mib(pool.capacity().memory_mib as f64);
+        }
         tracing::info!(
             capacity = %pool.capacity(),
             allocated = %pool.allocated(),
@@ -257,6 +266,36 @@ impl HooksServer {
                 vms,
                 gpu_ledger,
             })),
+        })
+    }
+
+    /// The check the migration listener makes before it starts a labvm
+    /// for an incoming VM: the pool must have room for its RAM and vCPUs
+    /// (the labvm's own `before-boot` then reserves them).
+    pub fn slot_admitter(&self) -> crate::migration::SlotAdmitter {
+        let state = Arc::clone(&self.state);
+        let mover = self.config.migration.clone();
+        Arc::new(move |req, pending_mib| {
+            if mover.as_ref().is_some_and(|m| m.draining()) {
+                return Err("this host is draining; it takes no VMs".into());
+            }
+            let st = state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.vms.contains_key(&req.vm_id) {
+                return Err(format!(
+                    "a VM named {:?} already runs on this host",
+                    req.vm_id
+                ));
+            }
+            let demand = Resources {
+                cpu_millis: u64::from(req.vcpus).saturating_mul(1000),
+                memory_mib: req.ram_mib.saturating_add(pending_mib),
+                ..Resources::ZERO
+            };
+            st.pool
+                .check(&req.vm_id, &demand)
+                .map_err(|s| format!("no room on this host: {s}"))
         })
     }
 
@@ -370,8 +409,10 @@ async fn handle_connection(
         return;
     }
     let mut peer = String::from("(no hello)");
-    // Whether the peer understands `interrupt` and `defer` replies.
+    // Whether the peer understands `interrupt` and `defer` replies, and
+    // `migrate` replies.
     let mut can_interrupt = false;
+    let mut can_migrate = false;
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return,
@@ -406,9 +447,48 @@ async fn handle_connection(
                 tracing::info!(peer = p, uid, ?features, "VMM connected");
                 peer = p;
                 can_interrupt = features.iter().any(|f| f == proto::FEATURE_INTERRUPT);
+                can_migrate = features.iter().any(|f| f == proto::FEATURE_MIGRATE);
                 continue;
             }
-            Message::Event(event) => record(state, config, &peer, pid, can_interrupt, event),
+            Message::Event(event) => {
+                let peer = Peer {
+                    name: &peer,
+                    pid,
+                    can_interrupt,
+                    can_migrate,
+                };
+                record(state, config, &peer, event)
+            }
+            Message::UndrainRequest => {
+                if let Some(m) = config.migration.as_ref() {
+                    m.undrain();
+                }
+                let status = {
+                    let st = state
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    status_of(&st, config)
+                };
+                let msg = match serde_json::to_value(&status) {
+                    Ok(status) => Message::Status { status },
+                    Err(e) => Message::Error {
+                        message: format!("cannot encode the status: {e}"),
+                    },
+                };
+                if let Err(e) = send(&mut stream, &msg).await {
+                    tracing::debug!("cannot answer an undrain request: {e}");
+                    return;
+                }
+                continue;
+            }
+            Message::DrainRequest { to } => {
+                let msg = drain(state, config, &to);
+                if let Err(e) = send(&mut stream, &msg).await {
+                    tracing::debug!("cannot answer a drain request: {e}");
+                    return;
+                }
+                continue;
+            }
             Message::StatusRequest => {
                 let status = {
                     let st = state
@@ -507,15 +587,52 @@ fn needs_known_vm(kind: &EventKind) -> bool {
     )
 }
 
-/// Logs and records one event; answers it.
-fn record(
-    state: &Mutex<State>,
-    config: &ServerConfig,
-    peer: &str,
+/// The VMM on a connection.
+struct Peer<'a> {
+    /// Its `hello`.
+    name: &'a str,
+    /// Its process (SO_PEERCRED).
     pid: Option<i32>,
+    /// It understands `interrupt` and `defer` replies.
     can_interrupt: bool,
-    event: Event,
-) -> HookReply {
+    /// It understands `migrate` replies.
+    can_migrate: bool,
+}
+
+/// Starts a drain (`prescient host drain`); answers with the status.
+fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message {
+    let Some(mover) = config.migration.as_ref() else {
+        return Message::Error {
+            message: "this companion does not move VMs (no migration support configured)".into(),
+        };
+    };
+    if to.is_empty() || to.iter().any(|d| !d.contains(':') || d.len() > 256) {
+        return Message::Error {
+            message: "drain needs one or more destinations, each HOST:PORT of a companion's [migration] listen".into(),
+        };
+    }
+    let known: Vec<String> = {
+        let st = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.vms.keys().cloned().collect()
+    };
+    mover.drain(to, &known);
+    let st = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match serde_json::to_value(status_of(&st, config)) {
+        Ok(status) => Message::Status { status },
+        Err(e) => Message::Error {
+            message: format!("cannot encode the status: {e}"),
+        },
+    }
+}
+
+/// Logs and records one event; answers it.
+fn record(state: &Mutex<State>, config: &ServerConfig, peer: &Peer<'_>, event: Event) -> HookReply {
+    let (pid, can_interrupt) = (peer.pid, peer.can_interrupt);
+    let peer_name = peer.name;
     let metrics = &*config.metrics;
     let balloon = config.balloon.as_deref();
     Metrics::inc(&metrics.events, event.kind.name());
@@ -529,12 +646,17 @@ fn record(
         if warn_allowed(&UNKNOWN_VM_WARNED) {
             tracing::warn!(
                 vm,
-                peer,
+                peer = peer_name,
                 event = event.kind.name(),
                 "event of a VM this daemon never saw boot: rejected (more are counted in prescient_rejected_total{{kind=\"unknown-vm\"}})"
             );
         } else {
-            tracing::debug!(vm, peer, event = event.kind.name(), "unknown VM: rejected");
+            tracing::debug!(
+                vm,
+                peer = peer_name,
+                event = event.kind.name(),
+                "unknown VM: rejected"
+            );
         }
         return HookReply::Rejected {
             reason: format!(
@@ -579,7 +701,25 @@ fn record(
                 .or_insert_with(|| new_record(&vm, &key, VmSource::Vmm, pid, event.at_unix_ms));
             HookReply::Ack
         }
+        EventKind::BeforeBoot { .. }
+            if can_interrupt && config.migration.as_ref().is_some_and(|m| m.draining()) =>
+        {
+            // No new VMs on a host being emptied; the VMM asks again.
+            HookReply::Defer {
+                reason: "this host is draining for maintenance (prescient host undrain ends it)"
+                    .into(),
+                retry_after_ms: 5000,
+                missing_mib: 0,
+            }
+        }
         EventKind::BeforeBoot { vcpu_tids, ram, .. } => {
+            if config.migration.as_ref().is_some_and(|m| m.draining()) {
+                tracing::warn!(
+                    vm,
+                    peer = peer_name,
+                    "a VM boots on a draining host: its VMM cannot be deferred"
+                );
+            }
             let declared = Declared {
                 vcpus: u64::try_from(vcpu_tids.len()).unwrap_or(u64::MAX).max(1),
                 memory_mib: ram.len >> 20,
@@ -702,6 +842,11 @@ fn record(
         Some(c) => crate::interrupt::answer(c, metrics, &event, can_interrupt, reply, unix_ms()),
         None => reply,
     };
+    // A migration order goes only where nothing else was answered.
+    let reply = match config.migration.as_ref() {
+        Some(m) => m.observe(&event, peer.can_migrate, reply),
+        None => reply,
+    };
     match (&event.kind, &reply) {
         (EventKind::BeforeBoot { .. }, HookReply::Plan(p)) if p.balloon_target_mib.is_some() => {
             Metrics::inc(&metrics.balloon_targets, "pre-balloon");
@@ -719,7 +864,7 @@ fn record(
     if let Some(log) = st.log.as_mut() {
         let rec = EventRecord {
             received_unix_ms: unix_ms(),
-            peer: peer.to_string(),
+            peer: peer_name.to_string(),
             event,
         };
         let written = serde_json::to_writer(&mut *log, &rec)
@@ -1017,6 +1162,12 @@ fn status_of(st: &State, config: &ServerConfig) -> DaemonStatus {
         store: config.store.as_ref().map(|p| p.display().to_string()),
         pool: PoolStatus::of(&st.pool),
         vms,
+        migrations: config
+            .migration
+            .as_ref()
+            .map(|m| m.moves())
+            .unwrap_or_default(),
+        draining: config.migration.as_ref().is_some_and(|m| m.draining()),
     }
 }
 

@@ -90,10 +90,37 @@ pub struct DaemonStatus {
     pub pool: PoolStatus,
     /// Every VM it knows, by id, with its forecast and reservation.
     pub vms: Vec<VmRecord>,
+    /// Live migrations it ordered (the latest per VM; absent from older
+    /// companions).
+    #[serde(default)]
+    pub migrations: Vec<crate::migration::MoveRecord>,
+    /// A drain holds new VMs off this host (`prescient host undrain` ends it).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Asks the daemon at `socket` for its status.
 pub fn query(socket: &Path, timeout: Duration) -> Result<DaemonStatus, StatusError> {
+    ask(socket, &Message::StatusRequest, timeout)
+}
+
+/// Asks the daemon at `socket` to drain this host to the companions at
+/// `to` (`prescient host drain`); returns its status as the drain begins.
+pub fn request_drain(
+    socket: &Path,
+    to: &[String],
+    timeout: Duration,
+) -> Result<DaemonStatus, StatusError> {
+    ask(socket, &Message::DrainRequest { to: to.to_vec() }, timeout)
+}
+
+/// Ends a drain of the daemon at `socket` (`prescient host undrain`).
+pub fn request_undrain(socket: &Path, timeout: Duration) -> Result<DaemonStatus, StatusError> {
+    ask(socket, &Message::UndrainRequest, timeout)
+}
+
+/// Sends `msg`; the answer is a status.
+fn ask(socket: &Path, msg: &Message, timeout: Duration) -> Result<DaemonStatus, StatusError> {
     let mut s = UnixStream::connect(socket).map_err(|source| StatusError::Connect {
         path: socket.to_path_buf(),
         source,
@@ -105,7 +132,7 @@ pub fn query(socket: &Path, timeout: Duration) -> Result<DaemonStatus, StatusErr
     s.set_read_timeout(Some(timeout))
         .and_then(|()| s.set_write_timeout(Some(timeout)))
         .map_err(|e| exchange(ProtoError::Io(e)))?;
-    proto::write_message(&mut s, &Message::StatusRequest).map_err(exchange)?;
+    proto::write_message(&mut s, msg).map_err(exchange)?;
     match proto::read_message(&mut s).map_err(exchange)? {
         Message::Status { status } => {
             serde_json::from_value(status).map_err(|e| StatusError::Answer(e.to_string()))
@@ -177,13 +204,18 @@ pub fn table(s: &DaemonStatus) -> String {
         rows.push(row);
     }
     let mut out = format!(
-        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}\n\n",
+        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}{}\n\n",
         s.version,
         s.socket,
         s.store.as_deref().unwrap_or("none"),
         p.overcommit.cpu,
         p.overcommit.memory,
-        p.reservations
+        p.reservations,
+        if s.draining {
+            "; DRAINING (no new VMs; prescient host undrain ends it)"
+        } else {
+            ""
+        }
     );
     out.push_str(&render(&rows, |c| c == 0));
     out.push('\n');
@@ -241,5 +273,50 @@ pub fn table(s: &DaemonStatus) -> String {
     // Names and text left, numbers right.
     let text = render(&rows, |c| !(3..10).contains(&c));
     out.push_str(&text);
+    if !s.migrations.is_empty() {
+        out.push('\n');
+        out.push_str(&moves_table(&s.migrations));
+    }
     out
+}
+
+/// Live migrations as an aligned table.
+pub fn moves_table(moves: &[crate::migration::MoveRecord]) -> String {
+    let mut rows = vec![
+        [
+            "vm",
+            "move",
+            "to",
+            "budget ms",
+            "total ms",
+            "downtime ms",
+            "MB",
+            "why / error",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for m in moves {
+        let o = m.outcome.as_ref();
+        #[allow(clippy::cast_precision_loss)]
+        rows.push(vec![
+            m.vm.clone(),
+            m.state_name().to_string(),
+            m.addr.clone().unwrap_or_else(|| {
+                if m.destination.is_empty() {
+                    "-".into()
+                } else {
+                    m.destination.clone()
+                }
+            }),
+            m.budget
+                .as_ref()
+                .map_or_else(|| "-".into(), |b| b.downtime_ms.to_string()),
+            o.map_or_else(|| "-".into(), |o| format!("{:.0}", o.total_ms)),
+            o.map_or_else(|| "-".into(), |o| format!("{:.1}", o.downtime_ms)),
+            o.map_or_else(|| "-".into(), |o| format!("{:.1}", o.bytes as f64 / 1e6)),
+            m.error.clone().unwrap_or_else(|| m.reason.clone()),
+        ]);
+    }
+    render(&rows, |c| c < 3 || c == 7)
 }

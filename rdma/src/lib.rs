@@ -10,7 +10,9 @@
 //! into guest memory. Deciding when to migrate is not done here.
 
 pub mod proto;
+pub mod rdma_wire;
 mod tcp;
+pub mod testing;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 
@@ -127,13 +129,45 @@ pub enum TransportError {
         "no RDMA device on this host (ibv_get_device_list found none); use the TCP transport, or load an RDMA driver (e.g. rdma_rxe for soft RoCE)"
     )]
     NoRdmaDevice,
-    /// RDMA devices exist but the RDMA data path is not written yet.
+    /// The RDMA device cannot be used as asked (named device absent, port
+    /// not active, no usable GID, resources too small).
+    #[error("RDMA device {device}: {reason}")]
+    RdmaSetup {
+        /// The device (or the name asked for).
+        device: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A work request completed with an error status.
     #[error(
-        "RDMA devices {devices:?} found, but the RDMA migration data path is not written yet; use the TCP transport"
+        "RDMA {op} with {peer} completed with status \"{status}\" (vendor error {vendor_err:#x})"
     )]
-    RdmaDataPathUnwritten {
-        /// The devices found.
-        devices: Vec<String>,
+    Completion {
+        /// The peer.
+        peer: String,
+        /// What completed (`RDMA write`, `receive`, ...).
+        op: &'static str,
+        /// `ibv_wc_status_str` of the status.
+        status: String,
+        /// The provider's own error code.
+        vendor_err: u32,
+    },
+    /// A page run does not fit the peer's guest RAM; nothing was sent.
+    #[error("page run refused for {peer}")]
+    Run {
+        /// The peer.
+        peer: String,
+        /// Why.
+        #[source]
+        source: rdma_wire::RunError,
+    },
+    /// The peer ended the migration with `Abort`.
+    #[error("{peer} aborted the migration: {reason}")]
+    PeerAborted {
+        /// The peer.
+        peer: String,
+        /// Its reason.
+        reason: String,
     },
     /// A verbs call failed.
     #[error("RDMA {op} failed (errno {errno})")]

@@ -59,6 +59,23 @@
 //!   [source stops its VM]
 //! ```
 //!
+//! With the RDMA transport (cargo feature `rdma`) the source sends
+//! `Hello{bulk: 0}` and opens no bulk connections; the queue pairs are
+//! connected over the control connection instead, and page data moves by
+//! RDMA (see `verbs.rs` and the crate README):
+//!
+//! ```text
+//!   Hello{version, vm, bulk: 0} -------->  checks version and VmDescriptor
+//!   RdmaConnect{qp}           ----------->  registers guest RAM, QP to RTR,
+//!                                           posts receives
+//!                             <-----------  RdmaAccept{qp, region}
+//!   [source checks region.len == vm.ram_bytes, QP to RTS]
+//!                             <-----------  Accept
+//!   rounds: page runs as RDMA WRITE WITH IMMEDIATE into region.addr + gpa
+//!           (imm = frame number), zero runs as 16-byte RDMA SENDs; each
+//!           is one frame of RoundEnd's count; the rest as above.
+//! ```
+//!
 //! # Commit (two-phase switch-over, new in version 2)
 //!
 //! `Go` is the commit point. Before the source has sent it, exactly one side
@@ -99,6 +116,8 @@
 //! connection still allows it, and the error on this side names them too.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::rdma_wire::{QpEndpoint, RemoteRegion};
 
 /// Protocol version spoken here.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -142,7 +161,8 @@ pub enum Control {
         version: u16,
         /// The VM being moved.
         vm: VmDescriptor,
-        /// Number of bulk connections that follow.
+        /// Number of bulk connections that follow; 0: the source moves
+        /// page data over RDMA (`RdmaConnect` follows instead).
         bulk: u32,
         /// Session id the bulk connections present in `join`.
         session: u64,
@@ -186,6 +206,20 @@ pub enum Control {
     Go,
     /// Destination to source: the guest runs here now.
     Running,
+    /// Source to destination, RDMA transport only (after `Hello` with
+    /// `bulk: 0`): the source's queue pair.
+    RdmaConnect {
+        /// The source's RC queue pair.
+        qp: QpEndpoint,
+    },
+    /// Destination to source, RDMA transport only: the destination's queue
+    /// pair (ready to receive) and its guest RAM as one memory region.
+    RdmaAccept {
+        /// The destination's RC queue pair.
+        qp: QpEndpoint,
+        /// Guest RAM, registered for remote writes.
+        region: RemoteRegion,
+    },
     /// Either side: the migration is over without success.
     Abort {
         /// Why.
@@ -538,6 +572,39 @@ mod tests {
         };
         let b = encode_control(&m);
         assert_eq!(decode_frame(&b).unwrap(), (Frame::Control(m), b.len()));
+    }
+
+    #[test]
+    fn rdma_control_frames_round_trip() {
+        let qp = QpEndpoint {
+            lid: 0,
+            qpn: 0x1234,
+            psn: 0xabcdef,
+            gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, 1],
+            mtu: 5,
+        };
+        for m in [
+            Control::RdmaConnect { qp },
+            Control::RdmaAccept {
+                qp,
+                region: RemoteRegion {
+                    addr: 0x7f12_3456_7000,
+                    len: 1 << 30,
+                    rkey: 0xdead_beef,
+                },
+            },
+        ] {
+            let b = encode_control(&m);
+            assert_eq!(decode_frame(&b).unwrap(), (Frame::Control(m), b.len()));
+        }
+    }
+
+    #[test]
+    fn rdma_accept_with_a_gid_of_the_wrong_length_is_malformed() {
+        let body = br#"{"type":"rdma-accept","qp":{"lid":0,"qpn":5,"psn":1,"gid":[1,2,3],"mtu":3},"region":{"addr":4096,"len":4096,"rkey":1}}"#;
+        let mut b = header(KIND_CONTROL, &[body]).to_vec();
+        b.extend_from_slice(body);
+        assert!(matches!(decode_frame(&b), Err(ProtocolError::Control(_))));
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl std::fmt::Debug for TcpTransport {
     }
 }
 
-fn io<'a>(peer: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
+pub(crate) fn io<'a>(
+    peer: &'a str,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
     move |source| TransportError::Io {
         peer: peer.to_string(),
         op,
@@ -83,7 +86,11 @@ fn io<'a>(peer: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> Tra
 }
 
 /// Reads one frame; `Closed` when the peer closed between frames.
-fn read_frame(s: &mut TcpStream, peer: &str, timeout: Duration) -> Result<Frame, TransportError> {
+pub(crate) fn read_frame(
+    s: &mut TcpStream,
+    peer: &str,
+    timeout: Duration,
+) -> Result<Frame, TransportError> {
     let header = read_header(s, peer, timeout)?;
     let mut payload = vec![0u8; header.payload_len()];
     read_rest(s, &mut payload, 0, peer)?;
@@ -147,7 +154,7 @@ fn read_rest(
     Ok(())
 }
 
-fn session_id() -> u64 {
+pub(crate) fn session_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -156,27 +163,36 @@ fn session_id() -> u64 {
         | 1
 }
 
+/// Connects the control connection (no Nagle, reads time out after `timeout`).
+pub(crate) fn connect_control(
+    addr: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, String), TransportError> {
+    let sa: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(io(addr, "resolve"))?
+        .next()
+        .ok_or_else(|| TransportError::Io {
+            peer: addr.into(),
+            op: "resolve",
+            source: std::io::Error::other("no address"),
+        })?;
+    let control = TcpStream::connect_timeout(&sa, timeout).map_err(io(addr, "connect"))?;
+    control.set_nodelay(true).map_err(io(addr, "configure"))?;
+    control
+        .set_read_timeout(Some(timeout))
+        .map_err(io(addr, "configure"))?;
+    Ok((control, sa.to_string()))
+}
+
 impl TcpTransport {
     /// Source: connects the control connection to `addr`. Send `Hello` (with
     /// [`session`](Self::session) and the bulk count) next, then call
     /// [`open_bulk`](Self::open_bulk).
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
-        let sa: SocketAddr = addr
-            .to_socket_addrs()
-            .map_err(io(addr, "resolve"))?
-            .next()
-            .ok_or_else(|| TransportError::Io {
-                peer: addr.into(),
-                op: "resolve",
-                source: std::io::Error::other("no address"),
-            })?;
-        let control = TcpStream::connect_timeout(&sa, timeout).map_err(io(addr, "connect"))?;
-        control.set_nodelay(true).map_err(io(addr, "configure"))?;
-        control
-            .set_read_timeout(Some(timeout))
-            .map_err(io(addr, "configure"))?;
+        let (control, peer) = connect_control(addr, timeout)?;
         Ok(TcpTransport {
-            peer: sa.to_string(),
+            peer,
             control,
             timeout,
             senders: Vec::new(),
@@ -328,6 +344,7 @@ pub struct PendingIncoming {
     timeout: Duration,
     session: u64,
     bulk: u32,
+    ram_bytes: u64,
 }
 
 impl PendingIncoming {
@@ -376,14 +393,17 @@ impl PendingIncoming {
                 });
             }
         };
-        let (session, bulk) = match &hello {
-            Control::Hello { session, bulk, .. } => (*session, *bulk),
-            _ => (0, 0),
+        let (session, bulk, ram_bytes) = match &hello {
+            Control::Hello {
+                session, bulk, vm, ..
+            } => (*session, *bulk, vm.ram_bytes),
+            _ => (0, 0, 0),
         };
-        if bulk == 0 || bulk > 64 {
+        // 0 bulk connections: the source moves pages over RDMA instead.
+        if bulk > 64 {
             return Err(TransportError::Unexpected {
                 peer,
-                what: format!("hello announcing {bulk} bulk connections (1 to 64 allowed)"),
+                what: format!("hello announcing {bulk} bulk connections (0 for RDMA, or 1 to 64)"),
             });
         }
         Ok((
@@ -394,6 +414,7 @@ impl PendingIncoming {
                 timeout,
                 session,
                 bulk,
+                ram_bytes,
             },
             hello,
         ))
@@ -406,8 +427,40 @@ impl PendingIncoming {
             .map_err(io(&self.peer, "write"))
     }
 
+    /// The source's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// True when the source's `Hello` announced no bulk connections: it
+    /// moves page data over RDMA, so call `attach_rdma` (cargo feature
+    /// `rdma`) instead of [`attach`](Self::attach).
+    pub fn wants_rdma(&self) -> bool {
+        self.bulk == 0
+    }
+
+    /// The control connection and what `Hello` said, for the RDMA transport.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn into_control(self) -> (TcpStream, String, Duration, u64, u64) {
+        (
+            self.control,
+            self.peer,
+            self.timeout,
+            self.session,
+            self.ram_bytes,
+        )
+    }
+
     /// Accepts the bulk connections and starts storing their frames in `sink`.
     pub fn attach(self, sink: Arc<dyn PageSink>) -> Result<TcpTransport, TransportError> {
+        if self.bulk == 0 {
+            return Err(TransportError::Unexpected {
+                peer: self.peer,
+                what: "hello with no bulk connections (the source wants the RDMA transport; \
+                       this destination uses TCP)"
+                    .into(),
+            });
+        }
         let recv = Arc::new(RecvState::default());
         let mut threads = Vec::new();
         let mut bulk = Vec::new();
@@ -567,7 +620,7 @@ fn crate_error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn frame_name(f: &Frame) -> String {
+pub(crate) fn frame_name(f: &Frame) -> String {
     match f {
         Frame::Control(c) => format!("control message {c:?}").chars().take(80).collect(),
         Frame::Pages { .. } => "page data".into(),

@@ -1,7 +1,8 @@
 //! The migration decoder against garbage, truncation and corruption.
 
 use proptest::prelude::*;
-use rdma::proto::{self, Control, Frame, PageRun, ProtocolError};
+use rdma::proto::{self, Control, Frame, PageRun, ProtocolError, QpEndpoint, RemoteRegion};
+use rdma::rdma_wire::{self, RunError};
 
 fn control() -> impl Strategy<Value = Control> {
     prop_oneof![
@@ -20,7 +21,31 @@ fn control() -> impl Strategy<Value = Control> {
         any::<u32>().prop_map(|round| Control::RoundAck { round }),
         (any::<u32>(), ".{0,64}").prop_map(|(index, state)| Control::Vcpu { index, state }),
         ".{0,64}".prop_map(|reason| Control::Abort { reason }),
+        endpoint().prop_map(|qp| Control::RdmaConnect { qp }),
+        (endpoint(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(qp, addr, len, rkey)| {
+            Control::RdmaAccept {
+                qp,
+                region: RemoteRegion { addr, len, rkey },
+            }
+        }),
     ]
+}
+
+fn endpoint() -> impl Strategy<Value = QpEndpoint> {
+    (
+        any::<u16>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<[u8; 16]>(),
+        any::<u8>(),
+    )
+        .prop_map(|(lid, qpn, psn, gid, mtu)| QpEndpoint {
+            lid,
+            qpn,
+            psn,
+            gid,
+            mtu,
+        })
 }
 
 proptest! {
@@ -86,5 +111,61 @@ proptest! {
         if let Ok((f, _)) = proto::decode_frame(&b) {
             prop_assert_eq!(f, Frame::Pages { gpa: gpa * 4096, data });
         }
+    }
+}
+
+// The RDMA side's range checks against the same rule computed without
+// overflow (u128): a run passes exactly when it is aligned, of whole pages,
+// not too long, and inside RAM.
+proptest! {
+    #[test]
+    fn data_run_check_matches_the_wide_arithmetic(
+        gpa in prop_oneof![any::<u64>(), (0u64..4096).prop_map(|p| p * 4096), (0u64..16).prop_map(|k| u64::MAX - k * 4096 - 4095)],
+        bytes in prop_oneof![any::<u64>(), (0u64..=1100).prop_map(|p| p * 4096)],
+        ram in prop_oneof![any::<u64>(), (1u64..8192).prop_map(|p| p * 4096), Just(u64::MAX)],
+    ) {
+        let ok = gpa % 4096 == 0
+            && bytes > 0
+            && bytes % 4096 == 0
+            && bytes / 4096 <= proto::MAX_RUN_PAGES
+            && u128::from(gpa) + u128::from(bytes) <= u128::from(ram);
+        prop_assert_eq!(rdma_wire::check_data_run(gpa, bytes, ram).is_ok(), ok);
+    }
+
+    #[test]
+    fn zero_run_check_matches_the_wide_arithmetic(
+        gpa in prop_oneof![any::<u64>(), (0u64..4096).prop_map(|p| p * 4096)],
+        pages in prop_oneof![any::<u64>(), 0u64..4096, Just(rdma_wire::MAX_ZERO_PAGES), Just(rdma_wire::MAX_ZERO_PAGES + 1)],
+        ram in prop_oneof![any::<u64>(), (1u64..8192).prop_map(|p| p * 4096), Just(u64::MAX)],
+    ) {
+        let ok = gpa % 4096 == 0
+            && pages > 0
+            && pages <= rdma_wire::MAX_ZERO_PAGES
+            && u128::from(gpa) + u128::from(pages) * 4096 <= u128::from(ram);
+        let r = rdma_wire::check_zero_run(gpa, pages, ram);
+        prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+        if let Ok(b) = r {
+            prop_assert_eq!(b, pages * 4096);
+        }
+        prop_assert!(!matches!(r, Err(RunError::Length(n)) if n != 0));
+    }
+
+    #[test]
+    fn zero_message_round_trips(gpa in any::<u64>(), pages in any::<u64>()) {
+        prop_assert_eq!(rdma_wire::decode_zero(&rdma_wire::encode_zero(gpa, pages)), Ok((gpa, pages)));
+    }
+
+    #[test]
+    fn region_check_accepts_only_the_agreed_size_without_wrap(
+        addr in any::<u64>(),
+        len in prop_oneof![any::<u64>(), (1u64..8192).prop_map(|p| p * 4096)],
+        ram in prop_oneof![any::<u64>(), (1u64..8192).prop_map(|p| p * 4096)],
+    ) {
+        let ok = len == ram
+            && len > 0
+            && len % 4096 == 0
+            && u128::from(addr) + u128::from(len) <= u128::from(u64::MAX);
+        let r = RemoteRegion { addr, len, rkey: 1 }.check(ram);
+        prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
     }
 }

@@ -174,3 +174,37 @@ fn tcp_source_that_vanishes_is_reported_closed() {
         Err(TransportError::Closed { .. })
     ));
 }
+
+#[test]
+fn tcp_destination_refuses_a_source_that_wants_rdma() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let t = Duration::from_secs(10);
+    let dest = std::thread::spawn(move || {
+        let (pending, _) = PendingIncoming::accept(listener, t).unwrap();
+        assert!(pending.wants_rdma());
+        let mem = Arc::new(Mem(Mutex::new(vec![0u8; 1 << 20])));
+        pending.attach(mem).map(|_| ())
+    });
+    let mut src = TcpTransport::connect(&addr, t).unwrap();
+    src.send_control(&hello(src.session(), 0)).unwrap();
+    let r = dest.join().unwrap();
+    assert!(
+        matches!(&r, Err(TransportError::Unexpected { what, .. }) if what.contains("RDMA")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn tcp_hello_with_too_many_bulk_connections_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let t = Duration::from_secs(10);
+    let dest = std::thread::spawn(move || PendingIncoming::accept(listener, t).map(|_| ()));
+    let mut src = TcpTransport::connect(&addr, t).unwrap();
+    src.send_control(&hello(src.session(), 65)).unwrap();
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(TransportError::Unexpected { .. })
+    ));
+}

@@ -112,6 +112,37 @@ pub enum MigratePhase {
     Aborted,
 }
 
+/// How a migration went, as the source reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOutcome {
+    /// Start of pre-copy to the destination running, in milliseconds.
+    pub total_ms: f64,
+    /// Guest paused on the source, in milliseconds.
+    pub downtime_ms: f64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Why it failed (the VM then runs on, on the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A running VM's periodic status, for the companion's migration
+/// decisions (see [`EventKind::Poll`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// Guest RAM, in MiB.
+    pub ram_mib: u64,
+    /// Guest memory resident on the host, in MiB.
+    pub resident_mib: u64,
+    /// Guest pages written per second, measured over a short dirty-log
+    /// window since the last status (absent when not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_pages_per_s: Option<f64>,
+    /// Whether the VMM can migrate this VM when told to.
+    #[serde(default)]
+    pub migratable: bool,
+}
+
 /// What happened to a VM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -160,7 +191,21 @@ pub enum EventKind {
     Migrate {
         /// Which phase.
         phase: MigratePhase,
+        /// The destination (`HOST:PORT`), where the VMM knows it (absent
+        /// from older VMMs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        /// How it went (with `completed` and `aborted`; absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<MigrateOutcome>,
     },
+    /// The periodic status of a running VM without a balloon device (sent
+    /// every poll interval by a VMM that announced
+    /// [`crate::proto::FEATURE_MIGRATE`]; a VMM with a balloon sends
+    /// [`EventKind::Balloon`] instead, with the same fields in
+    /// [`BalloonStatus::run`]). The companion may answer with
+    /// [`HookReply::Migrate`].
+    Poll(RunStatus),
     /// The VM is gone.
     Stopped {
         /// How it ended.
@@ -203,6 +248,7 @@ impl EventKind {
             EventKind::Migrate { .. } => "migrate",
             EventKind::Stopped { .. } => "stopped",
             EventKind::Balloon(_) => "balloon",
+            EventKind::Poll(_) => "poll",
             EventKind::BalloonUnresponsive { .. } => "balloon-unresponsive",
             EventKind::Libvirt(call) => call.operation.event_name(),
         }
@@ -706,6 +752,19 @@ pub enum HookReply {
         /// Why (for logs).
         reason: String,
     },
+    /// Live-migrate this VM (answer to a `poll` or `balloon` event, only to
+    /// a VMM that announced [`crate::proto::FEATURE_MIGRATE`]): pre-copy to
+    /// `to`, pause for at most about `downtime_ms`, and stop here once the
+    /// destination runs it; on any failure the VM runs on here. The VMM
+    /// reports `migrate` events (started, then completed or aborted).
+    Migrate {
+        /// The destination labvm's migration address, `HOST:PORT`.
+        to: String,
+        /// The downtime budget, in milliseconds.
+        downtime_ms: u64,
+        /// Why (for logs).
+        reason: String,
+    },
     /// Answer to a `before-boot` event (only to a VMM that announced
     /// [`crate::proto::FEATURE_INTERRUPT`]): the host cannot take this VM
     /// now; do not start it, ask again with `before-boot` after
@@ -735,6 +794,7 @@ impl HookReply {
             | HookReply::BalloonTarget { .. }
             | HookReply::Interrupt { .. }
             | HookReply::Defer { .. }
+            | HookReply::Migrate { .. }
             | HookReply::Rejected { .. } => BootPlan::empty(),
         }
     }
@@ -794,6 +854,10 @@ pub struct BalloonStatus {
     /// under memory pressure (`DEFLATE_ON_OOM`, allowed by the spec).
     #[serde(default)]
     pub deflated_on_oom: bool,
+    /// The VM's run status (what a VMM without a balloon sends as
+    /// [`EventKind::Poll`]); absent from older VMMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunStatus>,
 }
 
 impl BalloonStatus {

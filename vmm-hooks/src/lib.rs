@@ -25,8 +25,8 @@ pub use client::{SocketHook, SocketHookConfig};
 pub use event::{
     Admission, BalloonStatus, BootPlan, BootProfile, BootReport, Event, EventKind, GuestRange,
     HookReply, LibvirtDomain, LibvirtHookCall, LibvirtOperation, LibvirtPrescientSettings,
-    LifecycleHook, MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan, PrefaultReport,
-    ProfileRequest, StopStatus, TouchWindow, VmIdentity, VmSpec,
+    LifecycleHook, MigrateOutcome, MigratePhase, NoCompanion, PrefaultMode, PrefaultPlan,
+    PrefaultReport, ProfileRequest, RunStatus, StopStatus, TouchWindow, VmIdentity, VmSpec,
 };
 pub use proto::{Message, PROTOCOL_VERSION, ProtoError};
 pub use resources::{Allocation, Resource, ResourceShort, Resources, ShortfallAction};

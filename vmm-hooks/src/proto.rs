@@ -157,6 +157,31 @@
 //!                                                        a cold boot: after them)
 //! ```
 //!
+//! ## Live migration (an addition to version 1, negotiated)
+//!
+//! A VMM that can live-migrate a running VM when told to announces
+//! [`FEATURE_MIGRATE`] in `hello`. It then reports a running VM every poll
+//! interval: a VM with a balloon in its `balloon` event (field `run`), any
+//! other VM with a `poll` event. The companion answers `migrate` **only** on
+//! connections whose `hello` announced the feature:
+//!
+//! ```text
+//! VMM (source)                              companion (source host)
+//!  event poll {ram_mib, resident_mib,    ───► reply ack, or
+//!        dirty_pages_per_s?, migratable}      reply migrate {to, downtime_ms, reason}
+//!                                              (to: a destination labvm that
+//!                                               waits with --incoming)
+//!  event migrate {phase: started, to}    ───► reply ack
+//!  … pre-copy, stop-and-copy, commit (rdma/src/proto.rs) …
+//!  event migrate {phase: completed|aborted, to, outcome {total_ms,
+//!        downtime_ms, bytes, error?}}    ───► reply ack
+//!  event stopped (after completed)       ───► reply ack  (reservation released)
+//! ```
+//!
+//! After `aborted` the VM runs on at the source and keeps polling. The
+//! destination VMM connects to its own host's companion like a restored VM:
+//! `created`, `before-boot {restart: true}`, then `restarted`.
+//!
 //! Other VMs are shrunk first with `balloon-target` replies to their
 //! `balloon` events. A VMM without a balloon device sends no `balloon`
 //! events and so can be neither shrunk nor interrupted (labvm gives every
@@ -171,6 +196,10 @@ use crate::event::{Event, HookReply};
 /// The feature a VMM announces in `hello` when it understands the
 /// `interrupt` and `defer` replies (see the module documentation).
 pub const FEATURE_INTERRUPT: &str = "interrupt-1";
+
+/// The feature a VMM announces in `hello` when it sends `poll` events and
+/// understands the `migrate` reply (see the module documentation).
+pub const FEATURE_MIGRATE: &str = "migrate-1";
 
 /// Protocol version spoken here.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -215,6 +244,19 @@ pub enum Message {
         /// The state.
         status: serde_json::Value,
     },
+    /// An operator's tool asks the companion to move every migratable VM
+    /// off this host (`prescient host drain`); answered with
+    /// [`Message::Status`] at once, while the moves go on. Progress is read
+    /// with [`Message::StatusRequest`] (its `migration` part). No `hello`
+    /// needed.
+    DrainRequest {
+        /// Destination companions' migration addresses (`HOST:PORT` of
+        /// their `[migration] listen`), used in turn.
+        to: Vec<String>,
+    },
+    /// An operator's tool ends a drain (`prescient host undrain`): the
+    /// host takes new VMs again. Answered with [`Message::Status`].
+    UndrainRequest,
 }
 
 /// What can go wrong on the wire.
@@ -283,6 +325,8 @@ impl Message {
             Message::Error { .. } => "error",
             Message::StatusRequest => "status-request",
             Message::Status { .. } => "status",
+            Message::DrainRequest { .. } => "drain-request",
+            Message::UndrainRequest => "undrain-request",
         }
     }
 }
@@ -450,6 +494,65 @@ mod tests {
             let back = read_message(&mut frame.as_slice()).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn migration_additions_round_trip_and_old_migrate_events_decode() {
+        use crate::event::{MigrateOutcome, MigratePhase, RunStatus};
+        let run = RunStatus {
+            ram_mib: 1024,
+            resident_mib: 300,
+            dirty_pages_per_s: Some(2000.0),
+            migratable: true,
+        };
+        let mut balloon = crate::BalloonStatus::new(1024);
+        balloon.run = Some(run.clone());
+        for m in [
+            Message::Hello {
+                peer: "labvm".into(),
+                features: vec![FEATURE_MIGRATE.into()],
+            },
+            event(EventKind::Poll(run)),
+            event(EventKind::Balloon(balloon)),
+            event(EventKind::Migrate {
+                phase: MigratePhase::Aborted,
+                to: Some("10.0.0.2:7001".into()),
+                outcome: Some(MigrateOutcome {
+                    total_ms: 400.0,
+                    downtime_ms: 5.0,
+                    bytes: 1 << 20,
+                    error: Some("peer aborted".into()),
+                }),
+            }),
+            Message::Reply(HookReply::Migrate {
+                to: "10.0.0.2:7001".into(),
+                downtime_ms: 40,
+                reason: "drain".into(),
+            }),
+            Message::DrainRequest {
+                to: vec!["10.0.0.2:7790".into()],
+            },
+            Message::UndrainRequest,
+        ] {
+            let frame = encode(&m).unwrap();
+            assert_eq!(read_message(&mut frame.as_slice()).unwrap(), m);
+        }
+        // A migrate event from an older VMM has only its phase; a balloon
+        // status without `run` decodes with none.
+        let old = br#"{"type":"event","vm":{"vm_id":"a","image_digest":"i","package_digest":"p"},"seq":3,"at_unix_ms":1,"kind":{"kind":"migrate","phase":"started"}}"#;
+        match decode_body(old).unwrap() {
+            Message::Event(e) => assert_eq!(
+                e.kind,
+                EventKind::Migrate {
+                    phase: MigratePhase::Started,
+                    to: None,
+                    outcome: None
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let json = serde_json::to_string(&crate::BalloonStatus::new(64)).unwrap();
+        assert!(!json.contains("\"run\""), "{json}");
     }
 
     #[test]

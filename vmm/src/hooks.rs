@@ -8,9 +8,10 @@ use balloon::BalloonHandle;
 use sha2::{Digest, Sha256};
 use vmm_hooks::{
     Admission, BalloonStatus, BootPlan, BootReport, Event, EventKind, GuestRange, HookReply,
-    LifecycleHook, StopStatus, VmIdentity, VmSpec,
+    LifecycleHook, MigrateOutcome, MigratePhase, RunStatus, StopStatus, VmIdentity, VmSpec,
 };
 
+use crate::migrate::MigrationOrder;
 use crate::snapshot::{self, SaveReport};
 use crate::vm::{LabVm, RunObserver, RunReport, StopReason, VcpuControl};
 use crate::{VmmError, guest};
@@ -53,6 +54,93 @@ pub struct HookReporter<'a> {
     interrupt_requested: Option<String>,
     interrupted: Option<Interruption>,
     restored: bool,
+    run_poll: Option<RunPoll>,
+    migrate_requested: Option<MigrationOrder>,
+}
+
+/// Run status to the companion (`poll` events, or `run` in `balloon`
+/// events) and its migration orders.
+#[derive(Debug)]
+struct RunPoll {
+    every: Duration,
+    last: Option<Instant>,
+    dirty: DirtySampler,
+    status: Option<RunStatus>,
+}
+
+/// Measures the guest's dirty rate now and then: dirty logging on for a
+/// short window, the pages written counted, logging off again (logging
+/// costs a write fault per page written in the window, so it is brief).
+#[derive(Debug)]
+struct DirtySampler {
+    /// How often (`None`: never).
+    every: Option<Duration>,
+    window: Duration,
+    state: SamplerState,
+    rate: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum SamplerState {
+    /// Waiting for the VM to be ready.
+    NotReady,
+    /// The next window opens at this time.
+    Idle(Instant),
+    /// Logging since this time.
+    Sampling(Instant),
+}
+
+impl DirtySampler {
+    /// One step on the controller thread.
+    fn step(&mut self, vm: &LabVm, ready: bool, now: Instant) {
+        let Some(every) = self.every else {
+            return;
+        };
+        match self.state {
+            SamplerState::NotReady if ready => self.state = SamplerState::Idle(now + every),
+            SamplerState::Idle(at) if now >= at => {
+                // The first read clears what logging may have collected
+                // before (a boot profile's window).
+                let on = vm
+                    .set_dirty_logging(true)
+                    .and_then(|()| vm.take_dirty_log().map(drop));
+                match on {
+                    Ok(()) => self.state = SamplerState::Sampling(now),
+                    Err(e) => self.give_up(vm, &e),
+                }
+            }
+            SamplerState::Sampling(since)
+                if now.saturating_duration_since(since) >= self.window =>
+            {
+                let bitmap = vm.take_dirty_log();
+                let elapsed = now.saturating_duration_since(since).as_secs_f64();
+                if let Err(e) = vm.set_dirty_logging(false) {
+                    self.give_up(vm, &e);
+                    return;
+                }
+                match bitmap {
+                    Ok(words) => {
+                        let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+                        #[allow(clippy::cast_precision_loss)]
+                        let rate = pages as f64 / elapsed.max(1e-3);
+                        self.rate = Some(rate);
+                        self.state = SamplerState::Idle(now + every);
+                    }
+                    Err(e) => self.give_up(vm, &e),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn give_up(&mut self, vm: &LabVm, e: &VmmError) {
+        let _ = vm.set_dirty_logging(false);
+        tracing::warn!(
+            "cannot measure the dirty rate; not trying again: {}",
+            vmm_hooks::error_chain(e)
+        );
+        self.every = None;
+    }
 }
 
 /// What a lab VM does when the companion interrupts it.
@@ -113,6 +201,91 @@ impl<'a> HookReporter<'a> {
             interrupt_requested: None,
             interrupted: None,
             restored: false,
+            run_poll: None,
+            migrate_requested: None,
+        }
+    }
+
+    /// Reports the VM's run status every `every` (in `balloon` events when
+    /// it has a balloon, else `poll` events), measuring its dirty rate for
+    /// `window` every `sample_every` (`None`: never), and obeys the
+    /// companion's `migrate` replies (through a
+    /// [`crate::MigrationSource::on_request`] wrapping this reporter).
+    /// Announce [`vmm_hooks::proto::FEATURE_MIGRATE`] in `hello` with it.
+    pub fn with_migration(
+        mut self,
+        every: Duration,
+        sample_every: Option<Duration>,
+        window: Duration,
+    ) -> Self {
+        self.run_poll = Some(RunPoll {
+            every,
+            last: None,
+            dirty: DirtySampler {
+                every: sample_every,
+                window,
+                state: SamplerState::NotReady,
+                rate: None,
+            },
+            status: None,
+        });
+        self
+    }
+
+    /// Updates the run status (and the dirty-rate sampler); sends `poll`
+    /// when it is due and the VM has no balloon (whose events carry it).
+    fn poll_run(&mut self, vm: &LabVm, ready: bool) {
+        let has_balloon = self.balloon.is_some();
+        let Some(poll) = self.run_poll.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        poll.dirty.step(vm, ready, now);
+        let status = RunStatus {
+            ram_mib: vm.config().ram_mib,
+            resident_mib: crate::sys::process_rss_bytes().unwrap_or(0) >> 20,
+            dirty_pages_per_s: poll.dirty.rate,
+            migratable: true,
+        };
+        poll.status = Some(status.clone());
+        if has_balloon
+            || !ready
+            || poll
+                .last
+                .is_some_and(|at| now.saturating_duration_since(at) < poll.every)
+        {
+            return;
+        }
+        poll.last = Some(now);
+        let reply = self.send(EventKind::Poll(status));
+        self.obey(reply);
+    }
+
+    /// Takes a `migrate` order from a reply.
+    fn obey(&mut self, reply: HookReply) {
+        if let HookReply::Migrate {
+            to,
+            downtime_ms,
+            reason,
+        } = reply
+        {
+            if self.run_poll.is_none() {
+                tracing::warn!(
+                    reason,
+                    "the companion ordered a migration this VM cannot do; ignored"
+                );
+                return;
+            }
+            tracing::info!(
+                to,
+                downtime_ms,
+                reason,
+                "the companion orders this VM migrated"
+            );
+            self.migrate_requested = Some(MigrationOrder {
+                to,
+                downtime: Duration::from_millis(downtime_ms.max(1)),
+            });
         }
     }
 
@@ -196,7 +369,8 @@ impl<'a> HookReporter<'a> {
         poll.last = Some(now);
         let handle = poll.handle.clone();
         let stalled_ms = handle.report().stalled_ms;
-        let status = Self::balloon_status(&handle);
+        let mut status = Self::balloon_status(&handle);
+        status.run = self.run_poll.as_ref().and_then(|p| p.status.clone());
         let unresponsive = status.unresponsive;
         let (target_mib, actual_mib) = (status.target_mib, status.actual_mib);
         let reply = self.send(EventKind::Balloon(status));
@@ -224,6 +398,7 @@ impl<'a> HookReporter<'a> {
                 tracing::info!(reason, "the companion interrupts this VM");
                 self.interrupt_requested = Some(reason);
             }
+            other @ HookReply::Migrate { .. } => self.obey(other),
             _ => {}
         }
         let told = self.balloon.as_ref().is_some_and(|p| p.told_unresponsive);
@@ -390,7 +565,28 @@ impl RunObserver for HookReporter<'_> {
         self.stop.is_some_and(|f| f())
     }
 
+    fn take_migration_order(&mut self) -> Option<MigrationOrder> {
+        let order = self.migrate_requested.take()?;
+        if let Some(p) = self.run_poll.as_mut()
+            && let SamplerState::Sampling(_) = p.dirty.state
+        {
+            // The migration owns dirty logging from here (and turns it off
+            // if it fails); the window is abandoned.
+            p.dirty.state = SamplerState::Idle(Instant::now() + p.dirty.every.unwrap_or_default());
+        }
+        Some(order)
+    }
+
+    fn migration_phase(&mut self, phase: MigratePhase, to: &str, outcome: Option<MigrateOutcome>) {
+        self.send(EventKind::Migrate {
+            phase,
+            to: Some(to.to_string()),
+            outcome,
+        });
+    }
+
     fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
+        self.poll_run(vm, vcpus.ready());
         let Some(reason) = self.interrupt_requested.take() else {
             return false;
         };

@@ -121,7 +121,7 @@ struct Cli {
     /// (the destination was told to start it, but its confirmation never
     /// came). Default: labvm-in-doubt-PID.state beside --migration-report,
     /// else in the current directory. labvm then exits with status 76.
-    #[arg(long, value_name = "FILE", requires = "migrate_to")]
+    #[arg(long, value_name = "FILE")]
     in_doubt_save: Option<PathBuf>,
     /// This VM's priority for the companion's interruption coordinator
     /// (higher wins; a VM may cause the interruption only of VMs of lower
@@ -150,6 +150,18 @@ struct Cli {
     /// by --restore).
     #[arg(long)]
     restart: bool,
+    /// Milliseconds between run-status events to the companion (`poll`, or
+    /// the `run` part of balloon events), whose replies may order a live
+    /// migration. Only with --hooks-socket.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+    /// Seconds between dirty-rate measurements reported to the companion
+    /// (0: never). Each turns dirty logging on for --dirty-window-ms.
+    #[arg(long, default_value_t = 10.0)]
+    dirty_sample_s: f64,
+    /// Length of one dirty-rate measurement, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    dirty_window_ms: u64,
     /// Longest wait, in seconds, while the companion defers this VM's boot
     /// for lack of resources; then it boots anyway.
     #[arg(long, default_value_t = 600.0)]
@@ -165,6 +177,88 @@ impl labvm::RunObserver for CliStop {
     fn should_stop(&mut self) -> bool {
         stop_requested() || self.until.is_some_and(|t| Instant::now() >= t)
     }
+}
+
+fn print_migration(m: &labvm::MigrationReport) {
+    match &m.error {
+        _ if m.in_doubt.is_some() => {
+            let d = m.in_doubt.as_ref();
+            match d.and_then(|d| d.saved.as_ref()) {
+                Some(s) => println!(
+                    "migration IN DOUBT ({}): the VM is paused and saved to {} (counter {:?}); \
+                     it may run on {}. Restore it with --restore only if it does not run there.",
+                    d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                    s.path.display(),
+                    s.counter,
+                    m.to
+                ),
+                None => println!(
+                    "migration IN DOUBT ({}): the VM could not be saved ({}); it runs on {} or nowhere",
+                    d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                    d.and_then(|d| d.save_error.as_deref()).unwrap_or_default(),
+                    m.to
+                ),
+            }
+        }
+        None => println!(
+            "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
+            m.to, m.total_ms, m.downtime_ms, m.bytes
+        ),
+        Some(e) => println!("migration failed, the VM ran on here: {e}"),
+    }
+}
+
+/// The companion at --hooks-socket, or none.
+fn companion(cli: &Cli) -> Box<dyn LifecycleHook> {
+    match &cli.hooks_socket {
+        Some(path) => {
+            let mut c = SocketHookConfig::new(path, VMM_NAME);
+            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
+            c.features = vec![
+                vmm_hooks::proto::FEATURE_INTERRUPT.to_string(),
+                vmm_hooks::proto::FEATURE_MIGRATE.to_string(),
+            ];
+            Box::new(SocketHook::new(c))
+        }
+        None => Box::new(NoCompanion),
+    }
+}
+
+/// --vm-id, or labvm-PID.
+fn vm_id(cli: &Cli) -> String {
+    cli.vm_id
+        .clone()
+        .unwrap_or_else(|| format!("labvm-{}", std::process::id()))
+}
+
+/// The reporter with run status and migration orders (see
+/// `HookReporter::with_migration`).
+fn with_migration<'a>(reporter: HookReporter<'a>, cli: &Cli) -> HookReporter<'a> {
+    let sample = (cli.dirty_sample_s > 0.0).then(|| Duration::from_secs_f64(cli.dirty_sample_s));
+    reporter.with_migration(
+        Duration::from_millis(cli.poll_ms.max(10)),
+        sample,
+        Duration::from_millis(cli.dirty_window_ms.max(10)),
+    )
+}
+
+/// Streams, timeouts and the in-doubt file of migrations the companion
+/// orders (and the base of --migrate-to's).
+fn template(cli: &Cli) -> labvm::MigrationOptions {
+    let mut opts = labvm::MigrationOptions::new(String::new());
+    opts.streams = cli.migrate_streams;
+    opts.downtime = Duration::from_millis(cli.downtime_ms);
+    opts.timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
+    opts.in_doubt_save = cli.in_doubt_save.clone().or_else(|| {
+        let dir = cli.migration_report.as_ref()?.parent()?;
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        Some(dir.join(format!("labvm-in-doubt-{}.state", std::process::id())))
+    });
+    opts
 }
 
 fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, value: &T) {
@@ -207,25 +301,71 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
         "incoming: VM received ({} rounds, {:.1} ms); running",
         inc.report.rounds, inc.report.total_ms
     );
-    // The migration report is written once the run ends: a file write here
-    // would sit in the guest's downtime (the source waits for Running).
-    let mut stop = CliStop {
-        until: cli
-            .run_for
-            .map(|s| Instant::now() + Duration::from_secs_f64(s)),
+    // The incoming migration's report is written once the run ends: a file
+    // write here would sit in the guest's downtime (the source waits for
+    // Running).
+    let until = cli
+        .run_for
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    // Whether the VM was moved on (and whether that move is in doubt).
+    let (result, moved_on) = if cli.hooks_socket.is_some() {
+        run_incoming_with_companion(cli, &mut inc, until)
+    } else {
+        (inc.run(&mut CliStop { until }), None)
     };
-    let result = inc.run(&mut stop);
-    write_json(&cli.migration_report, &inc.report);
+    if moved_on.is_none() {
+        // (A VM that moved on wrote its outgoing migration's report.)
+        write_json(&cli.migration_report, &inc.report);
+    }
     match result {
         Ok(report) => {
             write_json(&cli.report_json, &report);
-            ExitCode::SUCCESS
+            if moved_on == Some(true) {
+                ExitCode::from(labvm::EXIT_MIGRATION_IN_DOUBT)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs a received VM under this host's companion: it hears of the VM as
+/// of a restored one (`created`, `before-boot` restarting, `restarted`),
+/// gets its run status, and may move it on again.
+fn run_incoming_with_companion(
+    cli: &Cli,
+    inc: &mut labvm::Incoming,
+    until: Option<Instant>,
+) -> (Result<labvm::RunReport, labvm::VmmError>, Option<bool>) {
+    let mut hook = companion(cli);
+    let identity = lab_identity(&vm_id(cli), &inc.vm);
+    let stop = move || stop_requested() || until.is_some_and(|t| Instant::now() >= t);
+    let stop: &dyn Fn() -> bool = &stop;
+    let mut reporter = HookReporter::new(hook.as_mut(), identity)
+        .with_stop(stop)
+        .with_admission(
+            Admission::new(cli.priority, false).restarting(),
+            Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
+        )
+        .restored();
+    if let Some(balloon) = inc.vm.balloon() {
+        reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
+    }
+    reporter = with_migration(reporter, cli);
+    reporter.created(&inc.vm);
+    let mut source = labvm::MigrationSource::on_request(template(cli), &mut reporter);
+    let result = inc.run(&mut source);
+    let moved = source.report.take();
+    reporter.stopped(&result);
+    if let Some(m) = &moved {
+        print_migration(m);
+        write_json(&cli.migration_report, m);
+    }
+    (result, moved.map(|m| m.in_doubt.is_some()))
 }
 
 fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
@@ -347,19 +487,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut hook: Box<dyn LifecycleHook> = match &cli.hooks_socket {
-        Some(path) => {
-            let mut c = SocketHookConfig::new(path, VMM_NAME);
-            c.timeout = Duration::from_millis(cli.hooks_timeout_ms);
-            c.features = vec![vmm_hooks::proto::FEATURE_INTERRUPT.to_string()];
-            Box::new(SocketHook::new(c))
-        }
-        None => Box::new(NoCompanion),
-    };
-    let vm_id = cli
-        .vm_id
-        .clone()
-        .unwrap_or_else(|| format!("labvm-{}", std::process::id()));
+    let mut hook = companion(&cli);
+    let vm_id = vm_id(&cli);
     let identity = lab_identity(&vm_id, &vm);
     let stop: &dyn Fn() -> bool = &stop_requested;
     let mut admission = Admission::new(cli.priority, cli.interruptible);
@@ -384,24 +513,23 @@ fn main() -> ExitCode {
     if let Some(balloon) = vm.balloon() {
         reporter = reporter.with_balloon(balloon, Duration::from_millis(cli.balloon_poll_ms));
     }
+    if cli.hooks_socket.is_some() {
+        reporter = with_migration(reporter, &cli);
+    }
     reporter.created(&vm);
     let (result, migration) = match &cli.migrate_to {
         Some(to) => {
-            let mut opts = labvm::MigrationOptions::new(to.clone());
+            let mut opts = template(&cli);
+            opts.to = to.clone();
             opts.after = Duration::from_secs_f64(cli.migrate_after.max(0.0));
-            opts.downtime = Duration::from_millis(cli.downtime_ms);
-            opts.streams = cli.migrate_streams;
-            opts.timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
-            opts.in_doubt_save = cli.in_doubt_save.clone().or_else(|| {
-                let dir = cli.migration_report.as_ref()?.parent()?;
-                let dir = if dir.as_os_str().is_empty() {
-                    std::path::Path::new(".")
-                } else {
-                    dir
-                };
-                Some(dir.join(format!("labvm-in-doubt-{}.state", std::process::id())))
-            });
             let mut source = labvm::MigrationSource::new(opts, &mut reporter);
+            let r = vm.run(&mut source);
+            let m = source.report.take();
+            (r, m)
+        }
+        // With a companion, it may order a live migration at any time.
+        None if cli.hooks_socket.is_some() => {
+            let mut source = labvm::MigrationSource::on_request(template(&cli), &mut reporter);
             let r = vm.run(&mut source);
             let m = source.report.take();
             (r, m)
@@ -425,35 +553,7 @@ fn main() -> ExitCode {
         }
     }
     if let Some(m) = &migration {
-        match &m.error {
-            _ if m.in_doubt.is_some() => {
-                let d = m.in_doubt.as_ref();
-                match d.and_then(|d| d.saved.as_ref()) {
-                    Some(s) => println!(
-                        "migration IN DOUBT ({}): the VM is paused and saved to {} (counter {:?}); \
-                         it may run on {}. Restore it with --restore only if it does not run there.",
-                        d.map(|d| d.reason.as_str()).unwrap_or_default(),
-                        s.path.display(),
-                        s.counter,
-                        cli.migrate_to.as_deref().unwrap_or_default()
-                    ),
-                    None => println!(
-                        "migration IN DOUBT ({}): the VM could not be saved ({}); it runs on {} or nowhere",
-                        d.map(|d| d.reason.as_str()).unwrap_or_default(),
-                        d.and_then(|d| d.save_error.as_deref()).unwrap_or_default(),
-                        cli.migrate_to.as_deref().unwrap_or_default()
-                    ),
-                }
-            }
-            None => println!(
-                "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
-                cli.migrate_to.as_deref().unwrap_or_default(),
-                m.total_ms,
-                m.downtime_ms,
-                m.bytes
-            ),
-            Some(e) => println!("migration failed, the VM ran on here: {e}"),
-        }
+        print_migration(m);
         write_json(&cli.migration_report, m);
     }
     let in_doubt = migration.as_ref().is_some_and(|m| m.in_doubt.is_some());

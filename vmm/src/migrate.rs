@@ -132,9 +132,21 @@ pub struct InDoubt {
     pub save_error: Option<String>,
 }
 
+/// The companion's order to migrate a running VM (see
+/// [`MigrationSource::on_request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationOrder {
+    /// Destination `HOST:PORT` (a labvm waiting with `--incoming`).
+    pub to: String,
+    /// The downtime budget.
+    pub downtime: Duration,
+}
+
 /// What a migration did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MigrationReport {
+    /// The destination, `HOST:PORT` (source only).
+    pub to: String,
     /// Connect to `Running` (source) or to `Complete` (destination), ms.
     pub total_ms: f64,
     /// Guest paused to `Running` received, ms (source only).
@@ -270,6 +282,9 @@ fn descriptor(config: &LabVmConfig) -> VmDescriptor {
 /// (wrapping another observer, which still sees every callback).
 pub struct MigrationSource<'a> {
     opts: MigrationOptions,
+    /// Migrate only when `inner` hands over an order (the companion's),
+    /// with `opts` as the template for everything the order leaves out.
+    on_request: bool,
     inner: &'a mut dyn RunObserver,
     ready_seen: Option<Instant>,
     done: bool,
@@ -291,11 +306,91 @@ impl<'a> MigrationSource<'a> {
     pub fn new(opts: MigrationOptions, inner: &'a mut dyn RunObserver) -> Self {
         MigrationSource {
             opts,
+            on_request: false,
             inner,
             ready_seen: None,
             done: false,
             report: None,
         }
+    }
+}
+
+impl<'a> MigrationSource<'a> {
+    /// Migrates whenever `inner` hands over an order
+    /// ([`RunObserver::take_migration_order`], e.g. the companion's
+    /// `migrate` reply), with `template`'s streams and timeouts. After a
+    /// failed attempt the VM runs on here and a later order is obeyed.
+    pub fn on_request(template: MigrationOptions, inner: &'a mut dyn RunObserver) -> Self {
+        let mut s = MigrationSource::new(template, inner);
+        s.on_request = true;
+        s
+    }
+
+    /// Runs one migration with `self.opts`; true when the VM stops here
+    /// (it runs on the destination, or the migration is in doubt and the
+    /// VM is saved).
+    fn run_migration(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
+        let to = self.opts.to.clone();
+        self.inner
+            .migration_phase(vmm_hooks::MigratePhase::Started, &to, None);
+        let mut report = MigrationReport {
+            to: to.clone(),
+            ..MigrationReport::default()
+        };
+        let started = Instant::now();
+        let ended = migrate(vm, vcpus, &self.opts, &mut report);
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        report.heartbeats_at_end = vcpus.heartbeats();
+        // Whether the VM stops here, and whether it runs on the destination.
+        let (stop, moved) = match ended {
+            Ended::Moved => {
+                tracing::info!(
+                    to = %to,
+                    total_ms = report.total_ms,
+                    downtime_ms = report.downtime_ms,
+                    bytes = report.bytes,
+                    "migrated; stopping the VM here"
+                );
+                (true, true)
+            }
+            Ended::Failed(e) => {
+                let msg = vmm_hooks::error_chain(&e);
+                tracing::error!(to = %to, "migration failed, the VM keeps running here: {msg}");
+                report.error = Some(msg);
+                (false, false)
+            }
+            Ended::InDoubt(e, states) => {
+                let reason = vmm_hooks::error_chain(&e);
+                let doubt = save_in_doubt(vm, vcpus, states, &self.opts, reason);
+                report.error = Some(match &doubt.saved {
+                    Some(s) => format!(
+                        "in doubt: {}; the VM is paused and saved to {} and may run on {to}",
+                        doubt.reason,
+                        s.path.display()
+                    ),
+                    None => format!("in doubt: {}; the VM could not be saved", doubt.reason),
+                });
+                report.in_doubt = Some(doubt);
+                // Never resume: the destination may run the guest.
+                (true, false)
+            }
+        };
+        let outcome = vmm_hooks::MigrateOutcome {
+            total_ms: report.total_ms,
+            downtime_ms: report.downtime_ms,
+            bytes: report.bytes,
+            error: report.error.clone(),
+        };
+        let phase = if moved {
+            vmm_hooks::MigratePhase::Completed
+        } else {
+            vmm_hooks::MigratePhase::Aborted
+        };
+        // (In doubt is reported as aborted, its error saying so; the VM
+        // then stops here.)
+        self.inner.migration_phase(phase, &to, Some(outcome));
+        self.report = Some(report);
+        stop
     }
 }
 
@@ -319,44 +414,35 @@ impl RunObserver for MigrationSource<'_> {
         if self.done || !vcpus.ready() {
             return false;
         }
+        if self.on_request {
+            let Some(order) = self.inner.take_migration_order() else {
+                return false;
+            };
+            tracing::info!(to = %order.to, downtime_ms = order.downtime.as_millis(), "the companion orders a live migration");
+            self.opts.to = order.to;
+            self.opts.downtime = order.downtime;
+            // Done only when the VM stopped here: a failed attempt leaves
+            // it running here, open to the next order.
+            self.done = self.run_migration(vm, vcpus);
+            return self.done;
+        }
         let seen = *self.ready_seen.get_or_insert_with(Instant::now);
         if seen.elapsed() < self.opts.after {
             return false;
         }
         self.done = true;
-        let mut report = MigrationReport::default();
-        let started = Instant::now();
-        let ended = migrate(vm, vcpus, &self.opts, &mut report);
-        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-        report.heartbeats_at_end = vcpus.heartbeats();
-        let stop = match ended {
-            Ended::Moved => {
-                tracing::info!(
-                    to = %self.opts.to,
-                    total_ms = report.total_ms,
-                    downtime_ms = report.downtime_ms,
-                    bytes = report.bytes,
-                    "migrated; stopping the VM here"
-                );
-                true
-            }
-            Ended::Failed(e) => {
-                let msg = vmm_hooks::error_chain(&e);
-                tracing::error!(to = %self.opts.to, "migration failed, the VM keeps running here: {msg}");
-                report.error = Some(msg);
-                false
-            }
-            Ended::InDoubt(e, states) => {
-                let reason = vmm_hooks::error_chain(&e);
-                let doubt = save_in_doubt(vm, vcpus, states, &self.opts, reason);
-                report.error = Some(format!("in doubt: {}", doubt.reason));
-                report.in_doubt = Some(doubt);
-                // Never resume: the destination may run the guest.
-                true
-            }
-        };
-        self.report = Some(report);
-        stop
+        self.run_migration(vm, vcpus)
+    }
+    fn take_migration_order(&mut self) -> Option<MigrationOrder> {
+        self.inner.take_migration_order()
+    }
+    fn migration_phase(
+        &mut self,
+        phase: vmm_hooks::MigratePhase,
+        to: &str,
+        outcome: Option<vmm_hooks::MigrateOutcome>,
+    ) {
+        self.inner.migration_phase(phase, to, outcome);
     }
 }
 
@@ -1255,7 +1341,13 @@ struct Confirm<'a> {
 }
 
 impl RunObserver for Confirm<'_> {
-    fn before_boot(&mut self, _vm: &LabVm, _tids: &[i32]) -> vmm_hooks::BootPlan {
+    fn before_boot(&mut self, vm: &LabVm, tids: &[i32]) -> vmm_hooks::BootPlan {
+        // The companion (if any) has its say first: a refused boot fails
+        // the run before the vCPUs start, and the source hears Abort.
+        let plan = self.inner.before_boot(vm, tids);
+        if plan.refuses_boot() {
+            return plan;
+        }
         tracing::debug!("vCPU threads ready; sending running");
         self.started = true;
         self.resumed_unix_us = unix_us();
@@ -1267,8 +1359,21 @@ impl RunObserver for Confirm<'_> {
                 vmm_hooks::error_chain(&e)
             );
         }
-        // A migrated guest booted elsewhere: no plan to apply.
-        vmm_hooks::BootPlan::empty()
+        plan
+    }
+    fn admission_wait(&self) -> Duration {
+        self.inner.admission_wait()
+    }
+    fn take_migration_order(&mut self) -> Option<MigrationOrder> {
+        self.inner.take_migration_order()
+    }
+    fn migration_phase(
+        &mut self,
+        phase: vmm_hooks::MigratePhase,
+        to: &str,
+        outcome: Option<vmm_hooks::MigrateOutcome>,
+    ) {
+        self.inner.migration_phase(phase, to, outcome);
     }
     fn should_stop(&mut self) -> bool {
         self.inner.should_stop()

@@ -182,6 +182,21 @@ pub trait RunObserver {
     fn tick(&mut self, _vm: &LabVm, _vcpus: &VcpuControl<'_>) -> bool {
         false
     }
+    /// The companion asked to live-migrate this VM: the order, once (a
+    /// [`crate::MigrationSource`] made with
+    /// [`on_request`](crate::MigrationSource::on_request) asks on every tick).
+    fn take_migration_order(&mut self) -> Option<crate::migrate::MigrationOrder> {
+        None
+    }
+    /// A live migration of this VM reached `phase` (to `to`; with its
+    /// outcome once it ended).
+    fn migration_phase(
+        &mut self,
+        _phase: vmm_hooks::MigratePhase,
+        _to: &str,
+        _outcome: Option<vmm_hooks::MigrateOutcome>,
+    ) {
+    }
 }
 
 /// One vCPU's architectural state, as migration moves it.

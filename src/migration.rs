@@ -1,0 +1,1383 @@
+//! Live migration, the companion's part: when to move a VM, where, and
+//! with what downtime budget; `prescient host drain`; and, on the receiving
+//! host, starting a labvm that waits for the VM.
+//!
+//! The moving itself is labvm's (`vmm/src/migrate.rs`, protocol in
+//! `rdma::proto`). The companion speaks to it through the hooks protocol
+//! (see `vmm_hooks::proto`, "Live migration"): labvm reports each running
+//! VM's run status (`poll`, or `run` in `balloon` events) with its resident
+//! memory and, now and then, its measured dirty rate; the companion answers
+//! one of them with `migrate {to, downtime_ms}`; labvm reports `migrate`
+//! started, then completed (and stops) or aborted (and runs on here).
+//!
+//! Between companions: the source asks the destination companion's
+//! migration listener (`[migration] listen`) for a slot with one JSON line,
+//! [`SlotRequest`]; the destination checks its pool, starts
+//! `labvm --incoming ADDR:0 --hooks-socket ITS_SOCKET --vm-id ID`, and
+//! answers [`SlotAnswer`] with the address that labvm listens on.
+//!
+//! When to move:
+//! - `prescient host drain --to HOST:PORT…` (before an OS update): every
+//!   VM that can migrate, each to the next destination in turn.
+//! - Predicted overload (`[migration] destinations` set): when the VMs'
+//!   forecast resident memory (the `quantile` of each VM's last `window`
+//!   samples: the previous-window percentile forecaster) exceeds
+//!   `overload_share` of the pool's memory capacity, the VM that relieves
+//!   the overload with the smallest predicted downtime moves ([`choose_move`]).
+//!
+//! The downtime budget comes from the forecast dirty rate R (the same
+//! quantile of the VM's measured rates) and the bandwidth B: pre-copy
+//! rounds shrink the dirty set geometrically (by R/B a round) down to what
+//! the guest dirties in the shortest round, `round_floor_ms`; the budget is
+//! twice `switch_ms` plus that residue's send time, clamped to
+//! `[min_downtime_ms, max_downtime_ms]` ([`downtime_budget`]). A VM that
+//! dirties faster than 80 % of B does not converge and gets the maximum.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use vmm_hooks::{Event, EventKind, HookReply, MigrateOutcome, MigratePhase, RunStatus};
+
+/// Version of the slot request between companions.
+pub const SLOT_VERSION: u32 = 1;
+
+/// Longest slot request or answer line, in bytes.
+const MAX_LINE: u64 = 4096;
+
+/// Largest VM a slot request may ask for, MiB (16 TiB).
+const MAX_SLOT_RAM_MIB: u64 = 16 << 20;
+
+/// Most vCPUs a slot request may ask for.
+const MAX_SLOT_VCPUS: u32 = 1024;
+
+/// A 4 KiB page, in bytes.
+const PAGE_BYTES: f64 = 4096.0;
+
+/// What can go wrong moving VMs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// The destination companion could not be reached.
+    #[error("cannot reach the destination companion at {addr}")]
+    Connect {
+        /// Its address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination companion refused the VM.
+    #[error("the destination companion at {addr} refused: {reason}")]
+    Refused {
+        /// Its address.
+        addr: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The destination companion's answer is not a slot answer.
+    #[error("bad answer from the destination companion at {addr}: {reason}")]
+    BadAnswer {
+        /// Its address.
+        addr: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A slot request that cannot be served.
+    #[error("bad slot request: {0}")]
+    BadRequest(String),
+    /// labvm could not be started.
+    #[error("cannot start {path}")]
+    Spawn {
+        /// The labvm binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The labvm started did not say where it listens.
+    #[error("the labvm started for the VM did not listen: {0}")]
+    NoListen(String),
+    /// The migration listener could not be opened.
+    #[error("cannot listen for migrations on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is out of range.
+    #[error("migration.{key} = {value}: {reason}")]
+    Config {
+        /// The key.
+        key: &'static str,
+        /// The value.
+        value: String,
+        /// What is allowed.
+        reason: &'static str,
+    },
+}
+
+/// `[migration]`: moving VMs between hosts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// Receiving side: accept slot requests from other companions here
+    /// (unset: this host takes no migrations).
+    pub listen: Option<SocketAddr>,
+    /// The labvm binary started for each incoming VM.
+    pub labvm: PathBuf,
+    /// Extra arguments for that labvm (e.g. `--poll-ms 500`).
+    pub labvm_args: Vec<String>,
+    /// The address sources reach this host's labvms on (default: the
+    /// listen address; required when that is unspecified, 0.0.0.0 or ::).
+    pub advertise: Option<IpAddr>,
+    /// Sending side: companions (`HOST:PORT` of their `listen`) to move
+    /// VMs to when this host is predicted to be overloaded; empty: VMs
+    /// move only on `prescient host drain`.
+    pub destinations: Vec<String>,
+    /// Predicted overload: the VMs' forecast resident memory above this
+    /// share of the pool's memory capacity (0.1 to 1).
+    pub overload_share: f64,
+    /// Quantile of each VM's recent samples taken as its forecast.
+    pub quantile: f64,
+    /// Samples kept per VM (resident memory and dirty rate each).
+    pub window: usize,
+    /// Migration bandwidth assumed for downtime budgets, MB/s.
+    pub bandwidth_mb_s: f64,
+    /// Fixed cost of the switch-over (pause, vCPU and device state), ms.
+    pub switch_ms: f64,
+    /// Shortest pre-copy round (dirty-log read and scan), ms.
+    pub round_floor_ms: f64,
+    /// Smallest downtime budget, ms.
+    pub min_downtime_ms: u64,
+    /// Largest downtime budget, ms.
+    pub max_downtime_ms: u64,
+    /// Least time between two automatic moves, s.
+    pub cooldown_s: u64,
+    /// How long a destination companion may take to offer a slot, ms.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            listen: None,
+            labvm: PathBuf::from("labvm"),
+            labvm_args: Vec::new(),
+            advertise: None,
+            destinations: Vec::new(),
+            overload_share: 0.95,
+            quantile: 0.9,
+            window: 30,
+            bandwidth_mb_s: 1000.0,
+            switch_ms: 5.0,
+            round_floor_ms: 10.0,
+            min_downtime_ms: 20,
+            max_downtime_ms: 500,
+            cooldown_s: 60,
+            request_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl MigrationConfig {
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let bad = |key, value: String, reason| MigrationError::Config { key, value, reason };
+        if !(self.overload_share.is_finite() && (0.1..=1.0).contains(&self.overload_share)) {
+            return Err(bad(
+                "overload_share",
+                self.overload_share.to_string(),
+                "must be 0.1 to 1",
+            ));
+        }
+        if !(self.quantile > 0.0 && self.quantile <= 1.0) {
+            return Err(bad(
+                "quantile",
+                self.quantile.to_string(),
+                "must be above 0 and at most 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.window) {
+            return Err(bad("window", self.window.to_string(), "must be 1 to 10000"));
+        }
+        for (key, v) in [
+            ("bandwidth_mb_s", self.bandwidth_mb_s),
+            ("switch_ms", self.switch_ms),
+            ("round_floor_ms", self.round_floor_ms),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 1e7) {
+                return Err(bad(key, v.to_string(), "must be above 0 and at most 1e7"));
+            }
+        }
+        if self.min_downtime_ms == 0 || self.min_downtime_ms > self.max_downtime_ms {
+            return Err(bad(
+                "min_downtime_ms",
+                self.min_downtime_ms.to_string(),
+                "must be at least 1 and at most max_downtime_ms",
+            ));
+        }
+        if self.max_downtime_ms > 60_000 {
+            return Err(bad(
+                "max_downtime_ms",
+                self.max_downtime_ms.to_string(),
+                "must be at most 60000",
+            ));
+        }
+        if !(100..=600_000).contains(&self.request_timeout_ms) {
+            return Err(bad(
+                "request_timeout_ms",
+                self.request_timeout_ms.to_string(),
+                "must be 100 to 600000",
+            ));
+        }
+        for d in &self.destinations {
+            if !d.contains(':') {
+                return Err(bad("destinations", d.clone(), "each must be HOST:PORT"));
+            }
+        }
+        if let Some(l) = self.listen
+            && l.ip().is_unspecified()
+            && self.advertise.is_none()
+        {
+            return Err(bad(
+                "advertise",
+                String::new(),
+                "must be set when listen is an unspecified address (0.0.0.0 or ::)",
+            ));
+        }
+        if self.listen.is_some() && self.labvm.as_os_str().is_empty() {
+            return Err(bad("labvm", String::new(), "must name the labvm binary"));
+        }
+        Ok(())
+    }
+}
+
+/// A downtime budget and how it was reached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The budget, ms.
+    pub downtime_ms: u64,
+    /// Whether pre-copy is expected to converge (dirty rate well under the
+    /// bandwidth).
+    pub converges: bool,
+    /// How it was computed.
+    pub why: String,
+}
+
+/// The downtime budget for a VM whose forecast dirty rate is `dirty_pps`
+/// pages a second (see the module documentation).
+pub fn downtime_budget(dirty_pps: Option<f64>, c: &MigrationConfig) -> Budget {
+    let clamp = |ms: f64| {
+        // Rounded up to whole ms; the clamp bounds it.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = ms.ceil().clamp(0.0, 1e9) as u64;
+        ms.clamp(c.min_downtime_ms, c.max_downtime_ms)
+    };
+    let bandwidth = c.bandwidth_mb_s * 1e6;
+    let Some(pps) = dirty_pps.filter(|r| r.is_finite() && *r >= 0.0) else {
+        return Budget {
+            downtime_ms: clamp(2.0 * c.switch_ms),
+            converges: true,
+            why: "no dirty rate measured yet: twice the switch-over cost".into(),
+        };
+    };
+    let rate = pps * PAGE_BYTES;
+    if rate >= 0.8 * bandwidth {
+        return Budget {
+            downtime_ms: c.max_downtime_ms,
+            converges: false,
+            why: format!(
+                "dirty rate {:.0} MB/s is over 80% of the {:.0} MB/s bandwidth: pre-copy cannot converge, the largest budget",
+                rate / 1e6,
+                c.bandwidth_mb_s
+            ),
+        };
+    }
+    let residue = rate * c.round_floor_ms / 1e3;
+    let send_ms = residue / bandwidth * 1e3;
+    Budget {
+        downtime_ms: clamp(2.0 * (c.switch_ms + send_ms)),
+        converges: true,
+        why: format!(
+            "dirty rate {:.0} pages/s: {:.1} MB left after a {:.0} ms round, {:.2} ms to send, plus {:.1} ms switch-over, doubled",
+            pps,
+            residue / 1e6,
+            c.round_floor_ms,
+            send_ms,
+            c.switch_ms
+        ),
+    }
+}
+
+/// The `q` quantile of `samples` (nearest rank; `None` when empty).
+pub fn quantile(samples: impl IntoIterator<Item = f64>, q: f64) -> Option<f64> {
+    let mut v: Vec<f64> = samples.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let rank = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v.get(rank - 1).copied()
+}
+
+/// A VM that could move, as the overload check sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// Its id.
+    pub vm: String,
+    /// Forecast resident memory, MiB.
+    pub resident_mib: f64,
+    /// Forecast dirty rate, pages/s.
+    pub dirty_pps: Option<f64>,
+    /// Whether it can migrate now.
+    pub movable: bool,
+}
+
+/// Whether the VMs' forecast memory overloads a host of `capacity_mib`,
+/// and if so which one VM to move: of the movable VMs whose departure
+/// brings the forecast under the limit, the one with the smallest
+/// downtime budget (then the least memory to copy); if none is enough on
+/// its own, the largest. `None`: no overload, or nothing can move.
+pub fn choose_move(cands: &[Candidate], capacity_mib: f64, c: &MigrationConfig) -> Option<String> {
+    let limit = capacity_mib * c.overload_share;
+    let total: f64 = cands.iter().map(|v| v.resident_mib).sum();
+    if total <= limit {
+        return None;
+    }
+    let excess = total - limit;
+    let movable = cands.iter().filter(|v| v.movable);
+    let enough = movable
+        .clone()
+        .filter(|v| v.resident_mib >= excess)
+        .min_by(|a, b| {
+            let ka = (downtime_budget(a.dirty_pps, c).downtime_ms, a.resident_mib);
+            let kb = (downtime_budget(b.dirty_pps, c).downtime_ms, b.resident_mib);
+            ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+        });
+    enough
+        .or_else(|| movable.max_by(|a, b| a.resident_mib.total_cmp(&b.resident_mib)))
+        .map(|v| v.vm.clone())
+}
+
+/// Where a move stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveState {
+    /// Asking the destination companion for a slot.
+    Requesting,
+    /// A destination labvm waits; the order goes with the VM's next status.
+    Ready,
+    /// The VM was told to migrate.
+    Ordered,
+    /// Pre-copy runs.
+    Migrating,
+    /// The VM runs on the destination.
+    Moved,
+    /// The move failed; the VM runs on here.
+    Failed,
+    /// The VM cannot migrate (its VMM did not announce the feature, or it
+    /// is a libvirt domain).
+    Unsupported,
+}
+
+impl MoveRecord {
+    /// Its state as a word.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            MoveState::Requesting => "requesting",
+            MoveState::Ready => "ready",
+            MoveState::Ordered => "ordered",
+            MoveState::Migrating => "migrating",
+            MoveState::Moved => "moved",
+            MoveState::Failed => "failed",
+            MoveState::Unsupported => "unsupported",
+        }
+    }
+}
+
+impl MoveState {
+    /// Whether the move is over.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MoveState::Moved | MoveState::Failed | MoveState::Unsupported
+        )
+    }
+}
+
+/// One VM's move.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// The VM.
+    pub vm: String,
+    /// Why it moves (`drain`, or the overload forecast).
+    pub reason: String,
+    /// The destination companion.
+    pub destination: String,
+    /// Where it stands.
+    pub state: MoveState,
+    /// The destination labvm's address, once known.
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// The downtime budget given.
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// What labvm reported at the end.
+    #[serde(default)]
+    pub outcome: Option<MigrateOutcome>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the move began, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+}
+
+/// What the companion knows of a running VM for moving it.
+#[derive(Debug, Default)]
+struct Track {
+    vcpus: u32,
+    ram_mib: u64,
+    resident: VecDeque<f64>,
+    dirty: VecDeque<f64>,
+    /// The VMM announced the migrate feature and says it can.
+    movable: bool,
+}
+
+#[derive(Debug, Default)]
+struct MoverState {
+    tracks: HashMap<String, Track>,
+    moves: BTreeMap<String, MoveRecord>,
+    last_auto: Option<Instant>,
+    next_destination: usize,
+}
+
+/// Decides and follows moves; one per companion.
+#[derive(Debug)]
+pub struct Mover {
+    config: MigrationConfig,
+    /// Memory the host's VMs may use, MiB (the pool's capacity).
+    capacity_mib: Mutex<f64>,
+    state: Mutex<MoverState>,
+    metrics: Arc<crate::Metrics>,
+    /// A drain began and was not ended: no new VMs here (boots are
+    /// deferred, slot requests refused).
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// Asks the companion at `addr` for a slot for `req`; returns the address
+/// of the labvm that waits there.
+pub fn request_slot(
+    addr: &str,
+    req: &SlotRequest,
+    timeout: Duration,
+) -> Result<String, MigrationError> {
+    let connect = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(connect)?
+        .next()
+        .ok_or_else(|| {
+            connect(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name has no address",
+            ))
+        })?;
+    let mut s = TcpStream::connect_timeout(&sock, timeout).map_err(connect)?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(connect)?;
+    let mut line =
+        serde_json::to_vec(req).map_err(|e| MigrationError::BadRequest(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(connect)?;
+    let mut answer = String::new();
+    BufReader::new(s.take(MAX_LINE))
+        .read_line(&mut answer)
+        .map_err(connect)?;
+    let bad = |reason: String| MigrationError::BadAnswer {
+        addr: addr.to_string(),
+        reason,
+    };
+    let a: SlotAnswer = serde_json::from_str(answer.trim_end()).map_err(|e| {
+        bad(format!(
+            "{e} in {:?}",
+            answer.chars().take(80).collect::<String>()
+        ))
+    })?;
+    match (a.ok, a.addr, a.error) {
+        (true, Some(to), _) if to.parse::<SocketAddr>().is_ok() => Ok(to),
+        (true, other, _) => Err(bad(format!("no usable address: {other:?}"))),
+        (false, _, e) => Err(MigrationError::Refused {
+            addr: addr.to_string(),
+            reason: e.unwrap_or_else(|| "no reason given".into()),
+        }),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Mover {
+    /// A mover with `config` (validated) for a pool of `capacity_mib`.
+    pub fn new(
+        config: MigrationConfig,
+        capacity_mib: f64,
+        metrics: Arc<crate::Metrics>,
+    ) -> Result<Self, MigrationError> {
+        config.validate()?;
+        Ok(Mover {
+            config,
+            capacity_mib: Mutex::new(capacity_mib),
+            state: Mutex::new(MoverState::default()),
+            metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &MigrationConfig {
+        &self.config
+    }
+
+    /// Sets the memory capacity the overload check compares with.
+    pub fn set_capacity_mib(&self, mib: f64) {
+        *self
+            .capacity_mib
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = mib;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MoverState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the host is draining (see [`drain`](Self::drain)).
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ends a drain: the host takes new VMs again.
+    pub fn undrain(&self) {
+        if self
+            .draining
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!("drain ended: this host takes new VMs again");
+        }
+    }
+
+    /// Every move so far (the latest per VM).
+    pub fn moves(&self) -> Vec<MoveRecord> {
+        self.lock().moves.values().cloned().collect()
+    }
+
+    /// Sees one event of a VM whose VMM can (`can_migrate`) or cannot
+    /// migrate; returns the reply, turned into a `migrate` order when one
+    /// is due for this VM and nothing else was answered.
+    pub fn observe(
+        self: &Arc<Self>,
+        event: &Event,
+        can_migrate: bool,
+        reply: HookReply,
+    ) -> HookReply {
+        let vm = &event.vm.vm_id;
+        let status = match &event.kind {
+            EventKind::Created { spec } => {
+                let mut st = self.lock();
+                let t = st.tracks.entry(vm.clone()).or_default();
+                t.vcpus = spec.vcpus;
+                t.ram_mib = spec.memory_mib;
+                return reply;
+            }
+            EventKind::Poll(s) => Some(s),
+            EventKind::Balloon(b) => b.run.as_ref(),
+            EventKind::Migrate { phase, outcome, .. } => {
+                self.migrate_event(vm, *phase, outcome.clone());
+                return reply;
+            }
+            EventKind::Stopped { .. } => {
+                let mut st = self.lock();
+                st.tracks.remove(vm);
+                if let Some(m) = st.moves.get_mut(vm)
+                    && !m.state.is_final()
+                {
+                    m.state = MoveState::Failed;
+                    m.error = Some("the VM stopped before it moved".into());
+                    crate::Metrics::inc(&self.metrics.migrations, "failed");
+                }
+                return reply;
+            }
+            _ => None,
+        };
+        let Some(status) = status else {
+            return reply;
+        };
+        self.sample(vm, status, can_migrate);
+        if !can_migrate || !matches!(reply, HookReply::Ack) {
+            return reply;
+        }
+        self.maybe_auto();
+        let mut st = self.lock();
+        let forecast = st
+            .tracks
+            .get(vm)
+            .and_then(|t| quantile(t.dirty.iter().copied(), self.config.quantile));
+        let Some(m) = st.moves.get_mut(vm).filter(|m| m.state == MoveState::Ready) else {
+            return reply;
+        };
+        let Some(to) = m.addr.clone() else {
+            return reply;
+        };
+        let budget = downtime_budget(forecast, &self.config);
+        tracing::info!(
+            vm,
+            to,
+            downtime_ms = budget.downtime_ms,
+            why = budget.why,
+            reason = m.reason,
+            "ordering a live migration"
+        );
+        m.state = MoveState::Ordered;
+        let reply = HookReply::Migrate {
+            to,
+            downtime_ms: budget.downtime_ms,
+            reason: m.reason.clone(),
+        };
+        m.budget = Some(budget);
+        crate::Metrics::inc(&self.metrics.migrations, "ordered");
+        reply
+    }
+
+    fn sample(&self, vm: &str, s: &RunStatus, can_migrate: bool) {
+        let window = self.config.window;
+        let mut st = self.lock();
+        let t = st.tracks.entry(vm.to_string()).or_default();
+        if t.ram_mib == 0 {
+            t.ram_mib = s.ram_mib;
+        }
+        t.movable = can_migrate && s.migratable;
+        #[allow(clippy::cast_precision_loss)]
+        t.resident.push_back(s.resident_mib as f64);
+        if let Some(d) = s.dirty_pages_per_s.filter(|d| d.is_finite() && *d >= 0.0) {
+            t.dirty.push_back(d);
+        }
+        while t.resident.len() > window {
+            t.resident.pop_front();
+        }
+        while t.dirty.len() > window {
+            t.dirty.pop_front();
+        }
+    }
+
+    fn migrate_event(&self, vm: &str, phase: MigratePhase, outcome: Option<MigrateOutcome>) {
+        let mut st = self.lock();
+        let Some(m) = st.moves.get_mut(vm) else {
+            // A migration the companion did not order (labvm --migrate-to).
+            tracing::info!(vm, ?phase, "live migration (not ordered here)");
+            return;
+        };
+        match phase {
+            MigratePhase::Started => m.state = MoveState::Migrating,
+            MigratePhase::Completed => {
+                m.state = MoveState::Moved;
+                crate::Metrics::inc(&self.metrics.migrations, "moved");
+            }
+            _ => {
+                m.state = MoveState::Failed;
+                m.error = outcome
+                    .as_ref()
+                    .and_then(|o| o.error.clone())
+                    .or_else(|| Some("the VMM aborted the migration".into()));
+                crate::Metrics::inc(&self.metrics.migrations, "failed");
+            }
+        }
+        if outcome.is_some() {
+            m.outcome = outcome;
+        }
+        tracing::info!(vm, state = ?m.state, error = ?m.error, "live migration");
+    }
+
+    /// Moves every VM that can migrate to `destinations` in turn (VMs in
+    /// `known` that cannot are listed as unsupported), and keeps new VMs
+    /// off this host until [`undrain`](Self::undrain). Returns at once;
+    /// progress is in [`moves`](Self::moves).
+    pub fn drain(self: &Arc<Self>, destinations: &[String], known: &[String]) -> Vec<MoveRecord> {
+        if destinations.is_empty() {
+            return self.moves();
+        }
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut started = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut ids: Vec<String> = known.to_vec();
+            ids.extend(st.tracks.keys().cloned());
+            ids.sort();
+            ids.dedup();
+            for vm in ids {
+                if st.moves.get(&vm).is_some_and(|m| !m.state.is_final()) {
+                    continue;
+                }
+                let track = st.tracks.get(&vm);
+                let movable = track.is_some_and(|t| t.movable);
+                let req = track.map(|t| SlotRequest {
+                    version: SLOT_VERSION,
+                    vm_id: vm.clone(),
+                    ram_mib: t.ram_mib,
+                    vcpus: t.vcpus.max(1),
+                });
+                let destination = if movable {
+                    let d = destinations[st.next_destination % destinations.len()].clone();
+                    st.next_destination = st.next_destination.wrapping_add(1);
+                    d
+                } else {
+                    String::new()
+                };
+                let rec = MoveRecord {
+                    vm: vm.clone(),
+                    reason: "drain".into(),
+                    destination: destination.clone(),
+                    state: if movable {
+                        MoveState::Requesting
+                    } else {
+                        MoveState::Unsupported
+                    },
+                    addr: None,
+                    budget: None,
+                    outcome: None,
+                    error: (!movable).then(|| {
+                        "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)".to_string()
+                    }),
+                    started_unix_ms: unix_ms(),
+                };
+                st.moves.insert(vm.clone(), rec);
+                if let (true, Some(req)) = (movable, req) {
+                    started.push((destination, req));
+                }
+            }
+        }
+        prune(&mut self.lock().moves);
+        tracing::info!(vms = started.len(), ?destinations, "draining this host");
+        for (destination, req) in started {
+            self.request(destination, req);
+        }
+        self.moves()
+    }
+
+    /// Asks `destination` for a slot on a thread of its own (never on the
+    /// hook path); the order goes out with the VM's next status.
+    fn request(self: &Arc<Self>, destination: String, req: SlotRequest) {
+        let me = Arc::clone(self);
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let spawned = std::thread::Builder::new()
+            .name("prescient-slot".into())
+            .spawn(move || {
+                let r = request_slot(&destination, &req, timeout);
+                let mut st = me.lock();
+                let Some(m) = st.moves.get_mut(&req.vm_id) else {
+                    return;
+                };
+                if m.state != MoveState::Requesting {
+                    return;
+                }
+                match r {
+                    Ok(addr) => {
+                        tracing::info!(vm = req.vm_id, destination, addr, "slot offered");
+                        m.addr = Some(addr);
+                        m.state = MoveState::Ready;
+                    }
+                    Err(e) => {
+                        let msg = vmm_hooks::error_chain(&e);
+                        tracing::warn!(vm = req.vm_id, destination, "no slot: {msg}");
+                        m.state = MoveState::Failed;
+                        m.error = Some(msg);
+                        crate::Metrics::inc(&me.metrics.migrations, "failed");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a slot request thread: {e}");
+        }
+    }
+
+    /// The overload check (at most once a cooldown, only with
+    /// destinations configured and nothing else moving).
+    fn maybe_auto(self: &Arc<Self>) {
+        if self.config.destinations.is_empty() {
+            return;
+        }
+        let capacity = *self
+            .capacity_mib
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (destination, req, cands_len) = {
+            let mut st = self.lock();
+            if st.moves.values().any(|m| !m.state.is_final()) {
+                return;
+            }
+            if st
+                .last_auto
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(self.config.cooldown_s))
+            {
+                return;
+            }
+            let q = self.config.quantile;
+            let cands: Vec<Candidate> = st
+                .tracks
+                .iter()
+                .map(|(vm, t)| Candidate {
+                    vm: vm.clone(),
+                    resident_mib: quantile(t.resident.iter().copied(), q).unwrap_or(0.0),
+                    dirty_pps: quantile(t.dirty.iter().copied(), q),
+                    movable: t.movable,
+                })
+                .collect();
+            let Some(vm) = choose_move(&cands, capacity, &self.config) else {
+                return;
+            };
+            let Some(t) = st.tracks.get(&vm) else {
+                return;
+            };
+            let req = SlotRequest {
+                version: SLOT_VERSION,
+                vm_id: vm.clone(),
+                ram_mib: t.ram_mib,
+                vcpus: t.vcpus.max(1),
+            };
+            let dests = &self.config.destinations;
+            let destination = dests[st.next_destination % dests.len()].clone();
+            st.next_destination = st.next_destination.wrapping_add(1);
+            st.last_auto = Some(Instant::now());
+            let forecast: f64 = cands.iter().map(|c| c.resident_mib).sum();
+            st.moves.insert(
+                vm.clone(),
+                MoveRecord {
+                    vm: vm.clone(),
+                    reason: format!(
+                        "predicted overload: {forecast:.0} MiB forecast (p{:.0}) over {:.0}% of {capacity:.0} MiB",
+                        q * 100.0,
+                        self.config.overload_share * 100.0
+                    ),
+                    destination: destination.clone(),
+                    state: MoveState::Requesting,
+                    addr: None,
+                    budget: None,
+                    outcome: None,
+                    error: None,
+                    started_unix_ms: unix_ms(),
+                },
+            );
+            (destination, req, cands.len())
+        };
+        tracing::info!(
+            vm = req.vm_id,
+            destination,
+            vms = cands_len,
+            "this host is predicted to be overloaded; moving a VM"
+        );
+        crate::Metrics::inc(&self.metrics.migrations, "auto");
+        self.request(destination, req);
+    }
+}
+
+/// A source companion's request for a slot (one JSON line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotRequest {
+    /// [`SLOT_VERSION`].
+    pub version: u32,
+    /// The VM's id (kept on this host).
+    pub vm_id: String,
+    /// Its RAM, MiB.
+    pub ram_mib: u64,
+    /// Its vCPUs.
+    pub vcpus: u32,
+}
+
+/// The answer (one JSON line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotAnswer {
+    /// Whether a labvm waits for the VM.
+    pub ok: bool,
+    /// Where it listens, `HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SlotRequest {
+    /// Parses and checks one request line.
+    pub fn parse(line: &str) -> Result<Self, MigrationError> {
+        let r: SlotRequest = serde_json::from_str(line.trim_end())
+            .map_err(|e| MigrationError::BadRequest(format!("not a slot request: {e}")))?;
+        if r.version != SLOT_VERSION {
+            return Err(MigrationError::BadRequest(format!(
+                "slot request version {}, this companion speaks {SLOT_VERSION}",
+                r.version
+            )));
+        }
+        let id_ok = !r.vm_id.is_empty()
+            && r.vm_id.len() <= 128
+            && r.vm_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+        if !id_ok {
+            return Err(MigrationError::BadRequest(
+                "vm_id must be 1 to 128 of A-Z a-z 0-9 . _ - :".into(),
+            ));
+        }
+        // Broad bounds; the labvm started checks its own limits.
+        if !(1..=MAX_SLOT_RAM_MIB).contains(&r.ram_mib) {
+            return Err(MigrationError::BadRequest(format!(
+                "ram_mib {} is outside 1..={MAX_SLOT_RAM_MIB}",
+                r.ram_mib
+            )));
+        }
+        if !(1..=MAX_SLOT_VCPUS).contains(&r.vcpus) {
+            return Err(MigrationError::BadRequest(format!(
+                "vcpus {} is outside 1..={MAX_SLOT_VCPUS}",
+                r.vcpus
+            )));
+        }
+        Ok(r)
+    }
+}
+
+/// How the receiving side starts labvms.
+#[derive(Clone, Debug)]
+pub struct Receiver {
+    /// The labvm binary.
+    pub labvm: PathBuf,
+    /// Extra arguments.
+    pub args: Vec<String>,
+    /// The address labvms listen on and sources connect to.
+    pub advertise: IpAddr,
+    /// This companion's hooks socket (the labvm reports there).
+    pub hooks_socket: PathBuf,
+    /// Started labvms that have not received their VM yet: VM id to RAM
+    /// (MiB). Counted against the pool until the VM arrives and reserves
+    /// for itself, and bounded ([`MAX_PENDING`]).
+    pending: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// Finished moves kept for `prescient status` (the oldest go first).
+const MAX_FINISHED_MOVES: usize = 1024;
+
+/// Drops the oldest finished moves beyond [`MAX_FINISHED_MOVES`].
+fn prune(moves: &mut BTreeMap<String, MoveRecord>) {
+    let finished = moves.values().filter(|m| m.state.is_final()).count();
+    if finished <= MAX_FINISHED_MOVES {
+        return;
+    }
+    let mut old: Vec<(u64, String)> = moves
+        .values()
+        .filter(|m| m.state.is_final())
+        .map(|m| (m.started_unix_ms, m.vm.clone()))
+        .collect();
+    old.sort();
+    for (_, vm) in old.into_iter().take(finished - MAX_FINISHED_MOVES) {
+        moves.remove(&vm);
+    }
+}
+
+/// Most labvms waiting for an incoming VM at once.
+pub const MAX_PENDING: usize = 4;
+
+impl Receiver {
+    /// Starts `labvm` (with `args`) for incoming VMs, listening on
+    /// `advertise`, reporting to `hooks_socket`.
+    pub fn new(
+        labvm: PathBuf,
+        args: Vec<String>,
+        advertise: IpAddr,
+        hooks_socket: PathBuf,
+    ) -> Self {
+        Receiver {
+            labvm,
+            args,
+            advertise,
+            hooks_socket,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Checks `req` with `admit` (given the RAM of the labvms still
+    /// waiting) and, when it passes, counts it as waiting.
+    fn claim(&self, req: &SlotRequest, admit: &SlotAdmitter) -> Result<(), String> {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.contains_key(&req.vm_id) {
+            return Err(format!("a labvm already waits for VM {:?}", req.vm_id));
+        }
+        if pending.len() >= MAX_PENDING {
+            return Err(format!(
+                "{MAX_PENDING} incoming migrations are already waiting; try again later"
+            ));
+        }
+        admit(req, pending.values().sum())?;
+        pending.insert(req.vm_id.clone(), req.ram_mib);
+        Ok(())
+    }
+
+    fn unclaim(pending: &Mutex<HashMap<String, u64>>, vm: &str) {
+        pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm);
+    }
+
+    /// Starts a labvm waiting for `req`'s VM; returns where it listens.
+    /// The labvm outlives this call (and the companion): it is its own
+    /// process group, and a thread reaps it and logs its output.
+    pub fn start(&self, req: &SlotRequest) -> Result<String, MigrationError> {
+        let listen = SocketAddr::new(self.advertise, 0);
+        let mut cmd = Command::new(&self.labvm);
+        cmd.arg("--incoming")
+            .arg(listen.to_string())
+            .arg("--hooks-socket")
+            .arg(&self.hooks_socket)
+            .arg("--vm-id")
+            .arg(&req.vm_id)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|source| MigrationError::Spawn {
+            path: self.labvm.clone(),
+            source,
+        })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(MigrationError::NoListen("no pipes to the child".into()));
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let vm = req.vm_id.clone();
+        let pending = Arc::clone(&self.pending);
+        let out = std::thread::Builder::new()
+            .name("prescient-incoming".into())
+            .spawn(move || {
+                let mut sent = false;
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if !sent && let Some(a) = line.strip_prefix("incoming: listening on ") {
+                        let _ = tx.send(a.trim().to_string());
+                        sent = true;
+                    }
+                    if line.starts_with("incoming: VM received") {
+                        // It reserves for itself in before-boot from now.
+                        Receiver::unclaim(&pending, &vm);
+                    }
+                    tracing::info!(vm, "incoming labvm: {line}");
+                }
+                let status = child.wait();
+                Receiver::unclaim(&pending, &vm);
+                tracing::info!(vm, ?status, "incoming labvm exited");
+            });
+        let vm = req.vm_id.clone();
+        let err = std::thread::Builder::new()
+            .name("prescient-incoming-err".into())
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    tracing::debug!(vm, "incoming labvm: {line}");
+                }
+            });
+        if out.is_err() || err.is_err() {
+            return Err(MigrationError::NoListen(
+                "cannot start the threads that follow it".into(),
+            ));
+        }
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(addr) => {
+                // labvm prints the address it bound; sources use the
+                // advertised host with its port.
+                let port = addr
+                    .parse::<SocketAddr>()
+                    .map_err(|e| MigrationError::NoListen(format!("{addr:?}: {e}")))?
+                    .port();
+                Ok(SocketAddr::new(self.advertise, port).to_string())
+            }
+            Err(_) => Err(MigrationError::NoListen(
+                "it exited or said nothing within 10 s (see the companion's log)".into(),
+            )),
+        }
+    }
+}
+
+/// The receiving companion's check of a slot request, given the RAM (MiB)
+/// of labvms still waiting for their VMs: room in its pool, and no VM of
+/// that id on the host.
+pub type SlotAdmitter = Arc<dyn Fn(&SlotRequest, u64) -> Result<(), String> + Send + Sync>;
+
+/// Serves slot requests on `listener` until `shutdown`: one request line
+/// per connection, checked, then `admit` (the pool's check), then a labvm
+/// started; one answer line.
+pub async fn serve_slots(
+    listener: tokio::net::TcpListener,
+    receiver: Receiver,
+    admit: SlotAdmitter,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let receiver = Arc::new(receiver);
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            _ = shutdown.changed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("migration listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let receiver = Arc::clone(&receiver);
+        let admit = Arc::clone(&admit);
+        tokio::spawn(async move {
+            let (r, mut w) = stream.split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::io::BufReader::new(r.take(MAX_LINE)).read_line(&mut line),
+            )
+            .await;
+            let answer = match read {
+                Ok(Ok(_)) => match SlotRequest::parse(&line) {
+                    Ok(req) => match receiver.claim(&req, &admit) {
+                        Ok(()) => {
+                            let receiver2 = Arc::clone(&receiver);
+                            let req2 = req.clone();
+                            let started =
+                                tokio::task::spawn_blocking(move || receiver2.start(&req2)).await;
+                            if !matches!(started, Ok(Ok(_))) {
+                                Receiver::unclaim(&receiver.pending, &req.vm_id);
+                            }
+                            match started {
+                                Ok(Ok(addr)) => {
+                                    tracing::info!(vm = req.vm_id, %peer, addr, "a labvm waits for an incoming VM");
+                                    SlotAnswer {
+                                        ok: true,
+                                        addr: Some(addr),
+                                        error: None,
+                                    }
+                                }
+                                Ok(Err(e)) => refuse(&peer, vmm_hooks::error_chain(&e)),
+                                Err(e) => refuse(&peer, format!("internal: {e}")),
+                            }
+                        }
+                        Err(why) => refuse(&peer, why),
+                    },
+                    Err(e) => refuse(&peer, e.to_string()),
+                },
+                Ok(Err(e)) => refuse(&peer, format!("cannot read the request: {e}")),
+                Err(_) => refuse(&peer, "no request within 10 s".into()),
+            };
+            let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+            out.push(b'\n');
+            let _ = w.write_all(&out).await;
+        });
+    }
+}
+
+fn refuse(peer: &SocketAddr, why: String) -> SlotAnswer {
+    tracing::warn!(%peer, "slot request refused: {why}");
+    SlotAnswer {
+        ok: false,
+        addr: None,
+        error: Some(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cand(vm: &str, mib: f64, pps: Option<f64>) -> Candidate {
+        Candidate {
+            vm: vm.into(),
+            resident_mib: mib,
+            dirty_pps: pps,
+            movable: true,
+        }
+    }
+
+    #[test]
+    fn budget_grows_with_the_dirty_rate_and_refuses_to_pretend_convergence() {
+        let c = MigrationConfig::default();
+        let none = downtime_budget(None, &c);
+        assert_eq!(none.downtime_ms, 20);
+        assert!(none.converges);
+        let idle = downtime_budget(Some(0.0), &c);
+        assert_eq!(idle.downtime_ms, 20, "{}", idle.why);
+        // 2e6 pages/s = 8.2 GB/s: far over the 1 GB/s bandwidth.
+        let hot = downtime_budget(Some(2e6), &c);
+        assert!(!hot.converges);
+        assert_eq!(hot.downtime_ms, c.max_downtime_ms);
+        // 150 000 pages/s = 614 MB/s: 6.1 MB left after a 10 ms round,
+        // 6.1 ms to send, (5 + 6.1) * 2 = 22.3 -> 23 ms.
+        let warm = downtime_budget(Some(150_000.0), &c);
+        assert!(warm.converges);
+        assert_eq!(warm.downtime_ms, 23, "{}", warm.why);
+        let mut slow = c.clone();
+        slow.bandwidth_mb_s = 100.0;
+        // Same rate over a slower link: over 80 % of it.
+        assert!(!downtime_budget(Some(20_000.0), &slow).converges);
+        // Monotone in the rate while it converges.
+        let mut last = 0;
+        for pps in [0.0, 1e3, 1e4, 5e4, 1e5, 1.5e5, 1.9e5] {
+            let b = downtime_budget(Some(pps), &c).downtime_ms;
+            assert!(b >= last, "{pps}: {b} < {last}");
+            last = b;
+        }
+        assert_eq!(downtime_budget(Some(f64::NAN), &c).downtime_ms, 20);
+    }
+
+    #[test]
+    fn quantile_is_nearest_rank() {
+        assert_eq!(quantile([], 0.9), None);
+        assert_eq!(quantile([5.0], 0.9), Some(5.0));
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(quantile(v.iter().copied(), 0.9), Some(9.0));
+        assert_eq!(quantile(v.iter().copied(), 1.0), Some(10.0));
+        assert_eq!(quantile(v.iter().copied(), 0.5), Some(5.0));
+        assert_eq!(quantile([f64::NAN, 2.0], 1.0), Some(2.0));
+    }
+
+    #[test]
+    fn no_move_without_a_predicted_overload() {
+        let c = MigrationConfig::default();
+        let vms = [cand("a", 400.0, None), cand("b", 500.0, None)];
+        assert_eq!(choose_move(&vms, 1000.0, &c), None);
+    }
+
+    #[test]
+    fn the_cheapest_vm_that_is_enough_moves() {
+        let c = MigrationConfig::default();
+        // 1200 MiB forecast on a 1000 MiB host at 95 %: 250 MiB too much.
+        let vms = [
+            cand("big-hot", 700.0, Some(150_000.0)),
+            cand("mid-cold", 300.0, Some(100.0)),
+            cand("small", 200.0, Some(10.0)),
+        ];
+        assert_eq!(
+            choose_move(&vms, 1000.0, &c).as_deref(),
+            Some("mid-cold"),
+            "small is not enough; of the rest, mid-cold has the smaller budget"
+        );
+        // Equal budgets: the least memory to copy.
+        let vms = [
+            cand("a", 600.0, None),
+            cand("b", 300.0, None),
+            cand("c", 300.0, None),
+        ];
+        assert_eq!(choose_move(&vms, 1000.0, &c).as_deref(), Some("b"));
+        // Nothing enough on its own: the largest movable one.
+        let mut vms = vec![cand("x", 600.0, None), cand("y", 600.0, None)];
+        vms.push(Candidate {
+            movable: false,
+            ..cand("z", 900.0, None)
+        });
+        assert!(matches!(
+            choose_move(&vms, 500.0, &c).as_deref(),
+            Some("x" | "y")
+        ));
+        // Nothing movable: nothing moves.
+        let stuck = [Candidate {
+            movable: false,
+            ..cand("z", 5000.0, None)
+        }];
+        assert_eq!(choose_move(&stuck, 1000.0, &c), None);
+    }
+
+    #[test]
+    fn slot_requests_are_checked() {
+        let ok = r#"{"version":1,"vm_id":"web-1","ram_mib":256,"vcpus":2}"#;
+        assert_eq!(SlotRequest::parse(ok).unwrap().vm_id, "web-1");
+        for (line, says) in [
+            ("garbage", "not a slot request"),
+            (
+                r#"{"version":2,"vm_id":"a","ram_mib":256,"vcpus":1}"#,
+                "version 2",
+            ),
+            (
+                r#"{"version":1,"vm_id":"a b","ram_mib":256,"vcpus":1}"#,
+                "vm_id",
+            ),
+            (
+                r#"{"version":1,"vm_id":"","ram_mib":256,"vcpus":1}"#,
+                "vm_id",
+            ),
+            (
+                r#"{"version":1,"vm_id":"a","ram_mib":0,"vcpus":1}"#,
+                "ram_mib 0",
+            ),
+            (
+                r#"{"version":1,"vm_id":"a","ram_mib":256,"vcpus":0}"#,
+                "vcpus 0",
+            ),
+            (
+                r#"{"version":1,"vm_id":"a","ram_mib":256,"vcpus":1,"x":1}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"version":1,"vm_id":"../../x","ram_mib":256,"vcpus":1}"#,
+                "vm_id",
+            ),
+        ] {
+            let e = SlotRequest::parse(line).unwrap_err().to_string();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_is_validated() {
+        assert!(MigrationConfig::default().validate().is_ok());
+        let mut c = MigrationConfig {
+            listen: Some("0.0.0.0:7790".parse().unwrap()),
+            ..MigrationConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("advertise"));
+        c.advertise = Some("10.0.0.2".parse().unwrap());
+        assert!(c.validate().is_ok());
+        c.min_downtime_ms = 600;
+        assert!(c.validate().is_err());
+        let c = MigrationConfig {
+            destinations: vec!["nohost".into()],
+            ..MigrationConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let c = MigrationConfig {
+            overload_share: 1.5,
+            ..MigrationConfig::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}
