@@ -798,3 +798,67 @@ fn hw_kvm_migrate_ballooned_guest_keeps_its_balloon_and_driver_on_the_destinatio
         0
     );
 }
+
+#[test]
+fn hw_kvm_migrate_processes_go_swallowed_destination_exits_1_and_source_runs_on() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if !kvm_or_skip("hw_kvm_migrate_processes_go_swallowed_destination_exits_1_and_source_runs_on")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_labvm");
+    let mut dest = Command::new(bin)
+        .args(["--incoming", "127.0.0.1:0", "--migrate-timeout", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("incoming: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let proxy = control_proxy(addr, "go", Fault::Swallow);
+    let saved = dir.path().join("doubt.state");
+    let src = Command::new(bin)
+        .args(["--mem", "64", "--workload", "dirty:5000:16"])
+        .args([
+            "--migrate-to",
+            &proxy,
+            "--migrate-after",
+            "0.3",
+            "--run-for",
+            "5",
+        ])
+        .arg("--in-doubt-save")
+        .arg(&saved)
+        .arg("--report-json")
+        .arg(dir.path().join("src.json"))
+        .arg("--migration-report")
+        .arg(dir.path().join("src-mig.json"))
+        .output()
+        .unwrap();
+    let dest = dest.wait_with_output().unwrap();
+    let dest_err = String::from_utf8_lossy(&dest.stderr);
+    // The destination never got Go: it discarded the VM and failed.
+    assert_eq!(dest.status.code(), Some(1), "{dest_err}");
+    assert!(dest_err.contains("no commit"), "{dest_err}");
+    // Its Abort told the source, which resumed and ran on.
+    let stdout = String::from_utf8_lossy(&src.stdout);
+    assert!(src.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("migration failed, the VM ran on here"),
+        "{stdout}"
+    );
+    assert!(!saved.exists());
+    let read = |n: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join(n)).unwrap()).unwrap()
+    };
+    let (s, sm) = (read("src.json"), read("src-mig.json"));
+    assert!(s["counter"].as_u64().unwrap() > sm["counter"].as_u64().unwrap());
+}
