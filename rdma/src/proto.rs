@@ -44,10 +44,13 @@
 //!            became zero), each round closed by RoundEnd / RoundAck, until
 //!            the dirty set fits the downtime target at the measured bandwidth
 //!   [source pauses its vCPUs]
-//!   last round (RoundEnd{final: true})
+//!   last round (RoundEnd{last: true}), and without waiting for its
+//!   RoundAck (the destination stores the round before it reads on):
 //!   Vcpu{index, state} for every vCPU ->
 //!   Device{state}             ----------->
-//!   Complete                  ----------->  loads registers and device state;
+//!   Complete                  ----------->
+//!                             <-----------  RoundAck{last round}
+//!                                           loads registers and device state;
 //!                                           vCPUs NOT started yet
 //!                             <-----------  Loaded
 //!   Go                        ----------->  commit point (see below)
