@@ -398,6 +398,8 @@ pub struct LabVm {
 struct Prespawned {
     handle: JoinHandle<()>,
     job: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    /// Its kernel thread id, known before it runs the loop.
+    tid: i32,
 }
 
 /// Memory slot of guest RAM.
@@ -462,15 +464,25 @@ impl LabVm {
     pub(crate) fn prespawn_vcpu_threads(&mut self) -> Result<(), VmmError> {
         for i in self.prespawned.len()..self.vcpus.len() {
             let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel::<i32>(1);
             let handle = std::thread::Builder::new()
                 .name(format!("labvm-vcpu{i}"))
                 .spawn(move || {
-                    if let Ok(job) = rx.recv() {
+                    if tid_tx.send(sys::gettid()).is_ok()
+                        && let Ok(job) = rx.recv()
+                    {
                         job();
                     }
                 })
                 .map_err(VmmError::Thread)?;
-            self.prespawned.push(Prespawned { handle, job: tx });
+            let tid = tid_rx.recv().map_err(|_| {
+                VmmError::Thread(std::io::Error::other("a new vCPU thread ended at once"))
+            })?;
+            self.prespawned.push(Prespawned {
+                handle,
+                job: tx,
+                tid,
+            });
         }
         Ok(())
     }
@@ -666,7 +678,12 @@ impl LabVm {
             let job = move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices);
             let spawned = match prespawned.next() {
                 Some(p) => match p.job.send(Box::new(job)) {
-                    Ok(()) => Ok(p.handle),
+                    Ok(()) => {
+                        // Known already: the controller need not wait for
+                        // this thread to be scheduled to say it.
+                        lock(&shared.state).tids[i] = p.tid;
+                        Ok(p.handle)
+                    }
                     Err(std::sync::mpsc::SendError(job)) => std::thread::Builder::new()
                         .name(format!("labvm-vcpu{i}"))
                         .spawn(job),
