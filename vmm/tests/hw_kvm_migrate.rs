@@ -862,3 +862,32 @@ fn hw_kvm_migrate_processes_go_swallowed_destination_exits_1_and_source_runs_on(
     let (s, sm) = (read("src.json"), read("src-mig.json"));
     assert!(s["counter"].as_u64().unwrap() > sm["counter"].as_u64().unwrap());
 }
+
+#[test]
+fn hw_kvm_migrate_in_doubt_with_an_unwritable_path_saves_to_the_temp_dir() {
+    if !kvm_or_skip("hw_kvm_migrate_in_doubt_with_an_unwritable_path_saves_to_the_temp_dir") {
+        return;
+    }
+    let bad = std::path::Path::new("/proc/labvm-no-such-dir/doubt.state");
+    let (src, mig, dest) = migrate_through("running", Fault::Cut, Duration::from_secs(20), bad);
+    let doubt = mig.in_doubt.clone().expect("in doubt");
+    let saved = doubt.saved.as_ref().expect("saved somewhere").path.clone();
+    let fallback =
+        std::env::temp_dir().join(format!("labvm-in-doubt-{}.state", std::process::id()));
+    assert_eq!(saved, fallback);
+    assert!(
+        doubt
+            .save_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("labvm-no-such-dir"),
+        "{doubt:?}"
+    );
+    // Still never lost and never twice: the saved VM restores with the
+    // switch-over counter, and the source stopped there.
+    let restored = labvm::restore_from_file(&saved).unwrap();
+    assert_eq!(restored.counter, mig.counter);
+    assert_eq!(src.counter, mig.counter);
+    assert!(dest.is_ok());
+    std::fs::remove_file(&saved).unwrap();
+}
