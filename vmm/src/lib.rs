@@ -42,7 +42,7 @@ pub use layout::{
 };
 pub use migrate::{
     DowntimePhases, EXIT_MIGRATION_IN_DOUBT, InDoubt, Incoming, MigrateError, MigrationOptions,
-    MigrationOrder, MigrationReport, MigrationSource, receive,
+    MigrationOrder, MigrationReport, MigrationSource, TransportKind, receive,
 };
 pub use snapshot::{
     Restored, SAVE_MAGIC, SAVE_VERSION, SaveReport, SnapshotError, restore as restore_from_file,

@@ -114,6 +114,12 @@ struct Cli {
     /// Bulk TCP connections for page data.
     #[arg(long, default_value_t = 4)]
     migrate_streams: u32,
+    /// How page data moves: `tcp` (--migrate-streams connections) or
+    /// `rdma` (RDMA WRITE into the destination's registered RAM; needs the
+    /// `rdma` build and an RDMA device on both hosts). Control messages go
+    /// over TCP either way; the destination follows the source.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    migrate_transport: String,
     /// Write the migration report (either side) as JSON here.
     #[arg(long)]
     migration_report: Option<PathBuf>,
@@ -258,6 +264,11 @@ fn template(cli: &Cli) -> labvm::MigrationOptions {
         };
         Some(dir.join(format!("labvm-in-doubt-{}.state", std::process::id())))
     });
+    opts.transport = if cli.migrate_transport == "rdma" {
+        labvm::TransportKind::Rdma
+    } else {
+        labvm::TransportKind::Tcp
+    };
     opts
 }
 
@@ -347,9 +358,12 @@ fn run_incoming_with_companion(
     let stop: &dyn Fn() -> bool = &stop;
     let mut reporter = HookReporter::new(hook.as_mut(), identity)
         .with_stop(stop)
+        // The source has committed and waits for Running: the VM starts
+        // now even if the companion would defer it (it may still refuse,
+        // and then the source resumes its copy).
         .with_admission(
             Admission::new(cli.priority, false).restarting(),
-            Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
+            Duration::ZERO,
         )
         .restored();
     if let Some(balloon) = inc.vm.balloon() {

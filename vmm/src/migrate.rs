@@ -65,6 +65,20 @@ pub enum MigrateError {
     /// not come; the VM is discarded here.
     #[error("no commit (go) from the source after loading; discarding the VM")]
     NoCommit(#[source] TransportError),
+    /// This labvm cannot move memory that way.
+    #[error("unsupported here: {0}")]
+    Unsupported(String),
+}
+
+/// How page data moves (control messages always go over TCP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Several bulk TCP connections.
+    #[default]
+    Tcp,
+    /// RDMA WRITE into the destination's registered guest RAM (cargo
+    /// feature `rdma`, and an RDMA device on both hosts).
+    Rdma,
 }
 
 /// How the source migrates.
@@ -87,6 +101,8 @@ pub struct MigrationOptions {
     /// (`Go` sent, no `Running`). `None`: `labvm-in-doubt-PID.state` in the
     /// current directory.
     pub in_doubt_save: Option<PathBuf>,
+    /// How page data moves.
+    pub transport: TransportKind,
 }
 
 impl MigrationOptions {
@@ -100,6 +116,7 @@ impl MigrationOptions {
             after: Duration::ZERO,
             timeout: Duration::from_secs(30),
             in_doubt_save: None,
+            transport: TransportKind::Tcp,
         }
     }
 
@@ -381,13 +398,12 @@ impl<'a> MigrationSource<'a> {
             bytes: report.bytes,
             error: report.error.clone(),
         };
-        let phase = if moved {
-            vmm_hooks::MigratePhase::Completed
-        } else {
-            vmm_hooks::MigratePhase::Aborted
+        let phase = match (moved, stop) {
+            (true, _) => vmm_hooks::MigratePhase::Completed,
+            // Stopped here without having moved: in doubt.
+            (false, true) => vmm_hooks::MigratePhase::InDoubt,
+            (false, false) => vmm_hooks::MigratePhase::Aborted,
         };
-        // (In doubt is reported as aborted, its error saying so; the VM
-        // then stops here.)
         self.inner.migration_phase(phase, &to, Some(outcome));
         self.report = Some(report);
         stop
@@ -723,9 +739,76 @@ fn migrate(
     ended
 }
 
+/// Opens the RDMA data path (the device, its queue pair and staging ring;
+/// the control connection over TCP) and has the destination accept the VM.
+#[cfg(feature = "rdma")]
+fn connect_rdma(vm: &LabVm, opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    let mut tr = rdma::verbs::RdmaTransport::connect(
+        &opts.to,
+        &rdma::verbs::RdmaOptions::default(),
+        opts.timeout,
+    )?;
+    let hello = Control::Hello {
+        version: proto::PROTOCOL_VERSION,
+        vm: descriptor(vm.config()),
+        // No bulk connections: the destination answers with RDMA.
+        bulk: 0,
+        session: tr.session(),
+    };
+    tr.send_control(&hello)?;
+    tr.open_data_path(vm.config().ram_mib << 20)?;
+    expect(&mut tr, "accept", |c| matches!(c, Control::Accept))?;
+    Ok(Box::new(tr))
+}
+
+/// Without the `rdma` feature: says so.
+#[cfg(not(feature = "rdma"))]
+fn connect_rdma(_vm: &LabVm, _opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    Err(MigrateError::Unsupported(
+        "this labvm was built without RDMA (cargo feature rdma, needs rdma-core)".into(),
+    ))
+}
+
+/// The destination's side of an RDMA migration: registers guest RAM and
+/// connects the queue pair.
+#[cfg(feature = "rdma")]
+fn attach_rdma(pending: PendingIncoming, vm: &LabVm) -> Result<Box<dyn Transport>, MigrateError> {
+    let ram = vm.config().ram_mib << 20;
+    let len = usize::try_from(ram)
+        .map_err(|_| MigrateError::Incompatible("RAM size does not fit this host".into()))?;
+    let base = vm
+        .memory()
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| MigrateError::Vm(VmmError::GuestMemory(e.to_string())))?;
+    // SAFETY: base..base+len is the VM's guest RAM mapping, one readable
+    // and writable mapping owned by `vm`. The transport built from it is
+    // kept in `Incoming` beside the VM and declared before it, so it is
+    // dropped (its registration undone) before the mapping goes; on the
+    // error paths of `receive` the transport is a later local than the VM
+    // and is dropped first. The guest does not run before `Complete`.
+    let guest = unsafe { rdma::verbs::GuestRam::new(base, len) }?;
+    let tr = pending.attach_rdma(guest, &rdma::verbs::RdmaOptions::default())?;
+    Ok(Box::new(tr))
+}
+
+/// Without the `rdma` feature: refuses (the source is told why).
+#[cfg(not(feature = "rdma"))]
+fn attach_rdma(
+    mut pending: PendingIncoming,
+    _vm: &LabVm,
+) -> Result<Box<dyn Transport>, MigrateError> {
+    let why =
+        "this destination labvm was built without RDMA (cargo feature rdma); migrate over TCP";
+    let _ = pending.send_control(&Control::Abort { reason: why.into() });
+    Err(MigrateError::Unsupported(why.into()))
+}
+
 /// Opens the TCP channel (control and bulk connections) and has the
 /// destination accept the VM.
 fn connect(vm: &LabVm, opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    if opts.transport == TransportKind::Rdma {
+        return connect_rdma(vm, opts);
+    }
     let mut tr = TcpTransport::connect(&opts.to, opts.timeout)?;
     let hello = Control::Hello {
         version: proto::PROTOCOL_VERSION,
@@ -1104,9 +1187,11 @@ impl PageSink for GuestSink {
 /// A migrated VM on the destination, committed by the source (`Go`
 /// received) and ready to run.
 pub struct Incoming {
+    /// Declared before `vm`, so dropped first: an RDMA transport has the
+    /// VM's guest RAM registered with the NIC.
+    transport: Box<dyn Transport>,
     /// The VM, with memory and registers loaded.
     pub vm: LabVm,
-    transport: Box<dyn Transport>,
     /// What the reception did.
     pub report: MigrationReport,
 }
@@ -1160,7 +1245,11 @@ pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, Mig
         mem: vm.guest_memory_arc(),
         ram: vm.config().ram_mib << 20,
     });
-    let mut tr: Box<dyn Transport> = Box::new(pending.attach(sink)?);
+    let mut tr: Box<dyn Transport> = if pending.wants_rdma() {
+        attach_rdma(pending, &vm)?
+    } else {
+        Box::new(pending.attach(sink)?)
+    };
     let mut report = MigrationReport::default();
     match load(&mut vm, tr.as_mut(), &mut report).and_then(|()| await_go(tr.as_mut())) {
         Ok(()) => {
