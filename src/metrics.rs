@@ -87,7 +87,7 @@ pub struct Metrics {
     /// `defer`, `shrink-sent`, `interrupt-sent`, `interrupted`).
     pub interrupt_actions: Family<KindLabel, Counter>,
     /// Live migrations the companion ordered or followed, by kind
-    /// (`auto`, `ordered`, `moved`, `failed`).
+    /// (`auto`, `ordered`, `moved`, `failed`, `in-doubt`).
     pub migrations: Family<KindLabel, Counter>,
     /// What the shaping loop did, by kind (`balloon-target`, `cgroup-set`,
     /// `cgroup-failed`).

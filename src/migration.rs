@@ -388,6 +388,10 @@ pub enum MoveState {
     Moved,
     /// The move failed; the VM runs on here.
     Failed,
+    /// The source committed but did not hear that the destination runs
+    /// the VM: the source saved its paused copy and stopped. Check the
+    /// destination before restoring that copy.
+    InDoubt,
     /// The VM cannot migrate (its VMM did not announce the feature, or it
     /// is a libvirt domain).
     Unsupported,
@@ -403,6 +407,7 @@ impl MoveRecord {
             MoveState::Migrating => "migrating",
             MoveState::Moved => "moved",
             MoveState::Failed => "failed",
+            MoveState::InDoubt => "in-doubt",
             MoveState::Unsupported => "unsupported",
         }
     }
@@ -413,7 +418,7 @@ impl MoveState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            MoveState::Moved | MoveState::Failed | MoveState::Unsupported
+            MoveState::Moved | MoveState::Failed | MoveState::Unsupported | MoveState::InDoubt
         )
     }
 }
@@ -703,6 +708,16 @@ impl Mover {
             MigratePhase::Completed => {
                 m.state = MoveState::Moved;
                 crate::Metrics::inc(&self.metrics.migrations, "moved");
+            }
+            MigratePhase::InDoubt => {
+                m.state = MoveState::InDoubt;
+                m.error = outcome.as_ref().and_then(|o| o.error.clone());
+                crate::Metrics::inc(&self.metrics.migrations, "in-doubt");
+                tracing::error!(
+                    vm,
+                    error = ?m.error,
+                    "live migration IN DOUBT: the source saved its paused copy; check the destination before restoring it"
+                );
             }
             _ => {
                 m.state = MoveState::Failed;

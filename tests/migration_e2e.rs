@@ -66,7 +66,19 @@ fn destination(labvm: &Path, run_for: &str) -> (Server, String, tempfile::TempDi
 /// A dirtying lab guest reporting to `server` as `vm_id`, polling every
 /// 200 ms and measuring its dirty rate every 0.5 s.
 fn source_labvm(labvm: &Path, server: &Server, vm_id: &str, run_for: &str) -> Child {
+    source_labvm_with(labvm, server, vm_id, run_for, &[])
+}
+
+/// [`source_labvm`] with extra labvm arguments.
+fn source_labvm_with(
+    labvm: &Path,
+    server: &Server,
+    vm_id: &str,
+    run_for: &str,
+    extra: &[&str],
+) -> Child {
     Command::new(labvm)
+        .args(extra)
         .args([
             "--mem",
             "128",
@@ -513,4 +525,48 @@ fn a_drained_host_defers_new_boots_until_undrain() {
         hook.on_event(&ev("new", 2, before_boot)),
         HookReply::Plan(_)
     ));
+}
+
+/// A guest with a balloon reports its run status inside its balloon
+/// events; it drains the same way, and its balloon goes with it.
+#[test]
+fn hw_kvm_drain_moves_a_ballooned_guest() {
+    const TEST: &str = "hw_kvm_drain_moves_a_ballooned_guest";
+    if !kvm_or_skip(TEST) {
+        return;
+    }
+    let Some(labvm) = labvm_bin(TEST) else {
+        return;
+    };
+    let (dest, dest_addr, _cfg) = destination(&labvm, "3");
+    let src = Server::start_with(false);
+    let guest = source_labvm_with(
+        &labvm,
+        &src,
+        "balloon-1",
+        "60",
+        &["--balloon", "--balloon-poll-ms", "200"],
+    );
+    // Its status rides in balloon events (no poll events).
+    let t = Instant::now();
+    while !src.events().iter().any(|r| {
+        matches!(&r.event.kind, EventKind::Balloon(b) if b.run.as_ref().is_some_and(|r| r.migratable))
+    }) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no run status in balloon events");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        src.events()
+            .iter()
+            .all(|r| !matches!(r.event.kind, EventKind::Poll(_))),
+        "a ballooned guest sent poll events"
+    );
+    let out = drain(&src, &dest_addr);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let done = guest.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(text(&done.stdout).contains("migrated to"));
+    // On the destination the guest's balloon device reports on.
+    wait_events(&dest, "balloon-1", "restarted", 1);
+    wait_events(&dest, "balloon-1", "balloon", 2);
 }

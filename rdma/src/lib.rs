@@ -40,8 +40,26 @@ pub trait Transport: Send {
     fn send_control(&mut self, msg: &Control) -> Result<(), TransportError>;
     /// Queues one page run on the bulk channel(s); the run's data is copied.
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
+    /// Queues whole pages at `gpa` (a non-zero multiple of 4 KiB, at most
+    /// [`proto::MAX_RUN_PAGES`] pages), taking the buffer instead of
+    /// copying it. Get buffers from [`page_buffer`](Self::page_buffer).
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.send_run(PageRun::Data { gpa, data: &data })
+    }
+    /// An empty buffer for [`send_data`](Self::send_data), reused from a
+    /// frame already sent where the transport keeps them.
+    fn page_buffer(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
     /// Returns when every queued run has been handed to the network.
     fn flush(&mut self) -> Result<(), TransportError>;
+    /// Stop-and-copy: flushes, then sends later runs on the calling thread
+    /// instead of handing them to other threads, so a paused guest does
+    /// not wait for those to be scheduled on a busy host. Transports
+    /// without such threads need not do anything.
+    fn send_inline(&mut self) -> Result<(), TransportError> {
+        self.flush()
+    }
     /// Receives the next control message (waits at most the transport's timeout).
     fn recv_control(&mut self) -> Result<Control, TransportError>;
     /// Destination: waits until `frames` more page runs have landed in the sink.

@@ -1,4 +1,4 @@
-//! The labvm migration protocol, version 1.
+//! The labvm migration protocol, version 2.
 //!
 //! # Frames
 //!
@@ -8,7 +8,7 @@
 //! ```text
 //! offset  size  field
 //! 0       4     magic "PMIG"
-//! 4       2     protocol version, little-endian (1)
+//! 4       2     protocol version, little-endian (2)
 //! 6       1     kind (see below)
 //! 7       1     flags (0; reserved, a non-zero value is rejected)
 //! 8       4     payload length, little-endian
@@ -44,11 +44,21 @@
 //!            became zero), each round closed by RoundEnd / RoundAck, until
 //!            the dirty set fits the downtime target at the measured bandwidth
 //!   [source pauses its vCPUs]
-//!   last round (RoundEnd{final: true})
+//!   last round (RoundEnd{last: true}), and without waiting for its
+//!   RoundAck (the destination stores the round before it reads on):
 //!   Vcpu{index, state} for every vCPU ->
 //!   Device{state}             ----------->
-//!   Complete                  ----------->  loads registers, resumes the guest
+//!   Complete                  ----------->
+//!                             <-----------  RoundAck{last round}
+//!                                           loads registers and device state;
+//!                                           vCPUs NOT started yet
+//!                             <-----------  Loaded
+//!   Go                        ----------->  commit point (see below)
+//!   [source never resumes its copy from here]
+//!                                           creates the vCPU threads
 //!                             <-----------  Running
+//!                                           releases the vCPUs (nothing
+//!                                           can fail between the two)
 //!   [source stops its VM]
 //! ```
 //!
@@ -69,18 +79,51 @@
 //!           is one frame of RoundEnd's count; the rest as above.
 //! ```
 //!
-//! Either side may send `Abort{reason}` at any point and close; the source
-//! then resumes its VM (if it paused it), the destination discards its VM.
-//! A frame that does not decode (bad magic, version, kind, flags, length,
-//! checksum, JSON) is answered with `Abort` where possible and ends the
-//! migration on that side; it never reaches guest memory.
+//! # Commit (two-phase switch-over, new in version 2)
+//!
+//! `Go` is the commit point. Before the source has sent it, exactly one side
+//! may run the guest, the source: on any failure (an `Abort`, a closed or
+//! silent connection, a `Loaded` that never comes) the source resumes its
+//! VM and the destination discards its copy. A `Go` whose write failed was
+//! not delivered whole, and a partial frame never decodes, so it counts as
+//! not sent. Once `Go` is sent the source never resumes its copy. It waits
+//! for `Running`:
+//!
+//! - `Running` arrives: the destination runs the guest; the source stops.
+//! - `Abort{reason}` arrives instead: the destination says it discarded the
+//!   VM without starting it (e.g. it never received `Go` within its
+//!   timeout, or could not start the vCPUs), so the source resumes.
+//! - Nothing conclusive (connection lost, timeout): the migration is *in
+//!   doubt*. The destination may or may not run the guest. The source keeps
+//!   its VM paused, saves it to a state file and exits with a distinct
+//!   status; the operator restores that file only if the destination does
+//!   not run the guest. The guest is then never running twice, and never
+//!   lost.
+//!
+//! The destination waits for `Go` at most its timeout after `Loaded`; if
+//! it does not come (or the connection fails), it discards the VM, answers
+//! `Abort` where it still can, and fails. After `Go` it owns the guest: a
+//! `Running` it cannot deliver is logged, and the guest keeps running.
+//!
+//! Either side may send `Abort{reason}` at any point before `Go` and close;
+//! the source then resumes its VM (if it paused it), the destination
+//! discards its VM. A frame that does not decode (bad magic, version, kind,
+//! flags, length, checksum, JSON) is answered with `Abort` where possible
+//! and ends the migration on that side; it never reaches guest memory.
+//!
+//! # Versions
+//!
+//! The version is in every frame header, and a header with another version
+//! is refused before its payload is read: a version 1 peer (which had no
+//! `Loaded`/`Go` step) gets `Abort` naming both versions where the
+//! connection still allows it, and the error on this side names them too.
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::rdma_wire::{QpEndpoint, RemoteRegion};
 
 /// Protocol version spoken here.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"PMIG";
 /// Header length in bytes.
@@ -156,8 +199,14 @@ pub enum Control {
         /// Encoded state.
         state: String,
     },
-    /// Source to destination: everything was sent; resume the guest.
+    /// Source to destination: everything was sent; load it.
     Complete,
+    /// Destination to source: memory, vCPU and device state are loaded and
+    /// the vCPUs are ready to start (not running).
+    Loaded,
+    /// Source to destination: commit; start the guest. The source never
+    /// resumes its copy after sending this.
+    Go,
     /// Destination to source: the guest runs here now.
     Running,
     /// Source to destination, RDMA transport only (after `Hello` with
@@ -406,15 +455,58 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// A decoded frame whose page data borrows the payload it came in (the
+/// bulk receive path decodes into a reused buffer this way).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    /// A control message.
+    Control(Control),
+    /// Pages with data.
+    Pages {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Page data (a multiple of 4 KiB).
+        data: &'a [u8],
+    },
+    /// Zero pages.
+    Zero {
+        /// First page.
+        gpa: u64,
+        /// Number of pages.
+        pages: u64,
+    },
+    /// First frame of a bulk connection.
+    Join {
+        /// Session id from `Hello`.
+        session: u64,
+        /// Index of this bulk connection.
+        index: u32,
+    },
+}
+
 /// Decodes a payload that belongs to `header`.
 pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+    Ok(match decode_borrowed(header, &payload)? {
+        FrameRef::Control(c) => Frame::Control(c),
+        FrameRef::Pages { gpa, data } => Frame::Pages {
+            gpa,
+            data: data.to_vec(),
+        },
+        FrameRef::Zero { gpa, pages } => Frame::Zero { gpa, pages },
+        FrameRef::Join { session, index } => Frame::Join { session, index },
+    })
+}
+
+/// Decodes a payload that belongs to `header` without copying page data;
+/// the same checks as [`decode_payload`].
+pub fn decode_borrowed(header: Header, payload: &[u8]) -> Result<FrameRef<'_>, ProtocolError> {
     if payload.len() != header.payload_len() {
         return Err(ProtocolError::Truncated {
             got: payload.len(),
             want: header.payload_len(),
         });
     }
-    let got = crc32(&payload);
+    let got = crc32(payload);
     if got != header.crc {
         return Err(ProtocolError::Checksum {
             got,
@@ -422,20 +514,21 @@ pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, Protoco
         });
     }
     match header.kind {
-        KIND_CONTROL => serde_json::from_slice(&payload)
-            .map(Frame::Control)
+        KIND_CONTROL => serde_json::from_slice(payload)
+            .map(FrameRef::Control)
             .map_err(|e| ProtocolError::Control(e.to_string())),
         KIND_PAGES => {
-            let gpa = le64(&payload);
+            let gpa = le64(payload);
             if !gpa.is_multiple_of(PAGE_SIZE) {
                 return Err(ProtocolError::Unaligned(gpa));
             }
-            let mut data = payload;
-            data.drain(..8);
-            Ok(Frame::Pages { gpa, data })
+            Ok(FrameRef::Pages {
+                gpa,
+                data: &payload[8..],
+            })
         }
         KIND_ZERO => {
-            let gpa = le64(&payload);
+            let gpa = le64(payload);
             let pages = le64(&payload[8..]);
             if !gpa.is_multiple_of(PAGE_SIZE) {
                 return Err(ProtocolError::Unaligned(gpa));
@@ -443,10 +536,10 @@ pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, Protoco
             if pages == 0 || pages > (1 << 40) {
                 return Err(ProtocolError::ZeroRun(pages));
             }
-            Ok(Frame::Zero { gpa, pages })
+            Ok(FrameRef::Zero { gpa, pages })
         }
-        KIND_JOIN => Ok(Frame::Join {
-            session: le64(&payload),
+        KIND_JOIN => Ok(FrameRef::Join {
+            session: le64(payload),
             index: u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]),
         }),
         other => Err(ProtocolError::Kind(other)),

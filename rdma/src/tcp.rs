@@ -14,6 +14,14 @@ use crate::{PageSink, Transport, TransportError};
 /// Frames queued per bulk connection before `send_run` blocks.
 const QUEUE_DEPTH: usize = 8;
 
+/// Page buffers kept for reuse after their frame was written.
+const POOL_MAX: usize = 16;
+
+/// Written page buffers, handed back to the source for its next frames
+/// (a fresh multi-MiB buffer costs an allocation and a page fault per
+/// 4 KiB on first use).
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
 enum Job {
     /// Page data at a guest-physical address: the sender thread frames it
     /// (checksum included), so that work is spread over the bulk threads.
@@ -42,6 +50,10 @@ pub struct TcpTransport {
     timeout: Duration,
     /// Source: one queue and thread per bulk connection.
     senders: Vec<SyncSender<Job>>,
+    /// Source: which senders were given work since the last flush.
+    busy: Vec<bool>,
+    /// Source: page runs are written on the caller's thread.
+    inline: bool,
     next: usize,
     /// Destination: what the bulk readers stored.
     recv: Arc<RecvState>,
@@ -49,6 +61,7 @@ pub struct TcpTransport {
     bulk: Vec<TcpStream>,
     threads: Vec<JoinHandle<()>>,
     session: u64,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -78,6 +91,22 @@ pub(crate) fn read_frame(
     peer: &str,
     timeout: Duration,
 ) -> Result<Frame, TransportError> {
+    let header = read_header(s, peer, timeout)?;
+    let mut payload = vec![0u8; header.payload_len()];
+    read_rest(s, &mut payload, 0, peer)?;
+    proto::decode_payload(header, payload).map_err(|source| TransportError::Protocol {
+        peer: peer.into(),
+        source,
+    })
+}
+
+/// Reads and checks one frame header; `Closed` when the peer closed
+/// between frames.
+fn read_header(
+    s: &mut TcpStream,
+    peer: &str,
+    timeout: Duration,
+) -> Result<proto::Header, TransportError> {
     let mut h = [0u8; HEADER_LEN];
     if let Err(e) = s.read_exact(&mut h[..1]) {
         return Err(match e.kind() {
@@ -93,13 +122,7 @@ pub(crate) fn read_frame(
         });
     }
     read_rest(s, &mut h, 1, peer)?;
-    let header = proto::decode_header(&h).map_err(|source| TransportError::Protocol {
-        peer: peer.into(),
-        source,
-    })?;
-    let mut payload = vec![0u8; header.payload_len()];
-    read_rest(s, &mut payload, 0, peer)?;
-    proto::decode_payload(header, payload).map_err(|source| TransportError::Protocol {
+    proto::decode_header(&h).map_err(|source| TransportError::Protocol {
         peer: peer.into(),
         source,
     })
@@ -173,12 +196,15 @@ impl TcpTransport {
             control,
             timeout,
             senders: Vec::new(),
+            busy: Vec::new(),
+            inline: false,
             next: 0,
             recv: Arc::new(RecvState::default()),
             consumed: 0,
             bulk: Vec::new(),
             threads: Vec::new(),
             session: session_id(),
+            pool: Pool::default(),
         })
     }
 
@@ -202,12 +228,14 @@ impl TcpTransport {
                 .map_err(io(&self.peer, "join"))?;
             let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
             let w = s.try_clone().map_err(io(&self.peer, "clone socket"))?;
+            let pool = Arc::clone(&self.pool);
             let t = std::thread::Builder::new()
                 .name(format!("migrate-tx{i}"))
-                .spawn(move || bulk_sender(w, &rx))
+                .spawn(move || bulk_sender(w, &rx, &pool))
                 .map_err(io(&self.peer, "spawn sender"))?;
             self.bulk.push(s);
             self.senders.push(tx);
+            self.busy.push(false);
             self.threads.push(t);
         }
         Ok(())
@@ -217,9 +245,65 @@ impl TcpTransport {
     pub fn peer(&self) -> &str {
         &self.peer
     }
+
+    /// Hands a job to the next bulk connection's sender (round-robin), or
+    /// writes it on this thread once [`Transport::send_inline`] was asked.
+    fn queue(&mut self, job: Job) -> Result<(), TransportError> {
+        if self.senders.is_empty() {
+            return Err(TransportError::Unexpected {
+                peer: self.peer.clone(),
+                what: "page run before the bulk connections were opened".into(),
+            });
+        }
+        let i = self.next % self.senders.len();
+        self.next = self.next.wrapping_add(1);
+        if self.inline {
+            // The sender threads are idle (flushed) and get no more work,
+            // so this thread is the connection's only writer.
+            let s = &self.bulk[i];
+            let r = match job {
+                Job::Pages(gpa, data) => {
+                    let r = write_pages(s, gpa, &data);
+                    recycle(&self.pool, data);
+                    r
+                }
+                Job::Frame(f) => (&mut &*s).write_all(&f),
+                Job::Flush(_) => Ok(()),
+            };
+            return r.map_err(io(&self.peer, "send pages"));
+        }
+        if let Some(b) = self.busy.get_mut(i) {
+            *b = true;
+        }
+        self.senders[i]
+            .send(job)
+            .map_err(|_| TransportError::Closed {
+                peer: self.peer.clone(),
+            })
+    }
 }
 
-fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
+/// Writes one `pages` frame (checksummed here) for `data` at `gpa`.
+fn write_pages(mut s: &TcpStream, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+    let (head, gpa) = proto::pages_header(gpa, data);
+    let mut first = [0u8; HEADER_LEN + 8];
+    first[..HEADER_LEN].copy_from_slice(&head);
+    first[HEADER_LEN..].copy_from_slice(&gpa);
+    s.write_all(&first)?;
+    s.write_all(data)
+}
+
+/// Keeps a written page buffer for reuse.
+fn recycle(pool: &Mutex<Vec<Vec<u8>>>, data: Vec<u8>) {
+    let mut p = pool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if p.len() < POOL_MAX {
+        p.push(data);
+    }
+}
+
+fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>, pool: &Mutex<Vec<Vec<u8>>>) {
     let mut failed: Option<String> = None;
     while let Ok(job) = rx.recv() {
         match job {
@@ -231,16 +315,12 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>) {
                 }
             }
             Job::Pages(gpa, data) => {
-                if failed.is_none() {
-                    let (head, gpa) = proto::pages_header(gpa, &data);
-                    let mut first = [0u8; HEADER_LEN + 8];
-                    first[..HEADER_LEN].copy_from_slice(&head);
-                    first[HEADER_LEN..].copy_from_slice(&gpa);
-                    let r = s.write_all(&first).and_then(|()| s.write_all(&data));
-                    if let Err(e) = r {
-                        failed = Some(e.to_string());
-                    }
+                if failed.is_none()
+                    && let Err(e) = write_pages(&s, gpa, &data)
+                {
+                    failed = Some(e.to_string());
                 }
+                recycle(pool, data);
             }
             Job::Flush(ack) => {
                 let r = match &failed {
@@ -284,7 +364,27 @@ impl PendingIncoming {
             .set_read_timeout(Some(timeout))
             .map_err(io(&peer, "configure"))?;
         control.set_nodelay(true).map_err(io(&peer, "configure"))?;
-        let hello = match read_frame(&mut control, &peer, timeout)? {
+        let first = match read_frame(&mut control, &peer, timeout) {
+            Err(TransportError::Protocol {
+                peer,
+                source: ProtocolError::Version(v),
+            }) => {
+                // An older (or newer) labvm: say which versions meet here.
+                // A peer of another version cannot decode this frame's
+                // header either, but its decoder then names our version.
+                let reason = format!(
+                    "migration protocol version {v} is not spoken here (this destination speaks {})",
+                    proto::PROTOCOL_VERSION
+                );
+                let _ = control.write_all(&proto::encode_control(&Control::Abort { reason }));
+                return Err(TransportError::Protocol {
+                    peer,
+                    source: ProtocolError::Version(v),
+                });
+            }
+            other => other?,
+        };
+        let hello = match first {
             Frame::Control(c @ Control::Hello { .. }) => c,
             other => {
                 return Err(TransportError::Unexpected {
@@ -422,13 +522,55 @@ impl PendingIncoming {
             control: self.control,
             timeout: self.timeout,
             senders: Vec::new(),
+            busy: Vec::new(),
+            inline: false,
             next: 0,
             recv,
             consumed: 0,
             bulk,
             threads,
             session: self.session,
+            pool: Pool::default(),
         })
+    }
+}
+
+/// Reads one bulk frame into `buf` (reused from frame to frame, so page
+/// data is neither allocated nor moved again) and stores it in `sink`.
+fn receive_bulk(
+    s: &mut TcpStream,
+    peer: &str,
+    timeout: Duration,
+    sink: &dyn PageSink,
+    buf: &mut Vec<u8>,
+) -> Result<(), TransportError> {
+    let header = read_header(s, peer, timeout)?;
+    let len = header.payload_len();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let payload = &mut buf[..len];
+    read_rest(s, payload, 0, peer)?;
+    let frame =
+        proto::decode_borrowed(header, payload).map_err(|source| TransportError::Protocol {
+            peer: peer.into(),
+            source,
+        })?;
+    match frame {
+        proto::FrameRef::Pages { gpa, data } => sink
+            .write(gpa, data)
+            .map_err(|reason| TransportError::Sink { gpa, reason }),
+        proto::FrameRef::Zero { gpa, pages } => sink
+            .zero(gpa, pages)
+            .map_err(|reason| TransportError::Sink { gpa, reason }),
+        proto::FrameRef::Control(c) => Err(TransportError::Unexpected {
+            peer: peer.into(),
+            what: format!("{} on a bulk connection", frame_name(&Frame::Control(c))),
+        }),
+        proto::FrameRef::Join { .. } => Err(TransportError::Unexpected {
+            peer: peer.into(),
+            what: "join on a bulk connection after its first frame".into(),
+        }),
     }
 }
 
@@ -439,18 +581,10 @@ fn bulk_receiver(
     sink: &dyn PageSink,
     state: &RecvState,
 ) {
+    let mut buf = Vec::new();
     loop {
-        let stored = match read_frame(&mut s, peer, timeout) {
-            Ok(Frame::Pages { gpa, data }) => sink
-                .write(gpa, &data)
-                .map_err(|reason| TransportError::Sink { gpa, reason }),
-            Ok(Frame::Zero { gpa, pages }) => sink
-                .zero(gpa, pages)
-                .map_err(|reason| TransportError::Sink { gpa, reason }),
-            Ok(other) => Err(TransportError::Unexpected {
-                peer: peer.into(),
-                what: format!("{} on a bulk connection", frame_name(&other)),
-            }),
+        let stored = match receive_bulk(&mut s, peer, timeout, sink, &mut buf) {
+            Ok(()) => Ok(()),
             // The source closes bulk connections when it is done.
             Err(TransportError::Closed { .. }) => return,
             // Idle bulk connections are normal while the source waits.
@@ -503,28 +637,46 @@ impl Transport for TcpTransport {
     }
 
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        if self.senders.is_empty() {
-            return Err(TransportError::Unexpected {
-                peer: self.peer.clone(),
-                what: "page run before the bulk connections were opened".into(),
-            });
-        }
         let job = match run {
-            PageRun::Data { gpa, data } => Job::Pages(gpa, data.to_vec()),
+            PageRun::Data { gpa, data } => {
+                let mut buf = self.page_buffer();
+                buf.extend_from_slice(data);
+                Job::Pages(gpa, buf)
+            }
             PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
         };
-        let i = self.next % self.senders.len();
-        self.next = self.next.wrapping_add(1);
-        self.senders[i]
-            .send(job)
-            .map_err(|_| TransportError::Closed {
-                peer: self.peer.clone(),
-            })
+        self.queue(job)
+    }
+
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.queue(Job::Pages(gpa, data))
+    }
+
+    fn send_inline(&mut self) -> Result<(), TransportError> {
+        self.flush()?;
+        self.inline = true;
+        Ok(())
+    }
+
+    fn page_buffer(&mut self) -> Vec<u8> {
+        let reused = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut b = reused.unwrap_or_default();
+        b.clear();
+        b
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {
         let mut acks = Vec::new();
-        for tx in &self.senders {
+        // Only senders given work since the last flush have anything to
+        // hand over (or a new error to report); the others are not woken.
+        for (tx, busy) in self.senders.iter().zip(&mut self.busy) {
+            if !std::mem::take(busy) {
+                continue;
+            }
             let (atx, arx) = sync_channel(1);
             tx.send(Job::Flush(atx))
                 .map_err(|_| TransportError::Closed {

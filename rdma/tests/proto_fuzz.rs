@@ -9,6 +9,8 @@ fn control() -> impl Strategy<Value = Control> {
         Just(Control::Accept),
         Just(Control::Complete),
         Just(Control::Running),
+        Just(Control::Loaded),
+        Just(Control::Go),
         (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(round, frames, last)| {
             Control::RoundEnd {
                 round,

@@ -52,7 +52,7 @@ fn hello(session: u64, bulk: u32) -> Control {
 }
 
 #[test]
-fn tcp_pages_over_three_connections_land_in_the_sink() {
+fn tcp_pages_over_three_connections_land_in_the_sink_queued_or_inline() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let t = Duration::from_secs(10);
@@ -76,11 +76,23 @@ fn tcp_pages_over_three_connections_land_in_the_sink() {
     let mut expect = vec![0xFFu8; 1 << 20];
     for p in 0..200u64 {
         let page = vec![u8::try_from(p % 251).unwrap(); 4096];
-        src.send_run(PageRun::Data {
-            gpa: p * 4096,
-            data: &page,
-        })
-        .unwrap();
+        if p == 100 {
+            // The second half (and the zero run) go out on this thread,
+            // as in stop-and-copy.
+            src.send_inline().unwrap();
+        }
+        if p % 2 == 0 {
+            src.send_run(PageRun::Data {
+                gpa: p * 4096,
+                data: &page,
+            })
+            .unwrap();
+        } else {
+            // Owned buffers travel without a copy.
+            let mut b = src.page_buffer();
+            b.extend_from_slice(&page);
+            src.send_data(p * 4096, b).unwrap();
+        }
         let s = usize::try_from(p * 4096).unwrap();
         expect[s..s + 4096].copy_from_slice(&page);
     }

@@ -110,6 +110,12 @@ pub enum MigratePhase {
     Completed,
     /// The migration failed; the VM stays on the source.
     Aborted,
+    /// The source committed but never heard that the destination runs the
+    /// VM: the source keeps its copy paused and saved (the outcome's error
+    /// names the file) and stops; the VM may run on the destination. Check
+    /// there before restoring the saved copy. (Added to protocol 1; a
+    /// companion that does not know it rejects the event.)
+    InDoubt,
 }
 
 /// How a migration went, as the source reports it.

@@ -173,12 +173,15 @@
 //!                                               waits with --incoming)
 //!  event migrate {phase: started, to}    ───► reply ack
 //!  … pre-copy, stop-and-copy, commit (rdma/src/proto.rs) …
-//!  event migrate {phase: completed|aborted, to, outcome {total_ms,
-//!        downtime_ms, bytes, error?}}    ───► reply ack
+//!  event migrate {phase: completed|aborted|in-doubt, to, outcome
+//!        {total_ms, downtime_ms, bytes, error?}} ► reply ack
 //!  event stopped (after completed)       ───► reply ack  (reservation released)
 //! ```
 //!
-//! After `aborted` the VM runs on at the source and keeps polling. The
+//! After `aborted` the VM runs on at the source and keeps polling. After
+//! `in-doubt` (the source committed but never heard that the destination
+//! runs the VM) the source has saved its paused copy (the error names the
+//! file) and stops; check the destination before restoring it. The
 //! destination VMM connects to its own host's companion like a restored VM:
 //! `created`, `before-boot {restart: true}`, then `restarted`.
 //!

@@ -41,8 +41,8 @@ pub use layout::{
     BALLOON_MMIO_BASE, LABDEV_BASE, LARGE_PAGE, MAX_RAM_MIB, MAX_VCPUS, MIN_RAM_MIB, PAGE_SIZE,
 };
 pub use migrate::{
-    Incoming, MigrateError, MigrationOptions, MigrationOrder, MigrationReport, MigrationSource,
-    receive,
+    DowntimePhases, EXIT_MIGRATION_IN_DOUBT, InDoubt, Incoming, MigrateError, MigrationOptions,
+    MigrationOrder, MigrationReport, MigrationSource, TransportKind, receive,
 };
 pub use snapshot::{
     Restored, SAVE_MAGIC, SAVE_VERSION, SaveReport, SnapshotError, restore as restore_from_file,

@@ -106,12 +106,29 @@ struct Cli {
     /// Downtime target of the migration, in milliseconds.
     #[arg(long, default_value_t = 50)]
     downtime_ms: u64,
+    /// Migration socket timeout in seconds (either side); also how long the
+    /// destination waits for the source's commit and the source for the
+    /// destination's confirmation.
+    #[arg(long, default_value_t = 30.0)]
+    migrate_timeout: f64,
     /// Bulk TCP connections for page data.
     #[arg(long, default_value_t = 4)]
     migrate_streams: u32,
+    /// How page data moves: `tcp` (--migrate-streams connections) or
+    /// `rdma` (RDMA WRITE into the destination's registered RAM; needs the
+    /// `rdma` build and an RDMA device on both hosts). Control messages go
+    /// over TCP either way; the destination follows the source.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    migrate_transport: String,
     /// Write the migration report (either side) as JSON here.
     #[arg(long)]
     migration_report: Option<PathBuf>,
+    /// Source: where to save the paused VM if the migration ends in doubt
+    /// (the destination was told to start it, but its confirmation never
+    /// came). Default: labvm-in-doubt-PID.state beside --migration-report,
+    /// else in the current directory. labvm then exits with status 76.
+    #[arg(long, value_name = "FILE")]
+    in_doubt_save: Option<PathBuf>,
     /// This VM's priority for the companion's interruption coordinator
     /// (higher wins; a VM may cause the interruption only of VMs of lower
     /// priority).
@@ -170,6 +187,25 @@ impl labvm::RunObserver for CliStop {
 
 fn print_migration(m: &labvm::MigrationReport) {
     match &m.error {
+        _ if m.in_doubt.is_some() => {
+            let d = m.in_doubt.as_ref();
+            match d.and_then(|d| d.saved.as_ref()) {
+                Some(s) => println!(
+                    "migration IN DOUBT ({}): the VM is paused and saved to {} (counter {:?}); \
+                     it may run on {}. Restore it with --restore only if it does not run there.",
+                    d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                    s.path.display(),
+                    s.counter,
+                    m.to
+                ),
+                None => println!(
+                    "migration IN DOUBT ({}): the VM could not be saved ({}); it runs on {} or nowhere",
+                    d.map(|d| d.reason.as_str()).unwrap_or_default(),
+                    d.and_then(|d| d.save_error.as_deref()).unwrap_or_default(),
+                    m.to
+                ),
+            }
+        }
         None => println!(
             "migrated to {}: total {:.1} ms, downtime {:.1} ms, {} bytes",
             m.to, m.total_ms, m.downtime_ms, m.bytes
@@ -212,11 +248,27 @@ fn with_migration<'a>(reporter: HookReporter<'a>, cli: &Cli) -> HookReporter<'a>
     )
 }
 
-/// Streams and timeouts of migrations the companion orders.
+/// Streams, timeouts and the in-doubt file of migrations the companion
+/// orders (and the base of --migrate-to's).
 fn template(cli: &Cli) -> labvm::MigrationOptions {
     let mut opts = labvm::MigrationOptions::new(String::new());
     opts.streams = cli.migrate_streams;
     opts.downtime = Duration::from_millis(cli.downtime_ms);
+    opts.timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
+    opts.in_doubt_save = cli.in_doubt_save.clone().or_else(|| {
+        let dir = cli.migration_report.as_ref()?.parent()?;
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        Some(dir.join(format!("labvm-in-doubt-{}.state", std::process::id())))
+    });
+    opts.transport = if cli.migrate_transport == "rdma" {
+        labvm::TransportKind::Rdma
+    } else {
+        labvm::TransportKind::Tcp
+    };
     opts
 }
 
@@ -248,7 +300,8 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    let mut inc = match labvm::receive(listener, Duration::from_secs(30)) {
+    let timeout = Duration::from_secs_f64(cli.migrate_timeout.max(0.1));
+    let mut inc = match labvm::receive(listener, timeout) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("labvm: incoming migration failed: {}", error_chain(&e));
@@ -259,19 +312,30 @@ fn incoming(cli: &Cli, spec: &str) -> ExitCode {
         "incoming: VM received ({} rounds, {:.1} ms); running",
         inc.report.rounds, inc.report.total_ms
     );
-    write_json(&cli.migration_report, &inc.report);
+    // The incoming migration's report is written once the run ends: a file
+    // write here would sit in the guest's downtime (the source waits for
+    // Running).
     let until = cli
         .run_for
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let result = if cli.hooks_socket.is_some() {
+    // Whether the VM was moved on (and whether that move is in doubt).
+    let (result, moved_on) = if cli.hooks_socket.is_some() {
         run_incoming_with_companion(cli, &mut inc, until)
     } else {
-        inc.run(&mut CliStop { until })
+        (inc.run(&mut CliStop { until }), None)
     };
+    if moved_on.is_none() {
+        // (A VM that moved on wrote its outgoing migration's report.)
+        write_json(&cli.migration_report, &inc.report);
+    }
     match result {
         Ok(report) => {
             write_json(&cli.report_json, &report);
-            ExitCode::SUCCESS
+            if moved_on == Some(true) {
+                ExitCode::from(labvm::EXIT_MIGRATION_IN_DOUBT)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             eprintln!("labvm: {}", error_chain(&e));
@@ -287,16 +351,19 @@ fn run_incoming_with_companion(
     cli: &Cli,
     inc: &mut labvm::Incoming,
     until: Option<Instant>,
-) -> Result<labvm::RunReport, labvm::VmmError> {
+) -> (Result<labvm::RunReport, labvm::VmmError>, Option<bool>) {
     let mut hook = companion(cli);
     let identity = lab_identity(&vm_id(cli), &inc.vm);
     let stop = move || stop_requested() || until.is_some_and(|t| Instant::now() >= t);
     let stop: &dyn Fn() -> bool = &stop;
     let mut reporter = HookReporter::new(hook.as_mut(), identity)
         .with_stop(stop)
+        // The source has committed and waits for Running: the VM starts
+        // now even if the companion would defer it (it may still refuse,
+        // and then the source resumes its copy).
         .with_admission(
             Admission::new(cli.priority, false).restarting(),
-            Duration::from_secs_f64(cli.admission_wait_s.max(0.0)),
+            Duration::ZERO,
         )
         .restored();
     if let Some(balloon) = inc.vm.balloon() {
@@ -312,7 +379,7 @@ fn run_incoming_with_companion(
         print_migration(m);
         write_json(&cli.migration_report, m);
     }
-    result
+    (result, moved.map(|m| m.in_doubt.is_some()))
 }
 
 fn boot_linux(cli: &Cli, kernel: PathBuf) -> ExitCode {
@@ -466,10 +533,9 @@ fn main() -> ExitCode {
     reporter.created(&vm);
     let (result, migration) = match &cli.migrate_to {
         Some(to) => {
-            let mut opts = labvm::MigrationOptions::new(to.clone());
+            let mut opts = template(&cli);
+            opts.to = to.clone();
             opts.after = Duration::from_secs_f64(cli.migrate_after.max(0.0));
-            opts.downtime = Duration::from_millis(cli.downtime_ms);
-            opts.streams = cli.migrate_streams;
             let mut source = labvm::MigrationSource::new(opts, &mut reporter);
             let r = vm.run(&mut source);
             let m = source.report.take();
@@ -504,6 +570,7 @@ fn main() -> ExitCode {
         print_migration(m);
         write_json(&cli.migration_report, m);
     }
+    let in_doubt = migration.as_ref().is_some_and(|m| m.in_doubt.is_some());
     match result {
         Ok(report) => {
             match report.time_to_ready {
@@ -517,6 +584,7 @@ fn main() -> ExitCode {
                 }
             }
             match report.stop {
+                _ if in_doubt => ExitCode::from(labvm::EXIT_MIGRATION_IN_DOUBT),
                 _ if interrupted.is_some() => ExitCode::from(labvm::EXIT_INTERRUPTED),
                 StopReason::Exited(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
                 StopReason::Stopped => ExitCode::SUCCESS,

@@ -3,21 +3,33 @@
 //! watches), and the receiving side ([`receive`], then [`Incoming::run`]).
 //!
 //! The wire protocol and its sequence are documented in `rdma::proto`. The
-//! source keeps its VM until the destination says `Running`; any failure
-//! before that resumes the VM on the source. The destination discards its
-//! VM on any failure before `Complete`.
+//! switch-over is two-phase: the destination loads everything and answers
+//! `Loaded`; the source then sends `Go` (its commit point) and the
+//! destination starts the vCPUs and answers `Running`. Any failure before
+//! `Go` resumes the VM on the source and discards it on the destination.
+//! After `Go` the source never resumes its copy: without `Running` (or an
+//! `Abort` saying the destination discarded the VM) the migration is in
+//! doubt, and the source keeps the VM paused, saves it to a state file
+//! ([`MigrationOptions::in_doubt_save`]) and stops, so the guest never runs
+//! on both hosts and is never lost.
+//!
+//! The migration logic works on `&mut dyn Transport`; only connecting is
+//! transport-specific (TCP today).
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use balloon::BalloonState;
 use rdma::{
     Control, PageRun, PageSink, PendingIncoming, TcpTransport, Transport, TransportError,
     VmDescriptor, proto,
 };
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::devices::BalloonConfig;
 use crate::vm::{
     LabDeviceState, LabVm, LabVmConfig, RunObserver, RunReport, VcpuControl, VcpuState,
 };
@@ -49,6 +61,24 @@ pub enum MigrateError {
     /// The VM offered does not fit this host.
     #[error("incompatible VM: {0}")]
     Incompatible(String),
+    /// Destination: the VM was loaded but the source's commit (`Go`) did
+    /// not come; the VM is discarded here.
+    #[error("no commit (go) from the source after loading; discarding the VM")]
+    NoCommit(#[source] TransportError),
+    /// This labvm cannot move memory that way.
+    #[error("unsupported here: {0}")]
+    Unsupported(String),
+}
+
+/// How page data moves (control messages always go over TCP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Several bulk TCP connections.
+    #[default]
+    Tcp,
+    /// RDMA WRITE into the destination's registered guest RAM (cargo
+    /// feature `rdma`, and an RDMA device on both hosts).
+    Rdma,
 }
 
 /// How the source migrates.
@@ -64,8 +94,15 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// How long after ready to start.
     pub after: Duration,
-    /// Socket and pause timeout.
+    /// Socket and pause timeout; also how long the destination waits for
+    /// `Go` and the source for `Running`.
     pub timeout: Duration,
+    /// Where the source saves the paused VM when the migration is in doubt
+    /// (`Go` sent, no `Running`). `None`: `labvm-in-doubt-PID.state` in the
+    /// current directory.
+    pub in_doubt_save: Option<PathBuf>,
+    /// How page data moves.
+    pub transport: TransportKind,
 }
 
 impl MigrationOptions {
@@ -78,8 +115,38 @@ impl MigrationOptions {
             max_rounds: 30,
             after: Duration::ZERO,
             timeout: Duration::from_secs(30),
+            in_doubt_save: None,
+            transport: TransportKind::Tcp,
         }
     }
+
+    /// The in-doubt state file: [`in_doubt_save`](Self::in_doubt_save) or
+    /// the default in the current directory.
+    pub fn in_doubt_path(&self) -> PathBuf {
+        self.in_doubt_save.clone().unwrap_or_else(|| {
+            std::env::current_dir()
+                .unwrap_or_else(|_| PathBuf::from("."))
+                .join(format!("labvm-in-doubt-{}.state", std::process::id()))
+        })
+    }
+}
+
+/// Exit status of a `labvm` source whose migration is in doubt: the VM was
+/// committed to the destination (`Go` sent) but its `Running` never came;
+/// the VM is saved to a file and runs on neither side here.
+pub const EXIT_MIGRATION_IN_DOUBT: u8 = 76;
+
+/// A migration whose outcome the source cannot know (`Go` sent, neither
+/// `Running` nor `Abort` received).
+#[derive(Clone, Debug, Serialize)]
+pub struct InDoubt {
+    /// What cut the exchange short.
+    pub reason: String,
+    /// Where the paused VM was saved (restore it with `labvm --restore`
+    /// only if the destination does not run the guest).
+    pub saved: Option<crate::snapshot::SaveReport>,
+    /// Why saving failed, if it did (every path tried).
+    pub save_error: Option<String>,
 }
 
 /// The companion's order to migrate a running VM (see
@@ -120,8 +187,62 @@ pub struct MigrationReport {
     pub counter: Option<u64>,
     /// Heartbeats the source had seen when the migration ended.
     pub heartbeats_at_end: u64,
-    /// Failure, if any (the VM then kept running on the source).
+    /// Failure, if any. Unless [`in_doubt`](Self::in_doubt) is set, the VM
+    /// then kept running on the source.
     pub error: Option<String>,
+    /// Set when the migration is in doubt: the source neither runs the VM
+    /// nor knows whether the destination does; the VM is saved.
+    pub in_doubt: Option<InDoubt>,
+    /// Where the downtime went (source only).
+    pub phases: DowntimePhases,
+    /// Source: when the vCPUs were asked to pause, in µs since the Unix
+    /// epoch (wall clock, so that two processes on one host compare).
+    pub paused_unix_us: Option<u64>,
+    /// Destination: when `Running` was sent and the vCPUs released, in µs
+    /// since the Unix epoch. With [`paused_unix_us`](Self::paused_unix_us)
+    /// of the source on the same host: the guest's whole downtime.
+    pub resumed_unix_us: Option<u64>,
+}
+
+fn unix_us() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_micros()).ok())
+}
+
+/// The stop-and-copy phase, step by step, in ms from the previous step
+/// (source side). Their sum is [`MigrationReport::downtime_ms`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimePhases {
+    /// Asking the vCPUs to leave `KVM_RUN` until all have saved their state.
+    pub pause_ms: f64,
+    /// The last dirty-log read, and the pages devices wrote.
+    pub dirty_log_ms: f64,
+    /// Reading and queueing the last round's pages.
+    pub send_ms: f64,
+    /// Pages in the last round.
+    pub pages: u64,
+    /// Encoding and sending the vCPU states.
+    pub vcpu_ms: f64,
+    /// Encoding and sending the device state, and `Complete`.
+    pub device_ms: f64,
+    /// Until every queued byte was handed to the network (the end of
+    /// QEMU's downtime measure; `downtime_sent_ms` is the sum up to here).
+    pub flush_ms: f64,
+    /// Until the destination stored the last round and loaded the state
+    /// (`RoundAck`, `Loaded`).
+    pub load_ms: f64,
+    /// `Go` to `Running`: the destination starts the vCPUs.
+    pub commit_ms: f64,
+}
+
+/// Milliseconds since `*t`, and moves `*t` to now.
+fn lap(t: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let ms = now.duration_since(*t).as_secs_f64() * 1e3;
+    *t = now;
+    ms
 }
 
 /// The VM configuration as it travels in `Hello`.
@@ -131,6 +252,28 @@ struct WireConfig {
     vcpus: u32,
     workload: Workload,
     stamp: u64,
+    /// The virtio-balloon device, if the VM has one.
+    #[serde(default)]
+    balloon: Option<WireBalloon>,
+}
+
+/// A balloon device's configuration (its state travels in `Device`).
+#[derive(Serialize, Deserialize)]
+struct WireBalloon {
+    stats_interval_ms: u64,
+    grace_ms: u64,
+}
+
+/// Device state as it travels in `Device`: the lab device and, if the VM
+/// has one, the virtio-balloon (device, queues and virtio-mmio transport).
+#[derive(Serialize, Deserialize)]
+struct WireDevices {
+    lab: LabDeviceState,
+    balloon: Option<BalloonState>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn descriptor(config: &LabVmConfig) -> VmDescriptor {
@@ -139,6 +282,10 @@ fn descriptor(config: &LabVmConfig) -> VmDescriptor {
         vcpus: config.vcpus,
         workload: config.workload.clone(),
         stamp: config.stamp,
+        balloon: config.balloon.as_ref().map(|b| WireBalloon {
+            stats_interval_ms: millis(b.stats_interval),
+            grace_ms: millis(b.grace),
+        }),
     };
     VmDescriptor {
         ram_bytes: config.ram_mib << 20,
@@ -196,8 +343,9 @@ impl<'a> MigrationSource<'a> {
         s
     }
 
-    /// Runs one migration with `self.opts`; true when the VM now runs on
-    /// the destination (stop it here).
+    /// Runs one migration with `self.opts`; true when the VM stops here
+    /// (it runs on the destination, or the migration is in doubt and the
+    /// VM is saved).
     fn run_migration(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
         let to = self.opts.to.clone();
         self.inner
@@ -207,11 +355,12 @@ impl<'a> MigrationSource<'a> {
             ..MigrationReport::default()
         };
         let started = Instant::now();
-        let result = migrate(vm, vcpus, &self.opts, &mut report);
+        let ended = migrate(vm, vcpus, &self.opts, &mut report);
         report.total_ms = started.elapsed().as_secs_f64() * 1e3;
         report.heartbeats_at_end = vcpus.heartbeats();
-        let moved = match result {
-            Ok(()) => {
+        // Whether the VM stops here, and whether it runs on the destination.
+        let (stop, moved) = match ended {
+            Ended::Moved => {
                 tracing::info!(
                     to = %to,
                     total_ms = report.total_ms,
@@ -219,13 +368,28 @@ impl<'a> MigrationSource<'a> {
                     bytes = report.bytes,
                     "migrated; stopping the VM here"
                 );
-                true
+                (true, true)
             }
-            Err(e) => {
+            Ended::Failed(e) => {
                 let msg = vmm_hooks::error_chain(&e);
                 tracing::error!(to = %to, "migration failed, the VM keeps running here: {msg}");
                 report.error = Some(msg);
-                false
+                (false, false)
+            }
+            Ended::InDoubt(e, states) => {
+                let reason = vmm_hooks::error_chain(&e);
+                let doubt = save_in_doubt(vm, vcpus, states, &self.opts, reason);
+                report.error = Some(match &doubt.saved {
+                    Some(s) => format!(
+                        "in doubt: {}; the VM is paused and saved to {} and may run on {to}",
+                        doubt.reason,
+                        s.path.display()
+                    ),
+                    None => format!("in doubt: {}; the VM could not be saved", doubt.reason),
+                });
+                report.in_doubt = Some(doubt);
+                // Never resume: the destination may run the guest.
+                (true, false)
             }
         };
         let outcome = vmm_hooks::MigrateOutcome {
@@ -234,14 +398,15 @@ impl<'a> MigrationSource<'a> {
             bytes: report.bytes,
             error: report.error.clone(),
         };
-        let phase = if moved {
-            vmm_hooks::MigratePhase::Completed
-        } else {
-            vmm_hooks::MigratePhase::Aborted
+        let phase = match (moved, stop) {
+            (true, _) => vmm_hooks::MigratePhase::Completed,
+            // Stopped here without having moved: in doubt.
+            (false, true) => vmm_hooks::MigratePhase::InDoubt,
+            (false, false) => vmm_hooks::MigratePhase::Aborted,
         };
         self.inner.migration_phase(phase, &to, Some(outcome));
         self.report = Some(report);
-        moved
+        stop
     }
 }
 
@@ -272,8 +437,8 @@ impl RunObserver for MigrationSource<'_> {
             tracing::info!(to = %order.to, downtime_ms = order.downtime.as_millis(), "the companion orders a live migration");
             self.opts.to = order.to;
             self.opts.downtime = order.downtime;
-            // Done only when the VM moved: a failed attempt leaves it
-            // running here, open to the next order.
+            // Done only when the VM stopped here: a failed attempt leaves
+            // it running here, open to the next order.
             self.done = self.run_migration(vm, vcpus);
             return self.done;
         }
@@ -294,6 +459,67 @@ impl RunObserver for MigrationSource<'_> {
         outcome: Option<vmm_hooks::MigrateOutcome>,
     ) {
         self.inner.migration_phase(phase, to, outcome);
+    }
+}
+
+/// How a migration ended on the source.
+enum Ended {
+    /// The destination runs the guest.
+    Moved,
+    /// Failed before `Go` (or the destination said it discarded the VM):
+    /// the vCPUs run again here.
+    Failed(MigrateError),
+    /// `Go` sent, no answer: the vCPUs stay paused with these states.
+    InDoubt(MigrateError, Vec<VcpuState>),
+}
+
+/// Saves an in-doubt VM (vCPUs paused) to the configured path, or to the
+/// temporary directory when that fails, and says so loudly.
+fn save_in_doubt(
+    vm: &LabVm,
+    vcpus: &VcpuControl<'_>,
+    states: Vec<VcpuState>,
+    opts: &MigrationOptions,
+    reason: String,
+) -> InDoubt {
+    let first = opts.in_doubt_path();
+    let fallback =
+        std::env::temp_dir().join(format!("labvm-in-doubt-{}.state", std::process::id()));
+    let mut errors = Vec::new();
+    for path in [first, fallback] {
+        match crate::snapshot::save_paused(vm, vcpus, states.clone(), &path) {
+            Ok(saved) => {
+                tracing::error!(
+                    to = %opts.to,
+                    saved = %path.display(),
+                    "migration IN DOUBT: Go was sent but Running never came ({reason}). \
+                     The VM is paused and saved here and does not run on this host; it may \
+                     run on the destination. Restore it (labvm --restore FILE) only if the \
+                     destination does not run it"
+                );
+                return InDoubt {
+                    reason,
+                    saved: Some(saved),
+                    save_error: (!errors.is_empty()).then(|| errors.join("; ")),
+                };
+            }
+            Err(e) => errors.push(format!(
+                "{}: {}",
+                path.display(),
+                vmm_hooks::error_chain(&e)
+            )),
+        }
+    }
+    let save_error = errors.join("; ");
+    tracing::error!(
+        to = %opts.to,
+        "migration IN DOUBT: Go was sent but Running never came ({reason}), and the paused \
+         VM could not be saved ({save_error}); it runs on the destination or nowhere"
+    );
+    InDoubt {
+        reason,
+        saved: None,
+        save_error: Some(save_error),
     }
 }
 
@@ -324,8 +550,18 @@ fn send_pages(
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
     scan: Option<&[u64]>,
+    sent: &mut [u64],
     report: &mut MigrationReport,
 ) -> Result<(u64, u64), MigrateError> {
+    let mut mark = |p: u64, data: bool| {
+        if let Some(w) = sent.get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX)) {
+            if data {
+                *w |= 1 << (p % 64);
+            } else {
+                *w &= !(1 << (p % 64));
+            }
+        }
+    };
     let max = usize::try_from(proto::MAX_RUN_PAGES).unwrap_or(1);
     let page = PAGE_BYTES;
     let mut frames = 0u64;
@@ -333,7 +569,8 @@ fn send_pages(
     let mut sent_pages = 0u64;
     // Pending data run: first page and the bytes gathered.
     let mut run_start = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(max * page);
+    // Taken from the transport at the first page of each run.
+    let mut buf: Vec<u8> = Vec::new();
     let mut zero_start = 0u64;
     let mut zeros = 0u64;
     let mut tmp = vec![0u8; page];
@@ -368,7 +605,9 @@ fn send_pages(
                 .map_err(|e| read_err(p * PAGE_SIZE, e))?;
             &tmp
         };
-        if is_zero(data) {
+        let zero = is_zero(data);
+        mark(p, !zero);
+        if zero {
             report.zero_pages += 1;
             if !buf.is_empty() {
                 flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
@@ -404,6 +643,10 @@ fn send_pages(
             flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
             run_start = p;
         }
+        if buf.capacity() == 0 {
+            buf = tr.page_buffer();
+            buf.reserve(max * page);
+        }
         buf.extend_from_slice(data);
         sent_pages += 1;
     }
@@ -431,13 +674,11 @@ fn flush_data(
     bytes: &mut u64,
 ) -> Result<(), MigrateError> {
     if !buf.is_empty() {
-        tr.send_run(PageRun::Data {
-            gpa: start * PAGE_SIZE,
-            data: buf,
-        })?;
         *frames += 1;
         *bytes += buf.len() as u64 + proto::HEADER_LEN as u64 + 8;
-        buf.clear();
+        // The buffer goes to the transport as it is (no copy); the next
+        // run fills a recycled one.
+        tr.send_data(start * PAGE_SIZE, std::mem::take(buf))?;
     }
     Ok(())
 }
@@ -475,7 +716,99 @@ fn migrate(
     vcpus: &VcpuControl<'_>,
     opts: &MigrationOptions,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
+) -> Ended {
+    let mut tr = match connect(vm, opts) {
+        Ok(tr) => tr,
+        Err(e) => return Ended::Failed(e),
+    };
+    tracing::debug!("destination accepted the VM");
+    let ended = match vm.set_dirty_logging(true) {
+        Ok(()) => precopy_and_switch(vm, vcpus, opts, tr.as_mut(), report),
+        Err(e) => Ended::Failed(e.into()),
+    };
+    if let Err(e) = vm.set_dirty_logging(false) {
+        tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
+    }
+    if let Ended::Failed(e) = &ended {
+        // Tell the destination, if it still listens; the VM stays here.
+        let _ = tr.send_control(&Control::Abort {
+            reason: vmm_hooks::error_chain(e),
+        });
+    }
+    tr.close();
+    ended
+}
+
+/// Opens the RDMA data path (the device, its queue pair and staging ring;
+/// the control connection over TCP) and has the destination accept the VM.
+#[cfg(feature = "rdma")]
+fn connect_rdma(vm: &LabVm, opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    let mut tr = rdma::verbs::RdmaTransport::connect(
+        &opts.to,
+        &rdma::verbs::RdmaOptions::default(),
+        opts.timeout,
+    )?;
+    let hello = Control::Hello {
+        version: proto::PROTOCOL_VERSION,
+        vm: descriptor(vm.config()),
+        // No bulk connections: the destination answers with RDMA.
+        bulk: 0,
+        session: tr.session(),
+    };
+    tr.send_control(&hello)?;
+    tr.open_data_path(vm.config().ram_mib << 20)?;
+    expect(&mut tr, "accept", |c| matches!(c, Control::Accept))?;
+    Ok(Box::new(tr))
+}
+
+/// Without the `rdma` feature: says so.
+#[cfg(not(feature = "rdma"))]
+fn connect_rdma(_vm: &LabVm, _opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    Err(MigrateError::Unsupported(
+        "this labvm was built without RDMA (cargo feature rdma, needs rdma-core)".into(),
+    ))
+}
+
+/// The destination's side of an RDMA migration: registers guest RAM and
+/// connects the queue pair.
+#[cfg(feature = "rdma")]
+fn attach_rdma(pending: PendingIncoming, vm: &LabVm) -> Result<Box<dyn Transport>, MigrateError> {
+    let ram = vm.config().ram_mib << 20;
+    let len = usize::try_from(ram)
+        .map_err(|_| MigrateError::Incompatible("RAM size does not fit this host".into()))?;
+    let base = vm
+        .memory()
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| MigrateError::Vm(VmmError::GuestMemory(e.to_string())))?;
+    // SAFETY: base..base+len is the VM's guest RAM mapping, one readable
+    // and writable mapping owned by `vm`. The transport built from it is
+    // kept in `Incoming` beside the VM and declared before it, so it is
+    // dropped (its registration undone) before the mapping goes; on the
+    // error paths of `receive` the transport is a later local than the VM
+    // and is dropped first. The guest does not run before `Complete`.
+    let guest = unsafe { rdma::verbs::GuestRam::new(base, len) }?;
+    let tr = pending.attach_rdma(guest, &rdma::verbs::RdmaOptions::default())?;
+    Ok(Box::new(tr))
+}
+
+/// Without the `rdma` feature: refuses (the source is told why).
+#[cfg(not(feature = "rdma"))]
+fn attach_rdma(
+    mut pending: PendingIncoming,
+    _vm: &LabVm,
+) -> Result<Box<dyn Transport>, MigrateError> {
+    let why =
+        "this destination labvm was built without RDMA (cargo feature rdma); migrate over TCP";
+    let _ = pending.send_control(&Control::Abort { reason: why.into() });
+    Err(MigrateError::Unsupported(why.into()))
+}
+
+/// Opens the TCP channel (control and bulk connections) and has the
+/// destination accept the VM.
+fn connect(vm: &LabVm, opts: &MigrationOptions) -> Result<Box<dyn Transport>, MigrateError> {
+    if opts.transport == TransportKind::Rdma {
+        return connect_rdma(vm, opts);
+    }
     let mut tr = TcpTransport::connect(&opts.to, opts.timeout)?;
     let hello = Control::Hello {
         version: proto::PROTOCOL_VERSION,
@@ -485,29 +818,73 @@ fn migrate(
     };
     tr.send_control(&hello)?;
     tr.open_bulk(opts.streams.max(1))?;
-    expect(&mut tr, "accept", |c| matches!(c, Control::Accept))?;
-    vm.set_dirty_logging(true)?;
-    let result = precopy_and_switch(vm, vcpus, opts, &mut tr, report);
-    if let Err(e) = vm.set_dirty_logging(false) {
-        tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
+    match expect(&mut tr, "accept", |c| matches!(c, Control::Accept)) {
+        Err(MigrateError::Transport(TransportError::Closed { peer })) => {
+            Err(MigrateError::Protocol(format!(
+                "{peer} closed the connection instead of accepting the VM (a labvm that \
+                 speaks another migration protocol version than {} does that; see its log)",
+                proto::PROTOCOL_VERSION
+            )))
+        }
+        other => other.map(|()| Box::new(tr) as Box<dyn Transport>),
     }
-    if let Err(e) = &result {
-        // Tell the destination, if it still listens; the VM stays here.
-        let _ = tr.send_control(&Control::Abort {
-            reason: vmm_hooks::error_chain(e),
-        });
-    }
-    tr.close();
-    result
 }
 
 fn precopy_and_switch(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,
     opts: &MigrationOptions,
-    tr: &mut TcpTransport,
+    tr: &mut dyn Transport,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
+) -> Ended {
+    // Pages whose last copy on the destination holds data (not zeros).
+    let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
+    let mut sent = vec![0u64; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)];
+    let discards = balloon_discards(vm);
+    let pending = match precopy(vm, opts, tr, &mut sent, report) {
+        Ok(p) => p,
+        Err(e) => return Ended::Failed(e),
+    };
+    let n = report.rounds;
+    // Stop-and-copy: the guest is paused from here until Running or failure.
+    let paused = Instant::now();
+    report.paused_unix_us = unix_us();
+    let states = match vcpus.pause(opts.timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            vcpus.resume();
+            return Ended::Failed(e.into());
+        }
+    };
+    report.phases.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
+    let copy = FinalCopy {
+        pending,
+        sent,
+        discards,
+        round: n,
+    };
+    let outcome = stop_and_copy(vm, vcpus, tr, copy, &states, paused, report);
+    report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+    report.rounds = n + 1;
+    match outcome {
+        Ok(()) => Ended::Moved,
+        Err(Switch::Before(e)) => {
+            vcpus.resume();
+            Ended::Failed(e)
+        }
+        Err(Switch::InDoubt(e)) => Ended::InDoubt(e, states),
+    }
+}
+
+/// Iterative pre-copy; returns the dirty bitmap left for stop-and-copy
+/// (and leaves the round count in `report.rounds`).
+fn precopy(
+    vm: &LabVm,
+    opts: &MigrationOptions,
+    tr: &mut dyn Transport,
+    sent: &mut [u64],
+    report: &mut MigrationReport,
+) -> Result<Vec<u64>, MigrateError> {
     let mem = vm.memory();
     let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
     // Clear what was logged before this point: everything is sent in round 0.
@@ -533,27 +910,45 @@ fn precopy_and_switch(
         mem,
         dirty_pages(&populated).filter(|&p| p < ram_pages),
         Some(&populated),
+        sent,
         report,
     )?;
     round(tr, 0, frames, false)?;
     let mut bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    tracing::debug!(
+        bytes,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        mb_s = bw / 1e6,
+        "pre-copy round 0 (every populated page)"
+    );
     let mut n = 1u32;
     let mut pending = vm.take_dirty_log()?;
     let mut prev_dirty = u64::MAX;
+    let mut stalls = 0u32;
     let target = opts.downtime.as_secs_f64();
     loop {
         let dirty: u64 = pending.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = (dirty * (PAGE_SIZE + 32)) as f64 / bw;
-        // Under the target, one more round still pays while it halves the
+        // Under the target, more rounds still pay while they shrink the
         // dirty set (the guest dirties less during a shorter round): the
-        // pause then holds only what the guest dirties in one short round.
-        let fits = est <= target && (dirty.saturating_mul(2) > prev_dirty || dirty == 0);
+        // pause then holds only what the guest dirties in one round of
+        // fixed costs. A round that does not shrink it by a tenth is a
+        // stall (a busy host slows single rounds, so one is not enough to
+        // stop); stop at a set the link moves in half a millisecond, or
+        // after three stalls in a row.
+        if dirty.saturating_mul(10) < prev_dirty.saturating_mul(9) {
+            stalls = 0;
+        } else {
+            stalls += 1;
+        }
+        let small = bw * 0.0005 / (PAGE_SIZE + 32) as f64;
+        let fits = dirty == 0 || (est <= target && (dirty as f64 <= small || stalls >= 3));
         if fits || n >= opts.max_rounds {
             tracing::info!(round = n, dirty, est_ms = est * 1e3, "stop-and-copy");
             break;
         }
         let t = Instant::now();
-        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, report)?;
+        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, sent, report)?;
         round(tr, n, frames, false)?;
         if bytes > 1 << 20 {
             bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -564,45 +959,134 @@ fn precopy_and_switch(
         pending = vm.take_dirty_log()?;
     }
     report.bandwidth_mb_s = bw / 1e6;
+    report.rounds = n;
+    Ok(pending)
+}
 
-    // Stop-and-copy: the guest is paused from here until Running or failure.
-    let paused = Instant::now();
-    let outcome = stop_and_copy(
-        vm,
-        vcpus,
-        tr,
-        &mut pending,
-        n,
-        (paused, opts.timeout),
-        report,
-    );
-    report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
-    report.rounds = n + 1;
-    match outcome {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            vcpus.resume();
-            Err(e)
+/// Where the switch-over failed: before `Go` was sent (the source resumes)
+/// or after (in doubt).
+enum Switch {
+    Before(MigrateError),
+    InDoubt(MigrateError),
+}
+
+impl From<MigrateError> for Switch {
+    fn from(e: MigrateError) -> Self {
+        Switch::Before(e)
+    }
+}
+
+impl From<TransportError> for Switch {
+    fn from(e: TransportError) -> Self {
+        Switch::Before(e.into())
+    }
+}
+
+impl From<VmmError> for Switch {
+    fn from(e: VmmError) -> Self {
+        Switch::Before(e.into())
+    }
+}
+
+/// What pre-copy leaves to the stop-and-copy phase.
+struct FinalCopy {
+    /// Pages dirtied since they were last sent.
+    pending: Vec<u64>,
+    /// Pages whose copy on the destination holds data.
+    sent: Vec<u64>,
+    /// The balloon's host discards when the migration began.
+    discards: Option<u64>,
+    /// The last round's number.
+    round: u32,
+}
+
+/// Host discards the balloon made (inflation, free page reporting).
+fn balloon_discards(vm: &LabVm) -> Option<u64> {
+    vm.balloon().map(|b| b.report().counters.discard_calls)
+}
+
+/// Adds to `pending` what the dirty log cannot see: pages the balloon
+/// device (host side) wrote, its used rings, and pages it gave back to the
+/// host during the migration (they read as zeros now, and the destination
+/// drops its stale copy).
+fn device_written_pages(
+    vm: &LabVm,
+    balloon: Option<&BalloonState>,
+    copy: &mut FinalCopy,
+) -> Result<(), MigrateError> {
+    let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
+    let mut set = |p: u64| {
+        if p < ram_pages
+            && let Some(w) = copy
+                .pending
+                .get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX))
+        {
+            *w |= 1 << (p % 64);
+        }
+    };
+    for q in balloon.iter().flat_map(|b| &b.queues).filter(|q| q.ready) {
+        // flags, idx, ring[size] of 8 bytes, avail_event.
+        let len = 6 + 8 * u64::from(q.size);
+        let first = q.used_ring / PAGE_SIZE;
+        let last = q.used_ring.saturating_add(len - 1) / PAGE_SIZE;
+        (first..=last.min(first + 16)).for_each(&mut set);
+    }
+    if copy.discards.is_some() && balloon_discards(vm) != copy.discards {
+        let populated = vm.populated_pages().map_err(|e| {
+            VmmError::GuestMemory(format!(
+                "reading /proc/self/pagemap for pages ballooned during the migration: {e}"
+            ))
+        })?;
+        for (w, (p, s)) in copy
+            .pending
+            .iter_mut()
+            .zip(populated.iter().zip(&copy.sent))
+        {
+            *w |= s & !p;
         }
     }
+    Ok(())
 }
 
 fn stop_and_copy(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,
-    tr: &mut TcpTransport,
-    pending: &mut [u64],
-    n: u32,
-    (paused, timeout): (Instant, Duration),
+    tr: &mut dyn Transport,
+    mut copy: FinalCopy,
+    states: &[VcpuState],
+    paused: Instant,
     report: &mut MigrationReport,
-) -> Result<(), MigrateError> {
-    let states = vcpus.pause(timeout)?;
+) -> Result<(), Switch> {
+    let mut t = Instant::now();
+    tr.send_inline()?;
     let last = vm.take_dirty_log()?;
-    for (p, l) in pending.iter_mut().zip(&last) {
+    for (p, l) in copy.pending.iter_mut().zip(&last) {
         *p |= *l;
     }
-    let (frames, _) = send_pages(tr, vm.memory(), dirty_pages(pending), None, report)?;
-    round(tr, n, frames, true)?;
+    // The vCPUs are paused, so the balloon (driven by their MMIO exits and
+    // by this thread) holds still.
+    let balloon = vm.balloon().map(|b| b.state());
+    device_written_pages(vm, balloon.as_ref(), &mut copy)?;
+    report.phases.dirty_log_ms = lap(&mut t);
+    let before = report.pages;
+    let (frames, _) = send_pages(
+        tr,
+        vm.memory(),
+        dirty_pages(&copy.pending),
+        None,
+        &mut copy.sent,
+        report,
+    )?;
+    report.phases.pages = report.pages - before;
+    // The destination stores the round's frames before it reads the next
+    // control message, so the state follows at once; its RoundAck is
+    // read after everything was sent.
+    tr.send_control(&Control::RoundEnd {
+        round: copy.round,
+        frames,
+        last: true,
+    })?;
+    report.phases.send_ms = lap(&mut t);
     for (i, s) in states.iter().enumerate() {
         let state = serde_json::to_string(s)
             .map_err(|e| MigrateError::Protocol(format!("encoding vCPU {i}: {e}")))?;
@@ -611,13 +1095,40 @@ fn stop_and_copy(
             state,
         })?;
     }
-    let dev = serde_json::to_string(&vcpus.device_state())
+    report.phases.vcpu_ms = lap(&mut t);
+    let devices = WireDevices {
+        lab: vcpus.device_state(),
+        balloon,
+    };
+    let dev = serde_json::to_string(&devices)
         .map_err(|e| MigrateError::Protocol(format!("encoding device state: {e}")))?;
     tr.send_control(&Control::Device { state: dev })?;
     tr.send_control(&Control::Complete)?;
+    report.phases.device_ms = lap(&mut t);
+    tr.flush()?;
+    report.phases.flush_ms = lap(&mut t);
     report.downtime_sent_ms = paused.elapsed().as_secs_f64() * 1e3;
     report.counter = counter(vm);
-    expect(tr, "running", |c| matches!(c, Control::Running))
+    let n = copy.round;
+    expect(
+        tr,
+        "round-ack",
+        |c| matches!(c, Control::RoundAck { round } if *round == n),
+    )?;
+    expect(tr, "loaded", |c| matches!(c, Control::Loaded))?;
+    report.phases.load_ms = lap(&mut t);
+    // A Go whose write fails was not delivered whole, and a partial frame
+    // never decodes: the destination cannot have started, so resume here.
+    tr.send_control(&Control::Go)?;
+    // Committed: from here the source never resumes its copy.
+    let running = expect(tr, "running", |c| matches!(c, Control::Running));
+    report.phases.commit_ms = lap(&mut t);
+    match running {
+        Ok(()) => Ok(()),
+        // The destination says it discarded the VM without starting it.
+        Err(e @ MigrateError::PeerAborted(_)) => Err(Switch::Before(e)),
+        Err(e) => Err(Switch::InDoubt(e)),
+    }
 }
 
 fn counter(vm: &LabVm) -> Option<u64> {
@@ -658,29 +1169,48 @@ impl PageSink for GuestSink {
     fn zero(&self, gpa: u64, pages: u64) -> Result<(), String> {
         let len = pages.checked_mul(PAGE_SIZE).ok_or("zero run too long")?;
         self.check(gpa, len)?;
-        let zero = [0u8; PAGE_BYTES];
-        for i in 0..pages {
-            self.mem
-                .write_slice(&zero, GuestAddress(gpa + i * PAGE_SIZE))
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        // Dropping the pages zeroes them and leaves them unbacked (pages
+        // the guest ballooned away on the source stay off this host too).
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| e.to_string())?;
+        let len = usize::try_from(len).map_err(|_| "zero run too long")?;
+        // SAFETY: `check` put [gpa, gpa + len) inside guest RAM, which is
+        // one private anonymous mapping (`GuestMemoryMmap::from_ranges`)
+        // that `self.mem` keeps alive; the VM does not run while it is
+        // received, and a zero run asks for exactly these contents to go.
+        unsafe { crate::sys::discard(host, len) }.map_err(|e| e.to_string())
     }
 }
 
-/// A migrated VM on the destination, ready to run.
-#[derive(Debug)]
+/// A migrated VM on the destination, committed by the source (`Go`
+/// received) and ready to run.
 pub struct Incoming {
+    /// Declared before `vm`, so dropped first: an RDMA transport has the
+    /// VM's guest RAM registered with the NIC.
+    transport: Box<dyn Transport>,
     /// The VM, with memory and registers loaded.
     pub vm: LabVm,
-    transport: TcpTransport,
     /// What the reception did.
     pub report: MigrationReport,
 }
 
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("vm", &self.vm)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Destination: accepts one migration on `listener`, builds the VM the
-/// source describes and loads its memory and state. On failure the source
-/// is told (`Abort`) and nothing is kept.
+/// source describes, loads its memory and state, answers `Loaded` and waits
+/// (at most `timeout`) for the source's `Go`. On failure, or without `Go`,
+/// the source is told (`Abort`, where the connection allows) and nothing
+/// is kept. Run the returned VM at once with [`Incoming::run`]: the source
+/// has committed and waits for `Running`.
 pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, MigrateError> {
     let started = Instant::now();
     let (mut pending, hello) = PendingIncoming::accept(listener, timeout)?;
@@ -705,13 +1235,23 @@ pub fn receive(listener: TcpListener, timeout: Duration) -> Result<Incoming, Mig
             return Err(e.into());
         }
     };
+    if let Err(e) = vm.prespawn_vcpu_threads() {
+        tracing::warn!(
+            "cannot create the vCPU threads ahead; they start after the commit: {}",
+            vmm_hooks::error_chain(&e)
+        );
+    }
     let sink = Arc::new(GuestSink {
         mem: vm.guest_memory_arc(),
         ram: vm.config().ram_mib << 20,
     });
-    let mut tr = pending.attach(sink)?;
+    let mut tr: Box<dyn Transport> = if pending.wants_rdma() {
+        attach_rdma(pending, &vm)?
+    } else {
+        Box::new(pending.attach(sink)?)
+    };
     let mut report = MigrationReport::default();
-    match load(&mut vm, &mut tr, &mut report) {
+    match load(&mut vm, tr.as_mut(), &mut report).and_then(|()| await_go(tr.as_mut())) {
         Ok(()) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             Ok(Incoming {
@@ -768,18 +1308,40 @@ fn check_hello(hello: &Control) -> Result<LabVmConfig, MigrateError> {
     let mut config = LabVmConfig::new(wire.ram_mib, wire.workload);
     config.vcpus = wire.vcpus;
     config.stamp = wire.stamp;
+    // The target and everything else come with the device state.
+    config.balloon = wire.balloon.map(|b| BalloonConfig {
+        initial_target_mib: 0,
+        stats_interval: Duration::from_millis(b.stats_interval_ms),
+        grace: Duration::from_millis(b.grace_ms),
+    });
     Ok(config)
+}
+
+/// Tells the source the VM is loaded and waits for its commit (`Go`).
+fn await_go(tr: &mut dyn Transport) -> Result<(), MigrateError> {
+    tr.send_control(&Control::Loaded)?;
+    match tr.recv_control() {
+        Ok(Control::Go) => {
+            tracing::debug!("go received");
+            Ok(())
+        }
+        Ok(Control::Abort { reason }) => Err(MigrateError::PeerAborted(reason)),
+        Ok(other) => Err(MigrateError::Protocol(format!(
+            "expected go, got {other:?}"
+        ))),
+        Err(e) => Err(MigrateError::NoCommit(e)),
+    }
 }
 
 fn load(
     vm: &mut LabVm,
-    tr: &mut TcpTransport,
+    tr: &mut dyn Transport,
     report: &mut MigrationReport,
 ) -> Result<(), MigrateError> {
     tr.send_control(&Control::Accept)?;
     let n = vm.config().vcpus as usize;
     let mut states: Vec<Option<VcpuState>> = vec![None; n];
-    let mut device: Option<LabDeviceState> = None;
+    let mut device: Option<WireDevices> = None;
     let mut next_round = 0u32;
     let mut last_done = false;
     loop {
@@ -813,10 +1375,9 @@ fn load(
                 );
             }
             Control::Device { state } => {
-                device = Some(
-                    serde_json::from_str(&state)
-                        .map_err(|e| MigrateError::Protocol(format!("device state: {e}")))?,
-                );
+                let wire: WireDevices = serde_json::from_str(&state)
+                    .map_err(|e| MigrateError::Protocol(format!("device state: {e}")))?;
+                device = Some(wire);
             }
             Control::Complete => break,
             Control::Abort { reason } => return Err(MigrateError::PeerAborted(reason)),
@@ -834,23 +1395,60 @@ fn load(
         .map(|(i, s)| s.ok_or_else(|| MigrateError::Protocol(format!("no state for vCPU {i}"))))
         .collect::<Result<_, _>>()?;
     let device = device.ok_or_else(|| MigrateError::Protocol("no device state".into()))?;
+    match (&device.balloon, vm.config().balloon.as_ref()) {
+        (Some(state), Some(b)) => vm.restore_balloon(state, millis(b.grace))?,
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(MigrateError::Protocol(
+                "balloon state for a VM configured without a balloon".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(MigrateError::Protocol(
+                "no balloon state for a VM configured with a balloon".into(),
+            ));
+        }
+    }
     report.rounds = next_round;
     report.counter = counter(vm);
-    vm.restore(&states, device)?;
+    vm.restore(&states, device.lab)?;
     Ok(())
 }
 
-/// Tells the source `Running` as soon as the vCPUs run (the run marks a
-/// migrated guest ready at once), then passes callbacks on.
+/// Tells the source `Running` once the vCPU threads exist and nothing can
+/// fail before they are released (`before_boot`: what follows it in
+/// [`LabVm::run`] is infallible for a migrated guest), then passes
+/// callbacks on. Sending it there rather than after the release keeps the
+/// newly runnable vCPU threads from delaying the message on a busy host.
 struct Confirm<'a> {
-    transport: &'a mut TcpTransport,
+    transport: &'a mut dyn Transport,
     inner: &'a mut dyn RunObserver,
-    failed: bool,
+    /// `Running` was sent (or tried): the vCPUs are released.
+    started: bool,
+    /// When that was, µs since the Unix epoch.
+    resumed_unix_us: Option<u64>,
 }
 
 impl RunObserver for Confirm<'_> {
     fn before_boot(&mut self, vm: &LabVm, tids: &[i32]) -> vmm_hooks::BootPlan {
-        self.inner.before_boot(vm, tids)
+        // The companion (if any) has its say first: a refused boot fails
+        // the run before the vCPUs start, and the source hears Abort.
+        let plan = self.inner.before_boot(vm, tids);
+        if plan.refuses_boot() {
+            return plan;
+        }
+        tracing::debug!("vCPU threads ready; sending running");
+        self.started = true;
+        self.resumed_unix_us = unix_us();
+        if let Err(e) = self.transport.send_control(&Control::Running) {
+            // The source committed (Go) and never resumes its copy: this
+            // one runs. The source saved the VM as in doubt.
+            tracing::warn!(
+                "cannot confirm Running to the source (it keeps its copy paused and saved): {}",
+                vmm_hooks::error_chain(&e)
+            );
+        }
+        plan
     }
     fn admission_wait(&self) -> Duration {
         self.inner.admission_wait()
@@ -867,34 +1465,40 @@ impl RunObserver for Confirm<'_> {
         self.inner.migration_phase(phase, to, outcome);
     }
     fn should_stop(&mut self) -> bool {
-        self.failed || self.inner.should_stop()
+        self.inner.should_stop()
     }
     fn ready(&mut self, elapsed: Duration, report: &vmm_hooks::BootReport) {
-        if let Err(e) = self.transport.send_control(&Control::Running) {
-            // The source did not hear that the guest runs here: it resumes
-            // the guest itself, so this copy must stop.
-            tracing::error!(
-                "cannot confirm to the source; stopping this copy: {}",
-                vmm_hooks::error_chain(&e)
-            );
-            self.failed = true;
-        }
         self.transport.close();
         self.inner.ready(elapsed, report);
     }
     fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        self.failed || self.inner.tick(vm, vcpus)
+        self.inner.tick(vm, vcpus)
     }
 }
 
 impl Incoming {
-    /// Runs the migrated guest (confirming `Running` to the source first).
+    /// Runs the migrated guest, confirming `Running` to the source as soon
+    /// as its vCPUs run. If the run fails before they start, the source is
+    /// told (`Abort`) that the guest does not run here, so it resumes its
+    /// copy.
     pub fn run(&mut self, observer: &mut dyn RunObserver) -> Result<RunReport, VmmError> {
         let mut confirm = Confirm {
-            transport: &mut self.transport,
+            transport: self.transport.as_mut(),
             inner: observer,
-            failed: false,
+            started: false,
+            resumed_unix_us: None,
         };
-        self.vm.run(&mut confirm)
+        let result = self.vm.run(&mut confirm);
+        self.report.resumed_unix_us = confirm.resumed_unix_us;
+        if let (Err(e), false) = (&result, confirm.started) {
+            let _ = confirm.transport.send_control(&Control::Abort {
+                reason: format!(
+                    "the destination could not start the guest: {}",
+                    vmm_hooks::error_chain(e)
+                ),
+            });
+            confirm.transport.close();
+        }
+        result
     }
 }

@@ -148,6 +148,21 @@ pub fn save(
     }
 }
 
+/// Saves a VM whose vCPUs are already paused (their states `states`, as
+/// [`VcpuControl::pause`] returned them) to `path`. The vCPUs stay paused
+/// whatever happens: a migration in doubt must not resume its copy.
+pub(crate) fn save_paused(
+    vm: &LabVm,
+    vcpus: &VcpuControl<'_>,
+    states: Vec<VcpuState>,
+    path: &Path,
+) -> Result<SaveReport, SnapshotError> {
+    let t = Instant::now();
+    let mut r = write_file(vm, vcpus, states, path)?;
+    r.ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(r)
+}
+
 fn write_file(
     vm: &LabVm,
     vcpus: &VcpuControl<'_>,

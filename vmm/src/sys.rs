@@ -133,6 +133,26 @@ pub(crate) fn populated_pages(host: u64, pages: u64) -> std::io::Result<Vec<u64>
     Ok(out)
 }
 
+/// Drops the pages of `[host, host + len)` with `MADV_DONTNEED`: they hold
+/// no host memory afterwards and read as zeros.
+///
+/// # Safety
+///
+/// The range must lie inside a live private anonymous mapping whose
+/// contents the caller may throw away (guest RAM that is not running, or
+/// pages the guest gave up).
+pub(crate) unsafe fn discard(host: *mut u8, len: usize) -> std::io::Result<()> {
+    // SAFETY: the caller guarantees the range lies in a live private
+    // anonymous mapping whose contents may be dropped; MADV_DONTNEED then
+    // only replaces them with zero-fill-on-demand pages.
+    let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -306,39 +306,48 @@ impl VcpuControl<'_> {
         self.shared.pause.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
         let deadline = Instant::now() + timeout;
+        let mut kicked: Option<Instant> = None;
+        let mut st = lock(&self.shared.state);
         loop {
-            {
-                let st = lock(&self.shared.state);
-                if st.snapshots.iter().filter(|s| s.is_some()).count() == n {
-                    let mut out = Vec::with_capacity(n);
-                    for (i, s) in st.snapshots.iter().enumerate() {
-                        match s {
-                            Some(Ok(v)) => out.push(v.clone()),
-                            Some(Err(e)) => {
-                                return Err(VmmError::Config(format!(
-                                    "reading vCPU {i}'s state: {e}"
-                                )));
-                            }
-                            None => {}
+            if st.snapshots.iter().filter(|s| s.is_some()).count() == n {
+                let mut out = Vec::with_capacity(n);
+                for (i, s) in st.snapshots.iter().enumerate() {
+                    match s {
+                        Some(Ok(v)) => out.push(v.clone()),
+                        Some(Err(e)) => {
+                            return Err(VmmError::Config(format!("reading vCPU {i}'s state: {e}")));
                         }
+                        None => {}
                     }
-                    return Ok(out);
                 }
-                if st.outcome.is_some() || st.finished > 0 {
-                    return Err(VmmError::Config("the VM ended while pausing".into()));
-                }
+                return Ok(out);
             }
-            if Instant::now() >= deadline {
+            if st.outcome.is_some() || st.finished > 0 {
+                return Err(VmmError::Config("the VM ended while pausing".into()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(VmmError::Config(format!(
                     "vCPUs did not pause within {timeout:?}"
                 )));
             }
-            for t in self.threads.iter().filter(|t| !t.is_finished()) {
-                if let Err(e) = t.kill(sys::kick_signal()) {
-                    tracing::debug!("kicking a vCPU thread: {e}");
+            // Kick at once, then again every millisecond: a kick can land
+            // between a thread's flag check and KVM_RUN.
+            if kicked.is_none_or(|k| now.duration_since(k) >= Duration::from_millis(1)) {
+                for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                    if let Err(e) = t.kill(sys::kick_signal()) {
+                        tracing::debug!("kicking a vCPU thread: {e}");
+                    }
                 }
+                kicked = Some(now);
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Each vCPU notifies once it saved its state.
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, Duration::from_micros(250))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -379,6 +388,18 @@ pub struct LabVm {
     /// Set on a migration destination: the guest is past ready and its
     /// lab device continues from here.
     resumed: Option<LabDeviceState>,
+    /// Threads created ahead of [`run`](Self::run) to become the vCPU
+    /// threads (see [`prespawn_vcpu_threads`](Self::prespawn_vcpu_threads)).
+    prespawned: Vec<Prespawned>,
+}
+
+/// A thread waiting for the vCPU loop it is to run.
+#[derive(Debug)]
+struct Prespawned {
+    handle: JoinHandle<()>,
+    job: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    /// Its kernel thread id, known before it runs the loop.
+    tid: i32,
 }
 
 /// Memory slot of guest RAM.
@@ -433,6 +454,37 @@ impl LabVm {
         let devices = Arc::get_mut(&mut self.devices)
             .ok_or_else(|| VmmError::Config("the VM's devices are in use".into()))?;
         devices.restore_balloon(state, &self.mem, grace_ms)
+    }
+
+    /// Creates the vCPU threads now, idle until [`run`](Self::run) hands
+    /// them their vCPU: a migration destination does this while memory
+    /// arrives, so that starting the guest after the commit wakes sleeping
+    /// threads instead of waiting for new ones to be scheduled (which
+    /// takes milliseconds on a busy host). A VM dropped unrun ends them.
+    pub(crate) fn prespawn_vcpu_threads(&mut self) -> Result<(), VmmError> {
+        for i in self.prespawned.len()..self.vcpus.len() {
+            let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel::<i32>(1);
+            let handle = std::thread::Builder::new()
+                .name(format!("labvm-vcpu{i}"))
+                .spawn(move || {
+                    if tid_tx.send(sys::gettid()).is_ok()
+                        && let Ok(job) = rx.recv()
+                    {
+                        job();
+                    }
+                })
+                .map_err(VmmError::Thread)?;
+            let tid = tid_rx.recv().map_err(|_| {
+                VmmError::Thread(std::io::Error::other("a new vCPU thread ended at once"))
+            })?;
+            self.prespawned.push(Prespawned {
+                handle,
+                job: tx,
+                tid,
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn guest_memory_arc(&self) -> Arc<GuestMemoryMmap> {
@@ -537,6 +589,7 @@ impl LabVm {
             devices,
             host: host as u64,
             resumed: None,
+            prespawned: Vec::new(),
         })
     }
 
@@ -592,6 +645,7 @@ impl LabVm {
         if self.vcpus.is_empty() {
             return Err(VmmError::Config("this VM has already run".into()));
         }
+        tracing::trace!("run starts");
         sys::install_kick_handler()
             .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
         let n = self.vcpus.len();
@@ -616,13 +670,28 @@ impl LabVm {
             cv: Condvar::new(),
         });
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(n);
+        let mut prespawned = std::mem::take(&mut self.prespawned).into_iter();
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let thread_shared = Arc::clone(&shared);
             let mem = Arc::clone(&self.mem);
             let devices = Arc::clone(&self.devices);
-            let spawned = std::thread::Builder::new()
-                .name(format!("labvm-vcpu{i}"))
-                .spawn(move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices));
+            let job = move || vcpu_thread(i, vcpu, &thread_shared, &mem, &devices);
+            let spawned = match prespawned.next() {
+                Some(p) => match p.job.send(Box::new(job)) {
+                    Ok(()) => {
+                        // Known already: the controller need not wait for
+                        // this thread to be scheduled to say it.
+                        lock(&shared.state).tids[i] = p.tid;
+                        Ok(p.handle)
+                    }
+                    Err(std::sync::mpsc::SendError(job)) => std::thread::Builder::new()
+                        .name(format!("labvm-vcpu{i}"))
+                        .spawn(job),
+                },
+                None => std::thread::Builder::new()
+                    .name(format!("labvm-vcpu{i}"))
+                    .spawn(job),
+            };
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -631,6 +700,7 @@ impl LabVm {
                 }
             }
         }
+        tracing::trace!("vCPU threads handed their vCPUs");
         // Wait for every thread to report its id, then let the observer act.
         let tids = {
             let mut st = lock(&shared.state);
