@@ -23,8 +23,9 @@
 //!   `retrain_max_seconds`): it scores the served model and every baseline
 //!   on the latest held-out window of stored samples (`holdout_s`, the
 //!   next-hour task of `EVALUATION.md` on the 5-minute grid); when the model
-//!   is worse than the best baseline (or absent), it trains a candidate on
-//!   the samples before the window and installs it only if it beats both
+//!   is worse than the best baseline (or absent), it fine-tunes the served
+//!   model (or trains a fresh one when none is served) on the samples
+//!   before the window and installs it only if it beats both
 //!   the old model and the best baseline on the window. Installing keeps
 //!   the old file as `PATH.prev` (a rejected file goes to
 //!   `PATH.rejected`); the new file replaces `PATH` by rename, so a failed
@@ -654,6 +655,9 @@ pub struct RetrainOutcome {
     pub candidate_loss: Option<f64>,
     /// The installed model's id.
     pub installed: Option<String>,
+    /// The served model the candidate was fine-tuned from (`None`: trained
+    /// from scratch, or no candidate).
+    pub fine_tuned_from: Option<String>,
     /// Wall time, seconds.
     pub wall_s: f64,
     /// CPU time of the thread that ran it, seconds.
@@ -665,12 +669,15 @@ impl RetrainOutcome {
     pub fn summary(&self) -> String {
         let f = |x: Option<f64>| x.map_or_else(|| "-".into(), |v| format!("{v:.4}"));
         format!(
-            "{}: model {} vs best baseline {} ({}), candidate {}{}; {} samples, {} held-out decisions, {:.1} s wall, {:.1} s CPU",
+            "{}: model {} vs best baseline {} ({}), candidate {}{}{}; {} samples, {} held-out decisions, {:.1} s wall, {:.1} s CPU",
             self.decision.name(),
             f(self.model_loss),
             f(self.best_baseline.as_ref().map(|b| b.1)),
             self.best_baseline.as_ref().map_or("-", |b| b.0.as_str()),
             f(self.candidate_loss),
+            self.fine_tuned_from
+                .as_ref()
+                .map_or_else(String::new, |i| format!(" (fine-tuned from {i})")),
             self.installed
                 .as_ref()
                 .map_or_else(String::new, |i| format!(", installed {i}")),
@@ -783,6 +790,7 @@ pub fn retrain_once(
         best_baseline: None,
         candidate_loss: None,
         installed: None,
+        fine_tuned_from: None,
         wall_s: 0.0,
         cpu_s: 0.0,
     };
@@ -866,7 +874,7 @@ pub fn retrain_once(
     // calibration) sleep so that CPU time / wall time stays at the share.
     let share = c.retrain_cpu_share.clamp(0.05, 1.0);
     let mut last = thread_cpu_s();
-    let trained = models::train(std::slice::from_ref(&ds), &cfg, &mut |l| {
+    let mut progress = |l: &str| {
         tracing::debug!("retraining: {l}");
         if share < 1.0 {
             let used = thread_cpu_s() - last;
@@ -875,7 +883,29 @@ pub fn retrain_once(
             ));
             last = thread_cpu_s();
         }
-    });
+    };
+    // Fine-tune the served model where there is one (a private copy from
+    // its file: the served one stays free for the shaping loop); else
+    // train from scratch.
+    let start = old
+        .as_ref()
+        .and_then(|m| match LearnedForecaster::load(&m.path) {
+            Ok(f) => Some((m.id.clone(), f)),
+            Err(e) => {
+                tracing::warn!(
+                    "retraining from scratch: cannot reread the served model: {}",
+                    vmm_hooks::error_chain(&e)
+                );
+                None
+            }
+        });
+    let trained = match &start {
+        Some((id, f)) => {
+            out.fine_tuned_from = Some(id.clone());
+            models::fine_tune(std::slice::from_ref(&ds), &cfg, f, &mut progress)
+        }
+        None => models::train(std::slice::from_ref(&ds), &cfg, &mut progress),
+    };
     let candidate = match trained {
         Ok((m, _)) => m,
         Err(ModelsError::Training(why)) => {

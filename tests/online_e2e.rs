@@ -149,6 +149,9 @@ fn retraining_installs_a_better_model_keeps_the_previous_file_and_then_leaves_it
     let mut db = ProfileStore::open(&store, StorePolicy::default()).unwrap();
     let out = retrain_once(&online, &mut db, END_S * 1000 + 1).unwrap();
     assert_eq!(out.decision, Decision::Installed, "{}", out.summary());
+    // The served model was fine-tuned (its width kept), not replaced by a
+    // fresh network.
+    assert_eq!(out.fine_tuned_from.as_deref(), Some(old_id.as_str()));
     let (best_name, best) = out.best_baseline.clone().unwrap();
     let cand = out.candidate_loss.unwrap();
     assert!(
@@ -557,6 +560,8 @@ fn a_model_rejected_at_start_is_set_aside_not_kept_as_previous_when_a_new_one_is
     let out = retrain_once(&online, &mut db, END_S * 1000 + 1).unwrap();
     assert_eq!(out.decision, Decision::Installed, "{}", out.summary());
     assert_eq!(out.model_loss, None);
+    // Nothing to fine-tune: trained from scratch.
+    assert_eq!(out.fine_tuned_from, None);
     assert_eq!(std::fs::read(sibling(&model, "rejected")).unwrap(), foreign);
     assert!(!sibling(&model, "prev").exists());
     assert_eq!(

@@ -46,4 +46,4 @@ pub use trace::{
     Dataset, Grid, Metric, Part, STEP_S, Series, SplitSpec, Statics, load_trace, read_trace,
     slot_of, split_counts,
 };
-pub use train::{TrainConfig, TrainReport, train, train_on};
+pub use train::{TrainConfig, TrainReport, fine_tune, train, train_on};

@@ -411,6 +411,34 @@ pub fn train_on(
     offload: &Offload,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(LearnedForecaster, TrainReport)> {
+    train_from(datasets, cfg, offload, None, progress)
+}
+
+/// [`train`], starting from `from`'s weights instead of random ones (its
+/// hidden width wins over `cfg.hidden`): fine-tuning a served model on
+/// new samples. Calibration is fitted afresh.
+pub fn fine_tune(
+    datasets: &[Dataset],
+    cfg: &TrainConfig,
+    from: &LearnedForecaster,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(LearnedForecaster, TrainReport)> {
+    train_from(
+        datasets,
+        cfg,
+        &Offload::cpu_only("CPU training"),
+        Some(from),
+        progress,
+    )
+}
+
+fn train_from(
+    datasets: &[Dataset],
+    cfg: &TrainConfig,
+    offload: &Offload,
+    from: Option<&LearnedForecaster>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(LearnedForecaster, TrainReport)> {
     let t0 = Instant::now();
     let mut rng = Rng::new(cfg.seed);
     let mut train_ex = Examples::default();
@@ -476,7 +504,7 @@ pub fn train_on(
 
     let spec = NetSpec {
         inputs: N_FEATURES,
-        hidden: cfg.hidden,
+        hidden: from.map_or(cfg.hidden, |f| f.meta.net.hidden),
     };
     let base_device = offload.training_device(cfg.batch);
     progress(&format!(
@@ -497,6 +525,12 @@ pub fn train_on(
     // at once still draw from it in turn).
     device.seed(cfg.seed);
     let mut net = QuantileMlp::new(spec, &device);
+    if let Some(f) = from {
+        net = net
+            .try_load_record(f.home_net().clone().into_record())
+            .map_err(|e| ModelsError::Weights(format!("cannot start from the model: {e:?}")))?;
+        progress("starting from the given model's weights");
+    }
     let mut optim = AdamConfig::new().init();
     let mut order: Vec<usize> = (0..n).collect();
     let t1 = Instant::now();
@@ -767,4 +801,79 @@ fn calibration_factors(
     let a = group(false);
     let b = group(true);
     (a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{Metric, Series};
+
+    fn dataset(n: usize) -> Dataset {
+        let mut rng = Rng::new(3);
+        Dataset {
+            name: "synthetic".into(),
+            path: "synthetic".into(),
+            series: (0..n)
+                .map(|i| Series {
+                    id: format!("s{i}"),
+                    split_key: format!("s{i}"),
+                    statics: Statics::default(),
+                    metrics: vec![(Metric::CpuPct, synthetic_grid(&mut rng))],
+                })
+                .collect(),
+        }
+    }
+
+    /// Raw outputs of a model on the first rows of synthetic examples.
+    fn outputs(m: &LearnedForecaster) -> Vec<f64> {
+        let ex = synthetic_examples(32, 32, 5);
+        m.predict_raw(ex.x.clone(), &ex.scale)
+            .iter()
+            .flat_map(|q| q.0)
+            .collect()
+    }
+
+    #[test]
+    fn fine_tuning_starts_from_the_given_weights_and_moves_them() {
+        let ds = [dataset(6)];
+        let cfg = TrainConfig {
+            hidden: 8,
+            epochs: 1,
+            max_examples_per_dataset: 400,
+            threads: 1,
+            ..TrainConfig::default()
+        };
+        let (base, _) = train(&ds, &cfg, &mut |_| {}).unwrap();
+        let before = outputs(&base);
+        // A learning rate too small to move anything: the outputs are the
+        // starting model's (a fresh network's would be far off).
+        let still = TrainConfig {
+            lr: 1e-12,
+            hidden: 64,
+            ..cfg.clone()
+        };
+        let (same, _) = fine_tune(&ds, &still, &base, &mut |_| {}).unwrap();
+        assert_eq!(same.meta.net, base.meta.net, "the model's width wins");
+        let rel = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs() / x.abs().max(1e-6))
+                .fold(0.0f64, f64::max)
+        };
+        assert!(rel(&before, &outputs(&same)) < 1e-4);
+        let (fresh, _) = train(
+            &ds,
+            &TrainConfig {
+                lr: 1e-12,
+                seed: 9,
+                ..cfg.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(rel(&before, &outputs(&fresh)) > 1e-2);
+        // An ordinary learning rate moves the weights: gradients flow.
+        let (moved, _) = fine_tune(&ds, &cfg, &base, &mut |_| {}).unwrap();
+        assert!(rel(&before, &outputs(&moved)) > 1e-4);
+    }
 }
