@@ -758,15 +758,17 @@ mod tests {
             ..crate::ForecastConfig::default()
         };
         let rows = retrain_bench(dir.path(), 4, 30, &cfg).unwrap();
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
         for r in &rows {
             assert_eq!(r.outcome.samples, 4 * 30 * 12);
             assert!(r.outcome.holdout_cases > 0, "{r:?}");
             assert!(r.outcome.best_baseline.is_some(), "{r:?}");
             assert!(r.outcome.wall_s > 0.0 && r.outcome.cpu_s > 0.0, "{r:?}");
         }
-        // The first run had no model to score.
+        // The first run had no model to score; the last fine-tuned the
+        // untrained network it was given.
         assert_eq!(rows[0].outcome.model_loss, None);
+        assert!(rows[2].outcome.model_loss.is_some(), "{:?}", rows[2]);
         assert!(retrain_table(&rows).contains("| no model yet |"));
     }
 

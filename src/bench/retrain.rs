@@ -82,7 +82,8 @@ pub struct RetrainRow {
 
 /// Runs the retraining job on a store of `vms` VMs x `hours` hours of
 /// 5-minute samples in `dir`: once without a model (it trains), once more
-/// with whatever that installed (scoring only when the model holds up).
+/// with whatever that installed (scoring only when the model holds up),
+/// and once with an untrained network served (it fine-tunes it).
 /// The runs execute as the daemon's do: at the lowest CPU priority, on a
 /// one-thread rayon pool.
 pub fn retrain_bench(
@@ -106,11 +107,21 @@ pub fn retrain_bench(
         model: Some(model.clone()),
         ..config.clone()
     };
-    let online = Online::new(cfg, Some(&store), Arc::new(Metrics::new()));
+    let mut online = Online::new(cfg.clone(), Some(&store), Arc::new(Metrics::new()));
     let mut db = ProfileStore::open(&store, StorePolicy::default())?;
     let pool = one_thread_pool()?;
     let mut rows = Vec::new();
-    for case in ["no model yet", "after the first run"] {
+    for case in [
+        "no model yet",
+        "after the first run",
+        "an untrained network served",
+    ] {
+        if case.starts_with("an untrained") {
+            models::LearnedForecaster::untrained(cfg.retrain_hidden)
+                .save(&model)
+                .map_err(|e| BenchError::Io(vmm_hooks::error_chain(&e)))?;
+            online = Online::new(cfg.clone(), Some(&store), Arc::new(Metrics::new()));
+        }
         let outcome = pool
             .install(|| retrain_once(&online, &mut db, end_s * 1000))
             .map_err(|e| BenchError::Io(vmm_hooks::error_chain(&e)))?;
@@ -144,7 +155,11 @@ pub fn retrain_table(rows: &[RetrainRow]) -> String {
             r.case,
             o.samples,
             o.holdout_cases,
-            o.decision.name(),
+            if o.fine_tuned_from.is_some() {
+                format!("{} (fine-tuned)", o.decision.name())
+            } else {
+                o.decision.name().to_string()
+            },
             o.best_baseline.as_ref().map_or("-", |b| b.0.as_str()),
             f(o.best_baseline.as_ref().map(|b| b.1)),
             f(o.model_loss),
