@@ -992,6 +992,76 @@ mod tests {
         );
     }
 
+    fn sample(vm: &str, at: i64) -> Sample {
+        Sample {
+            vm_id: vm.into(),
+            metric: MEM_METRIC.into(),
+            at_unix_ms: at,
+            value: 1.0,
+            vcpus: None,
+            memory_mib: None,
+        }
+    }
+
+    #[test]
+    fn queued_samples_are_written_in_batches_and_flushed_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.db");
+        drop(ProfileStore::open(&store, StorePolicy::default()).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let o = Arc::new(Online::new(
+            ForecastConfig::default(),
+            Some(&store),
+            Arc::clone(&metrics),
+        ));
+        // Before the writer runs nothing is queued (no store to write to).
+        o.sample(sample("early", unix_ms_now()));
+        o.start(&store).unwrap();
+        let now = unix_ms_now();
+        for k in 0..5000 {
+            o.sample(sample("a", now - 5000 + k));
+        }
+        o.served(ServedForecast {
+            vm_id: "a".into(),
+            at_unix_ms: now,
+            metric: MEM_METRIC.into(),
+            forecaster: "baseline:ewma_sd".into(),
+            reason: "best baseline".into(),
+            quantiles: [1.0, 2.0, 3.0],
+        });
+        o.shutdown();
+        let db = ProfileStore::open(&store, StorePolicy::default()).unwrap();
+        assert_eq!(db.sample_rows().unwrap(), 5000);
+        assert_eq!(db.served_forecasts(None, 10).unwrap().len(), 1);
+        let text = metrics.render();
+        assert!(
+            text.contains("prescient_online_records_written_total 5001"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"prescient_forecasts_served_total{kind="baseline:ewma_sd"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let metrics = Arc::new(Metrics::new());
+        let o = Online::new(ForecastConfig::default(), None, Arc::clone(&metrics));
+        // A writer that never drains: the queue fills.
+        o.storing.store(true, Ordering::Relaxed);
+        for k in 0..QUEUE + 3 {
+            o.sample(sample("a", i64::try_from(k).unwrap()));
+        }
+        assert!(
+            metrics
+                .render()
+                .contains("prescient_online_records_dropped_total 3"),
+            "{}",
+            metrics.render()
+        );
+    }
+
     #[test]
     fn model_path_defaults_to_beside_the_store() {
         let c = ForecastConfig::default();
