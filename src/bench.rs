@@ -775,10 +775,16 @@ mod tests {
     #[test]
     fn load_bench_loses_no_event_at_a_small_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let r = load_bench(dir.path(), 20, 1, 2, None).unwrap();
+        let r = load_bench(dir.path(), 20, 1, 2, None, 10).unwrap();
         assert!(r.events_sent > 0);
         assert_eq!(r.retrain, None);
-        assert!(load_table(&r).contains("| off |"));
+        // The samples went into the same store as the boots.
+        let sent = r.samples_sent.unwrap();
+        assert!(sent >= 10, "{r:?}");
+        let db =
+            ProfileStore::open(&dir.path().join("load-store.db"), StorePolicy::default()).unwrap();
+        assert_eq!(db.sample_rows().unwrap(), sent);
+        assert!(load_table(&r).contains("| off | "));
         assert_eq!(r.failures, 0);
         assert_eq!(r.events_logged, r.events_sent);
         assert_eq!(r.boots_stored * 5, r.events_sent);
@@ -831,6 +837,8 @@ pub struct LoadResult {
     /// With a retraining job running beside the load: its runs completed
     /// and their CPU seconds.
     pub retrain: Option<(u64, f64)>,
+    /// With usage samples written beside the load: how many were queued.
+    pub samples_sent: Option<u64>,
 }
 
 /// Runs the load benchmark.
@@ -840,6 +848,7 @@ pub fn load_bench(
     seconds: u32,
     clients: u32,
     retrain: Option<(&Path, f64)>,
+    samples_per_s: u32,
 ) -> Result<LoadResult, BenchError> {
     use std::os::unix::net::UnixStream;
     use vmm_hooks::proto::{self, Message};
@@ -872,6 +881,42 @@ pub fn load_bench(
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     let serving = runtime.spawn(server.serve(rx));
+    // Usage samples through the daemon's sample writer into the same store
+    // file as the hook path's writes, one batch per second (as a shaping
+    // loop with a 1 s interval over samples_per_s / 2 VMs would queue).
+    let stop_samples = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = if samples_per_s > 0 {
+        let online = std::sync::Arc::new(crate::Online::samples_only(
+            crate::ForecastConfig::default(),
+            std::sync::Arc::new(crate::Metrics::new()),
+        ));
+        online
+            .start(&store)
+            .map_err(|e| BenchError::Io(vmm_hooks::error_chain(&e)))?;
+        let stop = std::sync::Arc::clone(&stop_samples);
+        Some(std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = crate::online::unix_ms_now();
+                for k in 0..samples_per_s {
+                    online.sample(crate::Sample {
+                        vm_id: format!("vm-{}", k / 2),
+                        metric: if k % 2 == 0 { "mem_mib" } else { "cpu_cores" }.into(),
+                        at_unix_ms: now,
+                        value: f64::from(k),
+                        vcpus: Some(2),
+                        memory_mib: Some(1024),
+                    });
+                }
+                sent += u64::from(samples_per_s);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            online.shutdown();
+            sent
+        }))
+    } else {
+        None
+    };
     // The daemon's retraining job (100 VMs x 14 days of samples, training
     // again and again at the lowest CPU priority) beside the hooks load.
     let stop_retrain = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -999,6 +1044,14 @@ pub fn load_bench(
     }
     let elapsed = start.elapsed().as_secs_f64();
     stop_retrain.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop_samples.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples_sent = match sampler {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| BenchError::Io("the sample thread panicked".into()))?,
+        ),
+        None => None,
+    };
     let retrain = match retraining {
         Some(h) => Some(
             h.join()
@@ -1038,15 +1091,16 @@ pub fn load_bench(
         not_admitted: admissions[1],
         reservations_left,
         retrain,
+        samples_sent,
     })
 }
 
 /// The load benchmark as a table.
 pub fn load_table(r: &LoadResult) -> String {
     format!(
-        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms | retraining runs (CPU s) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+        "| offered lifecycles/s | achieved/s | seconds | events sent (acked) | events logged | lost | boots stored | admitted | not admitted | left reserved | failures | p50 ms | p99 ms | p99.9 ms | max ms | retraining runs (CPU s) | samples stored |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |\n",
         r.offered_per_s,
         r.achieved_per_s,
         r.seconds,
@@ -1063,7 +1117,9 @@ pub fn load_table(r: &LoadResult) -> String {
         r.latency_ms[2],
         r.latency_ms[3],
         r.retrain
-            .map_or_else(|| "off".into(), |(n, c)| format!("{n} ({c:.1})"))
+            .map_or_else(|| "off".into(), |(n, c)| format!("{n} ({c:.1})")),
+        r.samples_sent
+            .map_or_else(|| "off".into(), |n| n.to_string())
     )
 }
 

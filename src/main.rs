@@ -440,6 +440,10 @@ struct LoadBenchArgs {
     /// The retraining job's CPU share ([forecast] retrain_cpu_share).
     #[arg(long, default_value_t = 0.25)]
     retrain_cpu_share: f64,
+    /// Usage samples per second queued through the daemon's sample writer
+    /// into the same store file as the hook path's writes (0: none).
+    #[arg(long, default_value_t = 0)]
+    samples_per_s: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -550,7 +554,14 @@ fn bench(cmd: BenchCommand) -> ExitCode {
             let retrain = a
                 .retrain
                 .then_some((retrain_dir.as_path(), a.retrain_cpu_share.clamp(0.05, 1.0)));
-            match bench::load_bench(&a.dir, a.rate, a.seconds, a.clients, retrain) {
+            match bench::load_bench(
+                &a.dir,
+                a.rate,
+                a.seconds,
+                a.clients,
+                retrain,
+                a.samples_per_s,
+            ) {
                 Ok(r) => {
                     println!("{}", bench::load_table(&r));
                     ExitCode::SUCCESS
