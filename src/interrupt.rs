@@ -331,6 +331,18 @@ pub fn decide_with(host: &HostView, vms: &[VmView], req: &Request, search: Searc
             Check::RestartOverflow(o) => restart_overflow = Some(o),
             Check::Short => {}
         }
+    } else {
+        // Greedy's order found no set: say why from the largest one (all
+        // candidates), and use it, pruned, when it does work.
+        match ctx.check(&cands) {
+            Check::Fits => {
+                let set = ctx.prune(cands.clone());
+                let key = ctx.key(&set);
+                best = Some((set, key, 0));
+            }
+            Check::RestartOverflow(o) => restart_overflow = Some(o),
+            Check::Short => {}
+        }
     }
     match best {
         Some((set, _, _)) => {
@@ -530,6 +542,13 @@ impl Ctx<'_> {
         if !matches!(self.check(&set), Check::Fits) {
             return None;
         }
+        Some(self.prune(set))
+    }
+
+    /// Drops victims (highest priority and disruption first) while the
+    /// rest still fits: no victim of the result can be spared.
+    fn prune(&self, mut set: Vec<usize>) -> Vec<usize> {
+        let vms = self.vms;
         let mut drop_order = set.clone();
         drop_order.sort_by(|&a, &b| {
             (vms[b].priority, vms[b].disruption).cmp(&(vms[a].priority, vms[a].disruption))
@@ -540,7 +559,7 @@ impl Ctx<'_> {
                 set = without;
             }
         }
-        Some(set)
+        set
     }
 }
 
