@@ -22,6 +22,14 @@ use vmm_hooks::{Event, EventKind, HookReply, LifecycleHook, RunStatus, VmIdentit
 fn labvm_bin(test: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_BIN_EXE_prescient")).with_file_name("labvm");
     if p.exists() {
+        // `cargo test -p prescient` does not rebuild it: a binary older
+        // than this test's flags is a setup error, said plainly.
+        let help = Command::new(&p).arg("--help").output().unwrap();
+        assert!(
+            text(&help.stdout).contains("--migrate-transport"),
+            "{test}: {} is older than this test (run cargo build -p labvm, or cargo test --workspace)",
+            p.display()
+        );
         return Some(p);
     }
     assert!(
