@@ -467,51 +467,23 @@ async fn handle_connection(
                 };
                 record(state, config, &peer, event)
             }
-            Message::UndrainRequest => {
-                if let Some(m) = config.migration.as_ref() {
-                    m.undrain();
-                }
-                let status = {
-                    let st = state
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    status_of(&st, config)
+            // Operator requests: answered with the status, connection kept.
+            msg @ (Message::UndrainRequest
+            | Message::DrainRequest { .. }
+            | Message::StatusRequest) => {
+                let name = msg.type_name();
+                let answer = match msg {
+                    Message::DrainRequest { to } => drain(state, config, &to),
+                    Message::UndrainRequest => {
+                        if let Some(m) = config.migration.as_ref() {
+                            m.undrain();
+                        }
+                        status_message(state, config)
+                    }
+                    _ => status_message(state, config),
                 };
-                let msg = match serde_json::to_value(&status) {
-                    Ok(status) => Message::Status { status },
-                    Err(e) => Message::Error {
-                        message: format!("cannot encode the status: {e}"),
-                    },
-                };
-                if let Err(e) = send(&mut stream, &msg).await {
-                    tracing::debug!("cannot answer an undrain request: {e}");
-                    return;
-                }
-                continue;
-            }
-            Message::DrainRequest { to } => {
-                let msg = drain(state, config, &to);
-                if let Err(e) = send(&mut stream, &msg).await {
-                    tracing::debug!("cannot answer a drain request: {e}");
-                    return;
-                }
-                continue;
-            }
-            Message::StatusRequest => {
-                let status = {
-                    let st = state
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    status_of(&st, config)
-                };
-                let msg = match serde_json::to_value(&status) {
-                    Ok(status) => Message::Status { status },
-                    Err(e) => Message::Error {
-                        message: format!("cannot encode the status: {e}"),
-                    },
-                };
-                if let Err(e) = send(&mut stream, &msg).await {
-                    tracing::debug!("cannot answer a status request: {e}");
+                if let Err(e) = send(&mut stream, &answer).await {
+                    tracing::debug!("cannot answer a {name} message: {e}");
                     return;
                 }
                 continue;
@@ -626,10 +598,18 @@ fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message 
         st.vms.keys().cloned().collect()
     };
     mover.drain(to, &known);
-    let st = state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match serde_json::to_value(status_of(&st, config)) {
+    status_message(state, config)
+}
+
+/// The daemon's status as a message (or an error saying why not).
+fn status_message(state: &Mutex<State>, config: &ServerConfig) -> Message {
+    let status = {
+        let st = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        status_of(&st, config)
+    };
+    match serde_json::to_value(&status) {
         Ok(status) => Message::Status { status },
         Err(e) => Message::Error {
             message: format!("cannot encode the status: {e}"),
