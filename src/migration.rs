@@ -39,7 +39,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{Event, EventKind, HookReply, MigrateOutcome, MigratePhase, RunStatus};
@@ -317,20 +317,16 @@ pub fn downtime_budget(dirty_pps: Option<f64>, c: &MigrationConfig) -> Budget {
     }
 }
 
-/// The `q` quantile of `samples` (nearest rank; `None` when empty).
+/// The `q` quantile of the finite `samples` (the empirical quantile of the
+/// previous-window forecaster, [`models::empirical_quantile`]; `None` when
+/// there are none).
 pub fn quantile(samples: impl IntoIterator<Item = f64>, q: f64) -> Option<f64> {
     let mut v: Vec<f64> = samples.into_iter().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
     }
     v.sort_by(f64::total_cmp);
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let rank = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v.get(rank - 1).copied()
+    Some(models::empirical_quantile(&v, q.clamp(0.0, 1.0)))
 }
 
 /// A VM that could move, as the overload check sees it.
@@ -533,13 +529,6 @@ pub fn request_slot(
             reason: e.unwrap_or_else(|| "no reason given".into()),
         }),
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl Mover {
@@ -785,7 +774,7 @@ impl Mover {
                     error: (!movable).then(|| {
                         "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)".to_string()
                     }),
-                    started_unix_ms: unix_ms(),
+                    started_unix_ms: crate::server::unix_ms(),
                 };
                 st.moves.insert(vm.clone(), rec);
                 if let (true, Some(req)) = (movable, req) {
@@ -901,7 +890,7 @@ impl Mover {
                     budget: None,
                     outcome: None,
                     error: None,
-                    started_unix_ms: unix_ms(),
+                    started_unix_ms: crate::server::unix_ms(),
                 },
             );
             (destination, req, cands.len())

@@ -1178,7 +1178,8 @@ fn plan_for(store: Option<&ProfileStore>, key: &ProfileKey) -> BootPlan {
     })
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock time now, milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_hooks::{LibvirtDomain, LibvirtHookCall, error_chain};
@@ -453,7 +453,7 @@ impl Worker {
         tracing::error!(vm, "libvirt domain: {error}");
         self.write(&AgentRecord::Failed {
             vm: vm.to_string(),
-            at_unix_ms: unix_ms(),
+            at_unix_ms: crate::server::unix_ms(),
             error: error.to_string(),
         });
     }
@@ -587,7 +587,7 @@ fn act(
     }
     AgentRecord::Acted {
         vm,
-        at_unix_ms: unix_ms(),
+        at_unix_ms: crate::server::unix_ms(),
         qemu_pid: pid,
         vcpus,
         balloon_target_kib: target.filter(|_| balloon_error.is_none()),
@@ -675,7 +675,7 @@ fn sample(
     );
     Some(AgentRecord::Usage {
         vm: vm.to_string(),
-        at_unix_ms: unix_ms(),
+        at_unix_ms: crate::server::unix_ms(),
         qemu_pid: pid,
         cpu_ms,
         rss_kib,
@@ -683,13 +683,6 @@ fn sample(
         gpu_mem_mib,
         gpu_sm_util_pct,
     })
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
