@@ -462,7 +462,51 @@ struct MoverState {
     tracks: HashMap<String, Track>,
     moves: BTreeMap<String, MoveRecord>,
     last_auto: Option<Instant>,
+    /// When the overload check last ran (it runs on the hook path, so at
+    /// most every [`OVERLOAD_CHECK_EVERY`], not on every status event).
+    last_check: Option<Instant>,
     next_destination: usize,
+}
+
+/// Least time between two overload checks.
+const OVERLOAD_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl MoverState {
+    /// The next of `destinations` in turn (not empty).
+    fn next_destination(&mut self, destinations: &[String]) -> String {
+        let d = destinations[self.next_destination % destinations.len()].clone();
+        self.next_destination = self.next_destination.wrapping_add(1);
+        d
+    }
+}
+
+impl Track {
+    /// The slot request for this VM.
+    fn slot_request(&self, vm: &str) -> SlotRequest {
+        SlotRequest {
+            version: SLOT_VERSION,
+            vm_id: vm.to_string(),
+            ram_mib: self.ram_mib,
+            vcpus: self.vcpus.max(1),
+        }
+    }
+}
+
+impl MoveRecord {
+    /// A move of `vm` that begins now.
+    fn begin(vm: &str, reason: String, destination: String, state: MoveState) -> Self {
+        MoveRecord {
+            vm: vm.to_string(),
+            reason,
+            destination,
+            state,
+            addr: None,
+            budget: None,
+            outcome: None,
+            error: None,
+            started_unix_ms: crate::server::unix_ms(),
+        }
+    }
 }
 
 /// Decides and follows moves; one per companion.
@@ -746,36 +790,17 @@ impl Mover {
                 }
                 let track = st.tracks.get(&vm);
                 let movable = track.is_some_and(|t| t.movable);
-                let req = track.map(|t| SlotRequest {
-                    version: SLOT_VERSION,
-                    vm_id: vm.clone(),
-                    ram_mib: t.ram_mib,
-                    vcpus: t.vcpus.max(1),
-                });
-                let destination = if movable {
-                    let d = destinations[st.next_destination % destinations.len()].clone();
-                    st.next_destination = st.next_destination.wrapping_add(1);
-                    d
+                let req = track.map(|t| t.slot_request(&vm));
+                let rec = if movable {
+                    let destination = st.next_destination(destinations);
+                    MoveRecord::begin(&vm, "drain".into(), destination, MoveState::Requesting)
                 } else {
-                    String::new()
+                    MoveRecord {
+                        error: Some("its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)".into()),
+                        ..MoveRecord::begin(&vm, "drain".into(), String::new(), MoveState::Unsupported)
+                    }
                 };
-                let rec = MoveRecord {
-                    vm: vm.clone(),
-                    reason: "drain".into(),
-                    destination: destination.clone(),
-                    state: if movable {
-                        MoveState::Requesting
-                    } else {
-                        MoveState::Unsupported
-                    },
-                    addr: None,
-                    budget: None,
-                    outcome: None,
-                    error: (!movable).then(|| {
-                        "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)".to_string()
-                    }),
-                    started_unix_ms: crate::server::unix_ms(),
-                };
+                let destination = rec.destination.clone();
                 st.moves.insert(vm.clone(), rec);
                 if let (true, Some(req)) = (movable, req) {
                     started.push((destination, req));
@@ -826,8 +851,9 @@ impl Mover {
         }
     }
 
-    /// The overload check (at most once a cooldown, only with
-    /// destinations configured and nothing else moving).
+    /// The overload check: only with destinations configured, at most
+    /// every [`OVERLOAD_CHECK_EVERY`], a move at most once a cooldown and
+    /// only while nothing else moves.
     fn maybe_auto(self: &Arc<Self>) {
         if self.config.destinations.is_empty() {
             return;
@@ -838,6 +864,13 @@ impl Mover {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (destination, req, cands_len) = {
             let mut st = self.lock();
+            if st
+                .last_check
+                .is_some_and(|t| t.elapsed() < OVERLOAD_CHECK_EVERY)
+            {
+                return;
+            }
+            st.last_check = Some(Instant::now());
             if st.moves.values().any(|m| !m.state.is_final()) {
                 return;
             }
@@ -864,34 +897,18 @@ impl Mover {
             let Some(t) = st.tracks.get(&vm) else {
                 return;
             };
-            let req = SlotRequest {
-                version: SLOT_VERSION,
-                vm_id: vm.clone(),
-                ram_mib: t.ram_mib,
-                vcpus: t.vcpus.max(1),
-            };
-            let dests = &self.config.destinations;
-            let destination = dests[st.next_destination % dests.len()].clone();
-            st.next_destination = st.next_destination.wrapping_add(1);
+            let req = t.slot_request(&vm);
+            let destination = st.next_destination(&self.config.destinations);
             st.last_auto = Some(Instant::now());
             let forecast: f64 = cands.iter().map(|c| c.resident_mib).sum();
+            let reason = format!(
+                "predicted overload: {forecast:.0} MiB forecast (p{:.0}) over {:.0}% of {capacity:.0} MiB",
+                q * 100.0,
+                self.config.overload_share * 100.0
+            );
             st.moves.insert(
                 vm.clone(),
-                MoveRecord {
-                    vm: vm.clone(),
-                    reason: format!(
-                        "predicted overload: {forecast:.0} MiB forecast (p{:.0}) over {:.0}% of {capacity:.0} MiB",
-                        q * 100.0,
-                        self.config.overload_share * 100.0
-                    ),
-                    destination: destination.clone(),
-                    state: MoveState::Requesting,
-                    addr: None,
-                    budget: None,
-                    outcome: None,
-                    error: None,
-                    started_unix_ms: crate::server::unix_ms(),
-                },
+                MoveRecord::begin(&vm, reason, destination.clone(), MoveState::Requesting),
             );
             (destination, req, cands.len())
         };
