@@ -63,8 +63,11 @@ pub struct HookReporter<'a> {
 #[derive(Debug)]
 struct RunPoll {
     every: Duration,
+    /// The last `poll` sent, or (with a balloon) the last refresh of
+    /// `status`.
     last: Option<Instant>,
     dirty: DirtySampler,
+    /// With a balloon: the run status its balloon events carry.
     status: Option<RunStatus>,
 }
 
@@ -241,22 +244,25 @@ impl<'a> HookReporter<'a> {
         };
         let now = Instant::now();
         poll.dirty.step(vm, ready, now);
+        // Once a poll interval: a `poll` event once the guest is ready, or,
+        // with a balloon, the status its next balloon event carries.
+        let due = poll
+            .last
+            .is_none_or(|at| now.saturating_duration_since(at) >= poll.every);
+        if !due || !(ready || has_balloon) {
+            return;
+        }
+        poll.last = Some(now);
         let status = RunStatus {
             ram_mib: vm.config().ram_mib,
             resident_mib: crate::sys::process_rss_bytes().unwrap_or(0) >> 20,
             dirty_pages_per_s: poll.dirty.rate,
             migratable: true,
         };
-        poll.status = Some(status.clone());
-        if has_balloon
-            || !ready
-            || poll
-                .last
-                .is_some_and(|at| now.saturating_duration_since(at) < poll.every)
-        {
+        if has_balloon {
+            poll.status = Some(status);
             return;
         }
-        poll.last = Some(now);
         let reply = self.send(EventKind::Poll(status));
         self.obey(reply);
     }
