@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use labvm::testing::kvm_or_skip;
+use labvm::testing::{Heartbeats, Nothing, RunOnAfter, kvm_or_skip};
 use labvm::{
     LabVm, LabVmConfig, MigrateError, MigrationOptions, MigrationSource, RunObserver, StopReason,
     VcpuControl, Workload, receive,
@@ -36,43 +36,6 @@ fn memory(vm: &LabVm) -> Vec<u8> {
     m
 }
 
-/// Stops the VM once it has received `more` heartbeats beyond those seen
-/// when the wrapped migration ended (or at once after moving away).
-struct RunOnAfter<'a> {
-    mig: MigrationSource<'a>,
-    more: u64,
-    stop_at: Option<u64>,
-}
-
-impl RunObserver for RunOnAfter<'_> {
-    fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        if self.mig.tick(vm, vcpus) {
-            return true;
-        }
-        if let Some(r) = &self.mig.report
-            && self.stop_at.is_none()
-        {
-            self.stop_at = Some(r.heartbeats_at_end + self.more);
-        }
-        self.stop_at.is_some_and(|at| vcpus.heartbeats() >= at)
-    }
-}
-
-struct Nothing;
-impl RunObserver for Nothing {}
-
-/// Stops after `n` more heartbeats than at the first tick.
-struct Heartbeats {
-    n: u64,
-    from: Option<u64>,
-}
-impl RunObserver for Heartbeats {
-    fn tick(&mut self, _vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        let from = *self.from.get_or_insert(vcpus.heartbeats());
-        vcpus.heartbeats() >= from + self.n
-    }
-}
-
 fn options(to: String) -> MigrationOptions {
     let mut o = MigrationOptions::new(to);
     o.after = Duration::from_millis(300);
@@ -92,16 +55,12 @@ fn hw_kvm_migrate_dirty_guest_keeps_counting_and_every_page_matches() {
         let mut inc = receive(listener, Duration::from_secs(20)).unwrap();
         let at_switch = memory(&inc.vm);
         let switch_counter = inc.report.counter;
-        let report = inc.run(&mut Heartbeats { n: 10, from: None }).unwrap();
+        let report = inc.run(&mut Heartbeats::new(10)).unwrap();
         (at_switch, switch_counter, report)
     });
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(options(to), &mut nothing),
-        more: 1_000_000,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(options(to), &mut nothing), 1_000_000);
     let src_report = vm.run(&mut obs).unwrap();
     let mig = obs.mig.report.clone().unwrap();
     assert_eq!(mig.error, None);
@@ -166,11 +125,7 @@ fn hw_kvm_migrate_destination_gone_mid_stream_leaves_source_running() {
     });
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(options(to), &mut nothing),
-        more: 10,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(options(to), &mut nothing), 10);
     let report = vm.run(&mut obs).unwrap();
     dest.join().unwrap();
     let mig = obs.mig.report.clone().unwrap();
@@ -247,11 +202,7 @@ fn hw_kvm_migrate_corrupted_bulk_byte_aborts_both_sides_and_source_runs_on() {
     let to = corrupting_proxy(real, 300_000);
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(options(to), &mut nothing),
-        more: 10,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(options(to), &mut nothing), 10);
     let report = vm.run(&mut obs).unwrap();
     dest.join().unwrap();
     let mig = obs.mig.report.clone().unwrap();
@@ -340,17 +291,13 @@ fn hw_kvm_migrate_two_vcpus_parked_one_stays_parked_and_counter_continues() {
     let to = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || {
         let mut inc = receive(listener, Duration::from_secs(20)).unwrap();
-        inc.run(&mut Heartbeats { n: 5, from: None }).unwrap()
+        inc.run(&mut Heartbeats::new(5)).unwrap()
     });
     let mut config = dirty_config();
     config.vcpus = 2;
     let mut vm = LabVm::create(config, Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(options(to), &mut nothing),
-        more: 1_000_000,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(options(to), &mut nothing), 1_000_000);
     let src = vm.run(&mut obs).unwrap();
     assert_eq!(obs.mig.report.clone().unwrap().error, None);
     let dst = dest.join().unwrap();
@@ -462,7 +409,7 @@ fn migrate_through(
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let real = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || match receive(listener, dest_timeout) {
-        Ok(mut inc) => Ok(inc.run(&mut Heartbeats { n: 10, from: None }).unwrap()),
+        Ok(mut inc) => Ok(inc.run(&mut Heartbeats::new(10)).unwrap()),
         Err(e) => Err(vmm_hooks_chain(&e)),
     });
     let to = control_proxy(real, kind, fault);
@@ -470,11 +417,7 @@ fn migrate_through(
     let mut nothing = Nothing;
     let mut opts = options(to);
     opts.in_doubt_save = Some(in_doubt.to_path_buf());
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(opts, &mut nothing),
-        more: 10,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(opts, &mut nothing), 10);
     let src = vm.run(&mut obs).unwrap();
     let mig = obs.mig.report.clone().unwrap();
     (src, mig, dest.join().unwrap())
@@ -518,10 +461,7 @@ fn hw_kvm_migrate_go_lost_source_saves_in_doubt_and_destination_discards() {
     // ...and it is not lost: the saved VM restores and counts on.
     let mut restored = labvm::restore_from_file(&file).unwrap();
     assert_eq!(restored.counter, mig.counter);
-    let run = restored
-        .vm
-        .run(&mut Heartbeats { n: 5, from: None })
-        .unwrap();
+    let run = restored.vm.run(&mut Heartbeats::new(5)).unwrap();
     assert!(run.counter.unwrap() > mig.counter.unwrap());
 }
 

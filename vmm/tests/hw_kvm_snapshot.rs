@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use labvm::testing::kvm_or_skip;
+use labvm::testing::{Heartbeats, kvm_or_skip};
 use labvm::{
     BalloonConfig, LabVm, LabVmConfig, RunObserver, SaveReport, SnapshotError, StopReason,
     VcpuControl, Workload, restore_from_file, save_to_file,
@@ -41,19 +41,6 @@ impl RunObserver for SaveAfter<'_> {
         }
         self.report = Some(save_to_file(vm, vcpus, self.path, Duration::from_secs(20)).unwrap());
         true
-    }
-}
-
-/// Stops after `n` more heartbeats than at the first tick.
-struct Heartbeats {
-    n: u64,
-    from: Option<u64>,
-}
-
-impl RunObserver for Heartbeats {
-    fn tick(&mut self, _vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        let from = *self.from.get_or_insert(vcpus.heartbeats());
-        vcpus.heartbeats() >= from + self.n
     }
 }
 
@@ -94,7 +81,7 @@ fn hw_kvm_saved_dirty_guest_restores_and_keeps_counting() {
     assert!(memory(&vm2) == at_save, "memory differs after restore");
     // The balloon came back with its target.
     assert_eq!(vm2.balloon().unwrap().target_mib(), 8);
-    let dst = vm2.run(&mut Heartbeats { n: 10, from: None }).unwrap();
+    let dst = vm2.run(&mut Heartbeats::new(10)).unwrap();
     assert_eq!(dst.stop, StopReason::Stopped);
     // The counter continued from the saved value, and heartbeats carried on.
     assert!(dst.counter.unwrap() > saved.counter.unwrap(), "{dst:?}");

@@ -7,10 +7,9 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use labvm::testing::kvm_or_skip;
+use labvm::testing::{Nothing, RunOnAfter, kvm_or_skip};
 use labvm::{
-    LabVm, LabVmConfig, MigrationOptions, MigrationSource, RunObserver, StopReason, TransportKind,
-    VcpuControl, Workload,
+    LabVm, LabVmConfig, MigrationOptions, MigrationSource, StopReason, TransportKind, Workload,
 };
 
 fn dirty_config() -> LabVmConfig {
@@ -22,30 +21,6 @@ fn dirty_config() -> LabVmConfig {
             heartbeat_ms: 20,
         },
     )
-}
-
-struct Nothing;
-impl RunObserver for Nothing {}
-
-/// Runs the source until `more` heartbeats after its migration ended.
-struct RunOnAfter<'a> {
-    mig: MigrationSource<'a>,
-    more: u64,
-    stop_at: Option<u64>,
-}
-
-impl RunObserver for RunOnAfter<'_> {
-    fn tick(&mut self, vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        if self.mig.tick(vm, vcpus) {
-            return true;
-        }
-        if let Some(r) = &self.mig.report
-            && self.stop_at.is_none()
-        {
-            self.stop_at = Some(r.heartbeats_at_end + self.more);
-        }
-        self.stop_at.is_some_and(|at| vcpus.heartbeats() >= at)
-    }
 }
 
 fn rdma_options(to: String) -> MigrationOptions {
@@ -86,11 +61,7 @@ fn hw_kvm_migrate_over_rdma_where_it_cannot_says_why_and_the_guest_runs_on() {
         .to_string();
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(rdma_options(to), &mut nothing),
-        more: 10,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(MigrationSource::new(rdma_options(to), &mut nothing), 10);
     let report = vm.run(&mut obs).unwrap();
     let mig = obs.mig.report.clone().unwrap();
     let error = mig.error.clone().unwrap();
@@ -130,17 +101,16 @@ fn hw_rdma_migrate_dirty_guest_every_page_matches_and_counter_continues() {
         let mut inc = labvm::receive(listener, Duration::from_secs(20)).unwrap();
         let at_switch = memory(&inc.vm);
         let switch_counter = inc.report.counter;
-        let mut stop = RunUntil { n: 10, from: None };
+        let mut stop = labvm::testing::Heartbeats::new(10);
         let report = inc.run(&mut stop).unwrap();
         (at_switch, switch_counter, report)
     });
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter {
-        mig: MigrationSource::new(rdma_options(to), &mut nothing),
-        more: 1_000_000,
-        stop_at: None,
-    };
+    let mut obs = RunOnAfter::new(
+        MigrationSource::new(rdma_options(to), &mut nothing),
+        1_000_000,
+    );
     let src_report = vm.run(&mut obs).unwrap();
     let mig = obs.mig.report.clone().unwrap();
     assert_eq!(mig.error, None);
@@ -155,19 +125,4 @@ fn hw_rdma_migrate_dirty_guest_every_page_matches_and_counter_continues() {
     );
     assert_eq!(dst_counter, src_report.counter);
     assert!(dst_report.counter.unwrap() > src_report.counter.unwrap());
-}
-
-/// Stops after `n` more heartbeats than at the first tick.
-#[cfg(feature = "rdma")]
-struct RunUntil {
-    n: u64,
-    from: Option<u64>,
-}
-
-#[cfg(feature = "rdma")]
-impl RunObserver for RunUntil {
-    fn tick(&mut self, _vm: &LabVm, vcpus: &VcpuControl<'_>) -> bool {
-        let from = *self.from.get_or_insert(vcpus.heartbeats());
-        vcpus.heartbeats() >= from + self.n
-    }
 }
