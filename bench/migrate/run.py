@@ -125,9 +125,12 @@ def labvm_run(args, work):
         "downtime_ms": m["downtime_ms"],
         "downtime_sent_ms": m["downtime_sent_ms"],
         "bytes": m["bytes"],
+        "round_pages": m.get("round_pages", []),
         "rounds": m["rounds"],
         "bandwidth_mb_s": m["bandwidth_mb_s"],
         "phases": m.get("phases", {}),
+        "setup": m.get("setup", {}),
+        "round_ms": m.get("round_ms", []),
     }
 
 
@@ -289,6 +292,18 @@ def main():
             print(f"{i:3} {p['pause_ms']:.2f}, {p['dirty_log_ms']:.2f}, {p['send_ms']:.2f}, "
                   f"{p['vcpu_ms']:.2f}, {p['device_ms']:.2f}, {p['flush_ms']:.2f} | "
                   f"{p['load_ms']:.2f}, {p['commit_ms']:.2f}; {p['pages']}")
+    print("labvm total by step (ms): connect and destination VM built, dirty logging on, populated-page scan |"
+          " each pre-copy round (pages sent) | downtime | the rest (dirty-log reads between rounds, teardown)")
+    for i, run in enumerate(runs, 1):
+        r = run["results"].get("labvm")
+        if r and r.get("setup"):
+            su = r["setup"]
+            rounds = r["round_ms"]
+            pages = r.get("round_pages", [])
+            rest = r["total_ms"] - su["connect_ms"] - su["dirty_log_ms"] - su["scan_ms"] - sum(rounds) - r["downtime_ms"]
+            steps = ", ".join(f"{ms:.1f} ({p})" for ms, p in zip(rounds, pages))
+            print(f"{i:3} {su['connect_ms']:.1f}, {su['dirty_log_ms']:.1f}, {su['scan_ms']:.1f} | {steps} | "
+                  f"{r['downtime_ms']:.1f} | {rest:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs}, f, indent=2)

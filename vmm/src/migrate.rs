@@ -200,6 +200,11 @@ pub struct MigrationReport {
     pub in_doubt: Option<InDoubt>,
     /// Where the downtime went (source only).
     pub phases: DowntimePhases,
+    /// What came before the first page was sent (source only).
+    pub setup: SetupPhases,
+    /// How long each pre-copy round took to send and be acknowledged, ms
+    /// (source only; stop-and-copy is in [`phases`](Self::phases)).
+    pub round_ms: Vec<f64>,
     /// Source: when the vCPUs were asked to pause, in µs since the Unix
     /// epoch (wall clock, so that two processes on one host compare).
     pub paused_unix_us: Option<u64>,
@@ -240,6 +245,18 @@ pub struct DowntimePhases {
     pub load_ms: f64,
     /// `Go` to `Running`: the destination starts the vCPUs.
     pub commit_ms: f64,
+}
+
+/// The steps before pre-copy's first page, in ms (source side).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SetupPhases {
+    /// Connecting, `Hello`, the bulk connections, and the destination
+    /// building the VM until its `Accept`.
+    pub connect_ms: f64,
+    /// Turning KVM's dirty logging on for guest RAM.
+    pub dirty_log_ms: f64,
+    /// Finding the populated pages (`/proc/self/pagemap`).
+    pub scan_ms: f64,
 }
 
 /// Milliseconds since `*t`, and moves `*t` to now.
@@ -712,12 +729,16 @@ fn migrate(
     opts: &MigrationOptions,
     report: &mut MigrationReport,
 ) -> Ended {
+    let mut t = Instant::now();
     let mut tr = match connect(vm, opts) {
         Ok(tr) => tr,
         Err(e) => return Ended::Failed(e),
     };
+    report.setup.connect_ms = lap(&mut t);
     tracing::debug!("destination accepted the VM");
-    let ended = match vm.set_dirty_logging(true) {
+    let logging = vm.set_dirty_logging(true);
+    report.setup.dirty_log_ms = lap(&mut t);
+    let ended = match logging {
         Ok(()) => precopy_and_switch(vm, vcpus, opts, tr.as_mut(), report),
         Err(e) => Ended::Failed(e.into()),
     };
@@ -883,8 +904,8 @@ fn precopy(
     let mem = vm.memory();
     let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
     // Clear what was logged before this point: everything is sent in round 0.
+    let scan = Instant::now();
     vm.take_dirty_log()?;
-    let t = Instant::now();
     // Pages never populated read as zeros: skip them without faulting them in.
     let populated = match vm.populated_pages() {
         Ok(p) => p,
@@ -893,6 +914,8 @@ fn precopy(
             vec![u64::MAX; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)]
         }
     };
+    report.setup.scan_ms = scan.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
     let untouched = ram_pages
         - populated
             .iter()
@@ -909,6 +932,7 @@ fn precopy(
         report,
     )?;
     round(tr, 0, frames, false)?;
+    report.round_ms.push(t.elapsed().as_secs_f64() * 1e3);
     let mut bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
     tracing::debug!(
         bytes,
@@ -945,6 +969,7 @@ fn precopy(
         let t = Instant::now();
         let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), false, sent, report)?;
         round(tr, n, frames, false)?;
+        report.round_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if bytes > 1 << 20 {
             bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
         }
