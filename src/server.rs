@@ -597,7 +597,10 @@ fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message 
             };
         }
     };
-    let (known, recorded) = {
+    {
+        // The store write and the drain's start under one lock (the hook
+        // path takes it, then the mover's, too), so that an undrain cannot
+        // fall between them.
         let st = state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -623,9 +626,9 @@ fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message 
                 }
             },
         };
-        (st.vms.keys().cloned().collect::<Vec<String>>(), recorded)
-    };
-    mover.drain(&record, recorded, &known);
+        let known: Vec<String> = st.vms.keys().cloned().collect();
+        mover.drain(&record, recorded, &known);
+    }
     status_message(state, config)
 }
 
@@ -648,9 +651,9 @@ fn undrain(state: &Mutex<State>, config: &ServerConfig) -> Message {
             tracing::error!("undrain: {message}");
             return Message::Error { message };
         }
-    }
-    if let Some(m) = config.migration.as_ref() {
-        m.undrain();
+        if let Some(m) = config.migration.as_ref() {
+            m.undrain();
+        }
     }
     status_message(state, config)
 }
