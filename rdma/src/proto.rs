@@ -484,6 +484,47 @@ pub enum FrameRef<'a> {
     },
 }
 
+/// The receive path that reads a `pages` frame's data straight into place
+/// (the bulk connections of the TCP transport): after `header`, the first
+/// 8 payload bytes give the address, checked here before any data is
+/// read. The data follows (`header.payload_len() - 8` bytes); feed it to
+/// the returned hasher and hand that to [`finish_pages`].
+pub fn start_pages(
+    header: Header,
+    gpa: [u8; 8],
+) -> Result<(u64, usize, crc32fast::Hasher), ProtocolError> {
+    if header.kind != KIND_PAGES {
+        return Err(ProtocolError::Kind(header.kind));
+    }
+    let addr = u64::from_le_bytes(gpa);
+    if !addr.is_multiple_of(PAGE_SIZE) {
+        return Err(ProtocolError::Unaligned(addr));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&gpa);
+    // decode_header allowed only lengths of 8 + whole pages.
+    Ok((addr, header.payload_len() - 8, crc))
+}
+
+/// Compares the checksum of a `pages` frame read with [`start_pages`].
+pub fn finish_pages(header: Header, crc: crc32fast::Hasher) -> Result<(), ProtocolError> {
+    let got = crc.finalize();
+    if got != header.crc {
+        return Err(ProtocolError::Checksum {
+            got,
+            want: header.crc,
+        });
+    }
+    Ok(())
+}
+
+impl Header {
+    /// Whether this is a `pages` frame (see [`start_pages`]).
+    pub fn is_pages(&self) -> bool {
+        self.kind == KIND_PAGES
+    }
+}
+
 /// Decodes a payload that belongs to `header`.
 pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
     Ok(match decode_borrowed(header, &payload)? {
@@ -635,6 +676,57 @@ mod tests {
                 gpa: 0x5000,
                 data: &data
             })
+        );
+    }
+
+    /// The in-place receive path (`start_pages`, data, `finish_pages`)
+    /// accepts exactly what `decode_borrowed` accepts for page frames.
+    fn read_in_place(frame: &[u8]) -> Result<(u64, Vec<u8>), ProtocolError> {
+        let h = decode_header(frame)?;
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&frame[HEADER_LEN..HEADER_LEN + 8]);
+        let (gpa, len, mut crc) = start_pages(h, g)?;
+        let data = frame[HEADER_LEN + 8..HEADER_LEN + 8 + len].to_vec();
+        crc.update(&data);
+        finish_pages(h, crc)?;
+        Ok((gpa, data))
+    }
+
+    #[test]
+    fn pages_read_in_place_check_address_and_checksum() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        let frame = encode_run(PageRun::Data {
+            gpa: 0x7000,
+            data: &data,
+        });
+        assert_eq!(read_in_place(&frame).unwrap(), (0x7000, data.clone()));
+        // Every flipped byte of the address or the data is caught; an
+        // address flip that leaves it unaligned is caught before any data.
+        for at in [HEADER_LEN, HEADER_LEN + 3, HEADER_LEN + 8, frame.len() - 1] {
+            let mut bad = frame.clone();
+            bad[at] ^= 0x10;
+            let e = read_in_place(&bad).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ProtocolError::Checksum { .. } | ProtocolError::Unaligned(_)
+                ),
+                "byte {at}: {e:?}"
+            );
+        }
+        let mut unaligned = frame.clone();
+        unaligned[HEADER_LEN] ^= 0x01;
+        assert_eq!(
+            read_in_place(&unaligned).unwrap_err(),
+            ProtocolError::Unaligned(0x7001)
+        );
+        // Only page frames take this path.
+        let zero = encode_run(PageRun::Zero { gpa: 0, pages: 1 });
+        let h = decode_header(&zero).unwrap();
+        assert!(!h.is_pages());
+        assert_eq!(
+            start_pages(h, [0; 8]).unwrap_err(),
+            ProtocolError::Kind(KIND_ZERO)
         );
     }
 

@@ -9,13 +9,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, Control, Frame, HEADER_LEN, PageRun, ProtocolError};
-use crate::{PageSink, Transport, TransportError};
+use crate::{PageSink, SinkReadError, Transport, TransportError};
 
-/// Frames queued per bulk connection before `send_run` blocks.
-const QUEUE_DEPTH: usize = 8;
+/// Frames queued per bulk connection before `send_run` blocks (two keep
+/// its socket busy while the next frame is gathered).
+const QUEUE_DEPTH: usize = 2;
 
-/// Page buffers kept for reuse after their frame was written.
-const POOL_MAX: usize = 16;
+/// Page buffers kept for reuse after their frame was written: enough for
+/// every frame that can be in flight with the most bulk connections
+/// `Hello` allows at this depth (queued, being written, being gathered),
+/// so buffers are not freed and faulted in again frame after frame. A
+/// pool never holds more buffers than were in flight at once.
+const POOL_MAX: usize = 64 * (QUEUE_DEPTH + 1) + 1;
 
 /// Written page buffers, handed back to the source for its next frames
 /// (a fresh multi-MiB buffer costs an allocation and a page fault per
@@ -545,6 +550,26 @@ fn receive_bulk(
     buf: &mut Vec<u8>,
 ) -> Result<(), TransportError> {
     let header = read_header(s, peer, timeout)?;
+    let bad = |source| TransportError::Protocol {
+        peer: peer.into(),
+        source,
+    };
+    if header.is_pages() {
+        // Page data goes straight from the socket into guest memory.
+        let mut g = [0u8; 8];
+        read_rest(s, &mut g, 0, peer)?;
+        let (gpa, len, mut crc) = proto::start_pages(header, g).map_err(bad)?;
+        sink.receive_from(gpa, len, s, &mut crc)
+            .map_err(|e| match e {
+                SinkReadError::Closed { got } => bad(ProtocolError::Truncated {
+                    got: got + 8,
+                    want: len + 8,
+                }),
+                SinkReadError::Io(source) => io(peer, "read")(source),
+                SinkReadError::Sink(reason) => TransportError::Sink { gpa, reason },
+            })?;
+        return proto::finish_pages(header, crc).map_err(bad);
+    }
     let len = header.payload_len();
     if buf.len() < len {
         buf.resize(len, 0);
@@ -640,6 +665,7 @@ impl Transport for TcpTransport {
         let job = match run {
             PageRun::Data { gpa, data } => {
                 let mut buf = self.page_buffer();
+                buf.clear();
                 buf.extend_from_slice(data);
                 Job::Pages(gpa, buf)
             }
@@ -664,9 +690,8 @@ impl Transport for TcpTransport {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop();
-        let mut b = reused.unwrap_or_default();
-        b.clear();
-        b
+        // Its length is the last frame's: callers set the length they fill.
+        reused.unwrap_or_default()
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {

@@ -88,8 +88,10 @@ fn tcp_pages_over_three_connections_land_in_the_sink_queued_or_inline() {
             })
             .unwrap();
         } else {
-            // Owned buffers travel without a copy.
+            // Owned buffers travel without a copy; a recycled one may
+            // still hold an earlier frame's bytes.
             let mut b = src.page_buffer();
+            b.clear();
             b.extend_from_slice(&page);
             src.send_data(p * 4096, b).unwrap();
         }

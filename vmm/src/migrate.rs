@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use balloon::BalloonState;
 use rdma::{
-    Control, PageRun, PageSink, PendingIncoming, TcpTransport, Transport, TransportError,
-    VmDescriptor, proto,
+    Control, PageRun, PageSink, PendingIncoming, SinkReadError, TcpTransport, Transport,
+    TransportError, VmDescriptor, proto,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -36,8 +36,13 @@ use crate::vm::{
 use crate::workload::Workload;
 use crate::{PAGE_SIZE, VmmError};
 
-/// Pages read at once when scanning all of guest memory (1 MiB).
-const SCAN_WINDOW_PAGES: u64 = 256;
+/// Pages in one data frame the source sends (1 MiB; the protocol allows up
+/// to [`proto::MAX_RUN_PAGES`]). Frames this size keep the buffers in
+/// flight few and warm in the cache between the copy out of guest memory,
+/// the checksum and the socket's copy (migrating a 1 GiB guest here took
+/// 110–150 ms of CPU with 4 MiB frames, 87–126 ms with these).
+const SEND_RUN_PAGES: usize = 256;
+const _: () = assert!(SEND_RUN_PAGES as u64 <= proto::MAX_RUN_PAGES);
 
 /// A 4 KiB page in bytes, as a length.
 const PAGE_BYTES: usize = 4096;
@@ -543,13 +548,19 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Sends the pages `pages` yields (ascending page numbers) as runs; with
-/// `skip_zero`, zero pages are left out, else sent as zero runs. Returns
-/// frames sent.
+/// `skip_zero`, zero pages are left out (the destination's fresh memory
+/// holds zeros already), else sent as zero runs. Returns frames and bytes
+/// sent.
+///
+/// Each page is copied once, from guest memory straight into the frame's
+/// buffer, and checked for zeros there: the copy is what the transport
+/// checksums and sends, so a guest write racing the send cannot tear it
+/// (the write is in the next round's dirty log).
 fn send_pages(
     tr: &mut dyn Transport,
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
-    scan: Option<&[u64]>,
+    skip_zero: bool,
     sent: &mut [u64],
     report: &mut MigrationReport,
 ) -> Result<(u64, u64), MigrateError> {
@@ -562,57 +573,46 @@ fn send_pages(
             }
         }
     };
-    let max = usize::try_from(proto::MAX_RUN_PAGES).unwrap_or(1);
+    let max = SEND_RUN_PAGES;
     let page = PAGE_BYTES;
     let mut frames = 0u64;
     let mut bytes = 0u64;
     let mut sent_pages = 0u64;
-    // Pending data run: first page and the bytes gathered.
+    // The data run being gathered: its first page, its buffer (taken from
+    // the transport, kept at full length) and the bytes of it in use.
     let mut run_start = 0u64;
-    // Taken from the transport at the first page of each run.
     let mut buf: Vec<u8> = Vec::new();
+    let mut used = 0usize;
     let mut zero_start = 0u64;
     let mut zeros = 0u64;
-    let mut tmp = vec![0u8; page];
-    // Full scans (round 0) read guest memory a window at a time.
-    let mut win: Vec<u8> = Vec::new();
-    let mut win_start = 0u64;
-    let mut win_pages = 0u64;
     let mut zero_frames = 0u64;
-    let read_err = |gpa: u64, e: vm_memory::GuestMemoryError| {
-        VmmError::GuestMemory(format!("reading guest memory at {gpa:#x}: {e}"))
-    };
     for p in pages {
-        let data: &[u8] = if let Some(populated) = scan {
-            if p < win_start || p >= win_start + win_pages {
-                // The window covers populated pages only: reading an
-                // unpopulated one would fault it in for nothing.
-                let set = |q: u64| {
-                    populated
-                        .get(usize::try_from(q / 64).unwrap_or(usize::MAX))
-                        .is_some_and(|w| w & (1 << (q % 64)) != 0)
-                };
-                win_pages = (1..SCAN_WINDOW_PAGES).take_while(|&k| set(p + k)).count() as u64 + 1;
-                win.resize(usize::try_from(win_pages).unwrap_or(1) * page, 0);
-                mem.read_slice(&mut win, GuestAddress(p * PAGE_SIZE))
-                    .map_err(|e| read_err(p * PAGE_SIZE, e))?;
-                win_start = p;
-            }
-            let off = usize::try_from(p - win_start).unwrap_or(0) * page;
-            &win[off..off + page]
-        } else {
-            mem.read_slice(&mut tmp, GuestAddress(p * PAGE_SIZE))
-                .map_err(|e| read_err(p * PAGE_SIZE, e))?;
-            &tmp
-        };
-        let zero = is_zero(data);
+        let follows = run_start + (used / page) as u64 == p && used < max * page;
+        if used > 0 && !follows {
+            flush_data(tr, run_start, &mut buf, &mut used, &mut frames, &mut bytes)?;
+        }
+        if buf.len() < max * page {
+            // A recycled buffer keeps its length: resizing zero-fills only
+            // what it lacks, once.
+            buf = tr.page_buffer();
+            buf.resize(max * page, 0);
+        }
+        if used == 0 {
+            run_start = p;
+        }
+        let slot = &mut buf[used..used + page];
+        mem.read_slice(slot, GuestAddress(p * PAGE_SIZE))
+            .map_err(|e| {
+                VmmError::GuestMemory(format!("reading guest memory at {:#x}: {e}", p * PAGE_SIZE))
+            })?;
+        let zero = is_zero(slot);
         mark(p, !zero);
         if zero {
             report.zero_pages += 1;
-            if !buf.is_empty() {
-                flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
+            if used > 0 {
+                flush_data(tr, run_start, &mut buf, &mut used, &mut frames, &mut bytes)?;
             }
-            if scan.is_some() {
+            if skip_zero {
                 continue;
             }
             if zeros > 0 && zero_start + zeros == p {
@@ -638,19 +638,10 @@ fn send_pages(
             zero_frames += 1;
             zeros = 0;
         }
-        let contiguous = !buf.is_empty() && run_start + (buf.len() / page) as u64 == p;
-        if !contiguous || buf.len() >= max * page {
-            flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
-            run_start = p;
-        }
-        if buf.capacity() == 0 {
-            buf = tr.page_buffer();
-            buf.reserve(max * page);
-        }
-        buf.extend_from_slice(data);
+        used += page;
         sent_pages += 1;
     }
-    flush_data(tr, run_start, &mut buf, &mut frames, &mut bytes)?;
+    flush_data(tr, run_start, &mut buf, &mut used, &mut frames, &mut bytes)?;
     if zeros > 0 {
         tr.send_run(PageRun::Zero {
             gpa: zero_start * PAGE_SIZE,
@@ -666,19 +657,23 @@ fn send_pages(
     Ok((total, total_bytes))
 }
 
+/// Sends the first `used` bytes of `buf` as one data run (the buffer goes
+/// to the transport as it is; the next run takes a recycled one).
 fn flush_data(
     tr: &mut dyn Transport,
     start: u64,
     buf: &mut Vec<u8>,
+    used: &mut usize,
     frames: &mut u64,
     bytes: &mut u64,
 ) -> Result<(), MigrateError> {
-    if !buf.is_empty() {
+    if *used > 0 {
         *frames += 1;
-        *bytes += buf.len() as u64 + proto::HEADER_LEN as u64 + 8;
-        // The buffer goes to the transport as it is (no copy); the next
-        // run fills a recycled one.
-        tr.send_data(start * PAGE_SIZE, std::mem::take(buf))?;
+        *bytes += *used as u64 + proto::HEADER_LEN as u64 + 8;
+        let mut data = std::mem::take(buf);
+        data.truncate(*used);
+        *used = 0;
+        tr.send_data(start * PAGE_SIZE, data)?;
     }
     Ok(())
 }
@@ -909,7 +904,7 @@ fn precopy(
         tr,
         mem,
         dirty_pages(&populated).filter(|&p| p < ram_pages),
-        Some(&populated),
+        true,
         sent,
         report,
     )?;
@@ -948,7 +943,7 @@ fn precopy(
             break;
         }
         let t = Instant::now();
-        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), None, sent, report)?;
+        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), false, sent, report)?;
         round(tr, n, frames, false)?;
         if bytes > 1 << 20 {
             bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -1073,7 +1068,7 @@ fn stop_and_copy(
         tr,
         vm.memory(),
         dirty_pages(&copy.pending),
-        None,
+        false,
         &mut copy.sent,
         report,
     )?;
@@ -1165,6 +1160,59 @@ impl PageSink for GuestSink {
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| e.to_string())
+    }
+    fn receive_from(
+        &self,
+        gpa: u64,
+        len: usize,
+        src: &mut std::net::TcpStream,
+        crc: &mut rdma::crc32fast::Hasher,
+    ) -> Result<(), SinkReadError> {
+        use vm_memory::ReadVolatile;
+        self.check(gpa, len as u64).map_err(SinkReadError::Sink)?;
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|e| SinkReadError::Sink(e.to_string()))?;
+        let volatile = |e: vm_memory::VolatileMemoryError| match e {
+            vm_memory::VolatileMemoryError::IOError(io) => SinkReadError::Io(io),
+            other => SinkReadError::Sink(other.to_string()),
+        };
+        // Fault the run's pages in with one call rather than one page
+        // fault per 4 KiB during the socket's copy. Only advice: where the
+        // kernel lacks MADV_POPULATE_WRITE (before 5.14) the copy faults
+        // them in as before.
+        let host = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: `check` put [gpa, gpa + len) inside guest RAM, one
+        // private anonymous mapping that `self.mem` keeps alive, and
+        // `slice` covers exactly that range; populating for write only
+        // backs not-yet-present pages with zeroed memory and changes no
+        // contents.
+        let _ = unsafe { crate::sys::populate_write(host, len) };
+        let mut got = 0;
+        while got < len {
+            let mut rest = slice.offset(got).map_err(volatile)?;
+            match src.read_volatile(&mut rest) {
+                Ok(0) => return Err(SinkReadError::Closed { got }),
+                Ok(n) => got += n,
+                Err(vm_memory::VolatileMemoryError::IOError(e))
+                    if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(volatile(e)),
+            }
+        }
+        // The checksum reads the pages back through a small buffer: the
+        // guest's memory is never borrowed as a Rust slice. They are still
+        // in the cache from the socket's copy.
+        let mut chunk = [0u8; 16 << 10];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(chunk.len());
+            let part = slice.subslice(off, n).map_err(volatile)?;
+            part.copy_to(&mut chunk[..n]);
+            crc.update(&chunk[..n]);
+            off += n;
+        }
+        Ok(())
     }
     fn zero(&self, gpa: u64, pages: u64) -> Result<(), String> {
         let len = pages.checked_mul(PAGE_SIZE).ok_or("zero run too long")?;
@@ -1500,5 +1548,84 @@ impl Incoming {
             confirm.transport.close();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    fn sink(ram: u64) -> GuestSink {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(ram).unwrap())])
+            .unwrap();
+        GuestSink {
+            mem: Arc::new(mem),
+            ram,
+        }
+    }
+
+    /// A connected pair of real loopback sockets: (writer, reader).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (r, _) = l.accept().unwrap();
+        (w, r)
+    }
+
+    #[test]
+    fn guest_sink_reads_pages_from_the_socket_into_guest_memory() {
+        let s = sink(1 << 20);
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (mut w, mut r) = pair();
+        let sent = data.clone();
+        let t = std::thread::spawn(move || w.write_all(&sent).unwrap());
+        let mut crc = rdma::crc32fast::Hasher::new();
+        s.receive_from(0x5000, data.len(), &mut r, &mut crc)
+            .unwrap();
+        t.join().unwrap();
+        assert_eq!(crc.finalize(), proto::crc32(&data));
+        let mut back = vec![0u8; data.len()];
+        s.mem.read_slice(&mut back, GuestAddress(0x5000)).unwrap();
+        assert_eq!(back, data);
+        // The neighbours are untouched.
+        let mut edge = [0xAAu8; 4096];
+        s.mem.read_slice(&mut edge, GuestAddress(0x4000)).unwrap();
+        assert!(edge.iter().all(|&b| b == 0));
+        s.mem.read_slice(&mut edge, GuestAddress(0x8000)).unwrap();
+        assert!(edge.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn guest_sink_refuses_a_range_outside_ram_before_reading() {
+        let s = sink(1 << 20);
+        let (mut w, mut r) = pair();
+        w.write_all(&[7u8; 4096]).unwrap();
+        let mut crc = rdma::crc32fast::Hasher::new();
+        let e = s
+            .receive_from((1 << 20) - 4096, 8192, &mut r, &mut crc)
+            .unwrap_err();
+        assert!(
+            matches!(&e, SinkReadError::Sink(m) if m.contains("outside")),
+            "{e:?}"
+        );
+        // Nothing was consumed from the socket: the page is still there.
+        r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut left = [0u8; 4096];
+        std::io::Read::read_exact(&mut r, &mut left).unwrap();
+        assert_eq!(left, [7u8; 4096]);
+    }
+
+    #[test]
+    fn guest_sink_reports_how_much_came_before_the_peer_closed() {
+        let s = sink(1 << 20);
+        let (mut w, mut r) = pair();
+        w.write_all(&[3u8; 5000]).unwrap();
+        drop(w);
+        let mut crc = rdma::crc32fast::Hasher::new();
+        let e = s.receive_from(0, 8192, &mut r, &mut crc).unwrap_err();
+        assert!(matches!(e, SinkReadError::Closed { got: 5000 }), "{e:?}");
     }
 }

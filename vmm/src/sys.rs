@@ -153,6 +153,26 @@ pub(crate) unsafe fn discard(host: *mut u8, len: usize) -> std::io::Result<()> {
     }
 }
 
+/// Backs the not-yet-present pages of `[host, host + len)` with zeroed
+/// memory in one call (`MADV_POPULATE_WRITE`, Linux 5.14), instead of one
+/// page fault per 4 KiB on first write.
+///
+/// # Safety
+///
+/// The range must lie inside a live private anonymous mapping (guest RAM).
+/// Contents do not change: present pages are left as they are.
+pub(crate) unsafe fn populate_write(host: *mut u8, len: usize) -> std::io::Result<()> {
+    // SAFETY: the caller guarantees the range lies in a live private
+    // anonymous mapping; MADV_POPULATE_WRITE only faults its missing pages
+    // in as a write would, without changing any byte.
+    let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
