@@ -58,9 +58,12 @@ enum HostCommand {
     /// Live-migrate every VM that can migrate to other hosts' companions
     /// (their `[migration] listen`), in turn, and follow until each moved
     /// or failed (a VM whose move fails runs on here). Exit 0 when every VM
-    /// moved, 1 otherwise. The host takes no new VMs until `undrain`.
+    /// moved, 1 otherwise. The host takes no new VMs until `undrain`. The
+    /// drain is recorded in the daemon's store: a restarted daemon resumes
+    /// it (cordoned; VMs move as they report in).
     Drain(DrainArgs),
-    /// End a drain: the host takes new VMs again.
+    /// End a drain (also one resumed after a restart, or the cordon left
+    /// by an unreadable recorded drain): the host takes new VMs again.
     Undrain(UndrainArgs),
 }
 
@@ -129,6 +132,12 @@ fn host_drain(args: &DrainArgs) -> ExitCode {
             ),
         }
     };
+    match &first.drain {
+        Some(d) if !d.recorded => eprintln!(
+            "prescient host drain: warning: the drain is NOT recorded in the daemon's store (no store, or the write failed: see its log); if the daemon restarts it will not be draining"
+        ),
+        _ => {}
+    }
     let drained: Vec<String> = first
         .migrations
         .iter()
@@ -136,7 +145,9 @@ fn host_drain(args: &DrainArgs) -> ExitCode {
         .map(|m| m.vm.clone())
         .collect();
     if drained.is_empty() {
-        eprintln!("prescient host drain: no VMs on this host");
+        eprintln!(
+            "prescient host drain: no VMs on this host; it takes no new VMs until prescient host undrain"
+        );
         return ExitCode::SUCCESS;
     }
     eprintln!("draining {} VM(s) to {}", drained.len(), args.to.join(", "));

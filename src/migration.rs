@@ -18,7 +18,10 @@
 //!
 //! When to move:
 //! - `prescient host drain --to HOST:PORT…` (before an OS update): every
-//!   VM that can migrate, each to the next destination in turn.
+//!   VM that can migrate, each to the next destination in turn; a VM that
+//!   reports in while the drain holds (one that was not known when it
+//!   began, or any VM after a restart) is moved the same way, once per
+//!   drain.
 //! - Predicted overload (`[migration] destinations` set): when the VMs'
 //!   forecast resident memory (the `quantile` of each VM's last `window`
 //!   samples: the previous-window percentile forecaster) exceeds
@@ -32,6 +35,16 @@
 //! twice `switch_ms` plus that residue's send time, clamped to
 //! `[min_downtime_ms, max_downtime_ms]` ([`downtime_budget`]). A VM that
 //! dirties faster than 80 % of B does not converge and gets the maximum.
+//!
+//! A drain is durable: the daemon records it ([`DrainRecord`], JSON in the
+//! store's `daemon_state` under [`DRAIN_STATE_KEY`]) before it begins and
+//! removes it on `undrain`, so that a daemon restarted mid-drain (the
+//! companion itself is restarted by the OS update it drains for) starts
+//! cordoned and moves the VMs that report in to the recorded destinations
+//! ([`Mover::resume_recorded`]). A recorded drain that cannot be read
+//! leaves the host cordoned with nothing moving, and stays in the store
+//! until `prescient host undrain`: a host whose operator asked it to be
+//! emptied must not start taking VMs again because a record was damaged.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -58,6 +71,19 @@ const MAX_SLOT_VCPUS: u32 = 1024;
 
 /// A 4 KiB page, in bytes.
 const PAGE_BYTES: f64 = 4096.0;
+
+/// Key in the store's `daemon_state` under which a drain in force is
+/// recorded ([`DrainRecord`] as JSON).
+pub const DRAIN_STATE_KEY: &str = "drain";
+
+/// Version of [`DrainRecord`].
+pub const DRAIN_VERSION: u32 = 1;
+
+/// Longest destination (`HOST:PORT`) a drain takes.
+const MAX_DESTINATION_LEN: usize = 256;
+
+/// Most destinations a drain takes.
+const MAX_DESTINATIONS: usize = 64;
 
 /// What can go wrong moving VMs.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +117,9 @@ pub enum MigrationError {
     /// A slot request that cannot be served.
     #[error("bad slot request: {0}")]
     BadRequest(String),
+    /// A drain request, or a recorded drain, that cannot be used.
+    #[error("bad drain: {0}")]
+    BadDrain(String),
     /// labvm could not be started.
     #[error("cannot start {path}")]
     Spawn {
@@ -446,6 +475,97 @@ pub struct MoveRecord {
     pub started_unix_ms: u64,
 }
 
+/// Checks a drain's destinations: one to [`MAX_DESTINATIONS`], each
+/// `HOST:PORT` of a companion's `[migration] listen`.
+pub fn check_destinations(destinations: &[String]) -> Result<(), MigrationError> {
+    let bad = || {
+        MigrationError::BadDrain(
+            "a drain needs one or more destinations, each HOST:PORT of a companion's [migration] listen"
+                .into(),
+        )
+    };
+    if destinations.is_empty() || destinations.len() > MAX_DESTINATIONS {
+        return Err(bad());
+    }
+    for d in destinations {
+        let port_ok = d
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok || d.len() > MAX_DESTINATION_LEN || d.chars().any(char::is_control) {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// A drain as the store records it (JSON in `daemon_state` under
+/// [`DRAIN_STATE_KEY`]): written before the drain begins, removed by
+/// `undrain`, read when the daemon starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRecord {
+    /// [`DRAIN_VERSION`].
+    pub version: u32,
+    /// Destination companions, used in turn.
+    pub destinations: Vec<String>,
+    /// When the drain began, ms since the Unix epoch.
+    pub since_unix_ms: u64,
+}
+
+impl DrainRecord {
+    /// A drain to `destinations` (checked) that began at `since_unix_ms`.
+    pub fn new(destinations: Vec<String>, since_unix_ms: u64) -> Result<Self, MigrationError> {
+        check_destinations(&destinations)?;
+        Ok(DrainRecord {
+            version: DRAIN_VERSION,
+            destinations,
+            since_unix_ms,
+        })
+    }
+
+    /// Parses and checks a recorded drain.
+    pub fn parse(value: &str) -> Result<Self, MigrationError> {
+        let r: DrainRecord = serde_json::from_str(value)
+            .map_err(|e| MigrationError::BadDrain(format!("not a drain record: {e}")))?;
+        if r.version != DRAIN_VERSION {
+            return Err(MigrationError::BadDrain(format!(
+                "drain record version {}, this companion reads {DRAIN_VERSION}",
+                r.version
+            )));
+        }
+        check_destinations(&r.destinations)?;
+        Ok(r)
+    }
+
+    /// The record as the store keeps it.
+    pub fn to_json(&self) -> String {
+        // A struct of strings and integers always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A drain in force, as `prescient status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// Destination companions, used in turn (empty when the recorded
+    /// drain was unreadable: the host is cordoned and no VM moves).
+    pub destinations: Vec<String>,
+    /// When the drain began, ms since the Unix epoch (`None` when the
+    /// recorded drain was unreadable).
+    pub since_unix_ms: Option<u64>,
+    /// This daemon resumed the drain from the store when it started.
+    #[serde(default)]
+    pub resumed: bool,
+    /// The drain is recorded in the store: a restarted daemon resumes it.
+    /// False without a store, or when the write failed (see the log).
+    #[serde(default)]
+    pub recorded: bool,
+    /// Why the recorded drain could not be read; the host is cordoned
+    /// until `prescient host undrain` (or a new `prescient host drain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+}
+
 /// What the companion knows of a running VM for moving it.
 #[derive(Debug, Default)]
 struct Track {
@@ -466,6 +586,9 @@ struct MoverState {
     /// most every [`OVERLOAD_CHECK_EVERY`], not on every status event).
     last_check: Option<Instant>,
     next_destination: usize,
+    /// VMs the drain in force has taken up (each gets one move per
+    /// drain); emptied when a drain begins or ends.
+    drained: std::collections::HashSet<String>,
 }
 
 /// Least time between two overload checks.
@@ -477,6 +600,48 @@ impl MoverState {
         let d = destinations[self.next_destination % destinations.len()].clone();
         self.next_destination = self.next_destination.wrapping_add(1);
         d
+    }
+
+    /// Records `vm`'s move off this host for the drain in force (to the
+    /// next of `destinations`, or unsupported when its VMM cannot migrate
+    /// it); returns where to ask for a slot, and the request, when it can
+    /// move.
+    /// A VM that has not reported its run status yet is listed as
+    /// unsupported but not taken up: it moves if it reports in while the
+    /// drain holds.
+    fn drain_move(&mut self, vm: &str, destinations: &[String]) -> Option<(String, SlotRequest)> {
+        let track = self.tracks.get(vm);
+        let reported = track.is_some_and(|t| !t.resident.is_empty());
+        let req = track.filter(|t| t.movable).map(|t| t.slot_request(vm));
+        if reported {
+            self.drained.insert(vm.to_string());
+        }
+        let Some(req) = req else {
+            let why = if reported {
+                "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)"
+            } else {
+                "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion), or it has not reported its run status yet (it moves if it does while the drain holds)"
+            };
+            self.moves.insert(
+                vm.to_string(),
+                MoveRecord {
+                    error: Some(why.into()),
+                    ..MoveRecord::begin(vm, "drain".into(), String::new(), MoveState::Unsupported)
+                },
+            );
+            return None;
+        };
+        let destination = self.next_destination(destinations);
+        self.moves.insert(
+            vm.to_string(),
+            MoveRecord::begin(
+                vm,
+                "drain".into(),
+                destination.clone(),
+                MoveState::Requesting,
+            ),
+        );
+        Some((destination, req))
     }
 }
 
@@ -518,8 +683,11 @@ pub struct Mover {
     state: Mutex<MoverState>,
     metrics: Arc<crate::Metrics>,
     /// A drain began and was not ended: no new VMs here (boots are
-    /// deferred, slot requests refused).
+    /// deferred, slot requests refused). Read on the hook path; set with
+    /// `drain` held.
     draining: std::sync::atomic::AtomicBool,
+    /// The drain in force.
+    drain: Mutex<Option<DrainStatus>>,
 }
 
 /// Asks the companion at `addr` for a slot for `req`; returns the address
@@ -589,6 +757,7 @@ impl Mover {
             state: Mutex::new(MoverState::default()),
             metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
+            drain: Mutex::new(None),
         })
     }
 
@@ -616,13 +785,72 @@ impl Mover {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Ends a drain: the host takes new VMs again.
+    fn lock_drain(&self) -> std::sync::MutexGuard<'_, Option<DrainStatus>> {
+        self.drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Puts `drain` in force (`None`: none).
+    fn set_drain(&self, drain: Option<DrainStatus>) -> Option<DrainStatus> {
+        let mut d = self.lock_drain();
+        self.draining
+            .store(drain.is_some(), std::sync::atomic::Ordering::SeqCst);
+        std::mem::replace(&mut *d, drain)
+    }
+
+    /// The drain in force, if any.
+    pub fn drain_status(&self) -> Option<DrainStatus> {
+        self.lock_drain().clone()
+    }
+
+    /// Ends a drain: the host takes new VMs again. (The caller removes
+    /// the store's record first.) Moves under way go on.
     pub fn undrain(&self) {
-        if self
-            .draining
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        self.lock().drained.clear();
+        if self.set_drain(None).is_some() {
             tracing::info!("drain ended: this host takes new VMs again");
+        }
+    }
+
+    /// At start: puts the drain recorded in the store (`value`, JSON of a
+    /// [`DrainRecord`]) back in force. A readable record resumes the
+    /// drain: the host is cordoned, and each VM that reports in moves to
+    /// the recorded destinations as during the drain. An unreadable one
+    /// cordons the host with nothing moving (the safer state for a host
+    /// its operator asked to empty) and is left in the store for the
+    /// operator; `prescient host undrain` ends it. Logs one line either way.
+    pub fn resume_recorded(&self, value: &str) {
+        match DrainRecord::parse(value) {
+            Ok(r) => {
+                tracing::info!(
+                    since_unix_ms = r.since_unix_ms,
+                    "resuming drain begun at {} to {}: this host takes no new VMs, and VMs move off as they report in (prescient host undrain ends it)",
+                    crate::status::utc_text(r.since_unix_ms),
+                    r.destinations.join(", ")
+                );
+                self.set_drain(Some(DrainStatus {
+                    destinations: r.destinations,
+                    since_unix_ms: Some(r.since_unix_ms),
+                    resumed: true,
+                    recorded: true,
+                    unreadable: None,
+                }));
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(
+                    value = value.chars().take(200).collect::<String>(),
+                    "the drain recorded in the store is unreadable ({why}): this host stays CORDONED (it takes no new VMs) but moves no VM; the record is left in the store; prescient host undrain ends the cordon, prescient host drain --to HOST:PORT starts a new drain"
+                );
+                self.set_drain(Some(DrainStatus {
+                    destinations: Vec::new(),
+                    since_unix_ms: None,
+                    resumed: true,
+                    recorded: true,
+                    unreadable: Some(why),
+                }));
+            }
         }
     }
 
@@ -673,6 +901,7 @@ impl Mover {
             return reply;
         };
         self.sample(vm, status, can_migrate);
+        self.drain_arrival(vm);
         if !can_migrate || !matches!(reply, HookReply::Ack) {
             return reply;
         }
@@ -767,52 +996,104 @@ impl Mover {
         tracing::info!(vm, state = ?m.state, error = ?m.error, "live migration");
     }
 
-    /// Moves every VM that can migrate to `destinations` in turn (VMs in
-    /// `known` that cannot are listed as unsupported), and keeps new VMs
-    /// off this host until [`undrain`](Self::undrain). Returns at once;
-    /// progress is in [`moves`](Self::moves).
-    pub fn drain(self: &Arc<Self>, destinations: &[String], known: &[String]) -> Vec<MoveRecord> {
+    /// Moves every VM that can migrate to `drain`'s destinations in turn
+    /// (VMs in `known` that cannot are listed as unsupported; VMs that
+    /// report in later move as they do), and keeps new VMs off this host
+    /// until [`undrain`](Self::undrain). `recorded`: the caller wrote
+    /// `drain` to the store. Returns at once; progress is in
+    /// [`moves`](Self::moves).
+    pub fn drain(
+        self: &Arc<Self>,
+        drain: &DrainRecord,
+        recorded: bool,
+        known: &[String],
+    ) -> Vec<MoveRecord> {
+        let destinations = &drain.destinations;
         if destinations.is_empty() {
             return self.moves();
         }
-        self.draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut started = Vec::new();
         {
+            // The mover's lock around the switch: a VM reporting in now
+            // is either taken up below or sees the new drain.
             let mut st = self.lock();
+            self.set_drain(Some(DrainStatus {
+                destinations: destinations.clone(),
+                since_unix_ms: Some(drain.since_unix_ms),
+                resumed: false,
+                recorded,
+                unreadable: None,
+            }));
+            st.drained.clear();
             let mut ids: Vec<String> = known.to_vec();
             ids.extend(st.tracks.keys().cloned());
             ids.sort();
             ids.dedup();
             for vm in ids {
                 if st.moves.get(&vm).is_some_and(|m| !m.state.is_final()) {
+                    st.drained.insert(vm);
                     continue;
                 }
-                let track = st.tracks.get(&vm);
-                let movable = track.is_some_and(|t| t.movable);
-                let req = track.map(|t| t.slot_request(&vm));
-                let rec = if movable {
-                    let destination = st.next_destination(destinations);
-                    MoveRecord::begin(&vm, "drain".into(), destination, MoveState::Requesting)
-                } else {
-                    MoveRecord {
-                        error: Some("its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)".into()),
-                        ..MoveRecord::begin(&vm, "drain".into(), String::new(), MoveState::Unsupported)
-                    }
-                };
-                let destination = rec.destination.clone();
-                st.moves.insert(vm.clone(), rec);
-                if let (true, Some(req)) = (movable, req) {
-                    started.push((destination, req));
-                }
+                started.extend(st.drain_move(&vm, destinations));
             }
+            prune(&mut st.moves);
         }
-        prune(&mut self.lock().moves);
-        tracing::info!(vms = started.len(), ?destinations, "draining this host");
+        tracing::info!(
+            vms = started.len(),
+            ?destinations,
+            recorded,
+            "draining this host"
+        );
         for (destination, req) in started {
             self.request(destination, req);
         }
         self.moves()
+    }
+
+    /// While a drain holds: a VM that reports its status and was not
+    /// taken up by this drain yet (it was not known when the drain began,
+    /// or the daemon resumed the drain after a restart) moves as the
+    /// drain's VMs do. Once per VM per drain: a failed move is not retried
+    /// until the next drain (or restart).
+    fn drain_arrival(self: &Arc<Self>, vm: &str) {
+        if !self.draining() {
+            return;
+        }
+        let started = {
+            let mut st = self.lock();
+            if st.drained.contains(vm) {
+                return;
+            }
+            let Some(destinations) = self
+                .lock_drain()
+                .as_ref()
+                .map(|d| d.destinations.clone())
+                .filter(|d| !d.is_empty())
+            else {
+                return;
+            };
+            if st.moves.get(vm).is_some_and(|m| !m.state.is_final()) {
+                st.drained.insert(vm.to_string());
+                return;
+            }
+            let started = st.drain_move(vm, &destinations);
+            prune(&mut st.moves);
+            started
+        };
+        match started {
+            Some((destination, req)) => {
+                tracing::info!(
+                    vm,
+                    destination,
+                    "draining: a VM reported in; moving it off this host"
+                );
+                self.request(destination, req);
+            }
+            None => tracing::info!(
+                vm,
+                "draining: a VM reported in whose VMM cannot migrate it; it stays"
+            ),
+        }
     }
 
     /// Asks `destination` for a slot on a thread of its own (never on the
@@ -1376,6 +1657,159 @@ mod tests {
             let e = SlotRequest::parse(line).unwrap_err().to_string();
             assert!(e.contains(says), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn drain_records_round_trip_and_bad_ones_are_refused() {
+        let r = DrainRecord::new(vec!["10.0.0.2:7790".into(), "[::1]:7790".into()], 1234).unwrap();
+        assert_eq!(DrainRecord::parse(&r.to_json()).unwrap(), r);
+        for (value, says) in [
+            ("", "not a drain record"),
+            ("{not json", "not a drain record"),
+            ("[]", "not a drain record"),
+            (
+                r#"{"version":1,"destinations":[],"since_unix_ms":1}"#,
+                "one or more destinations",
+            ),
+            (
+                r#"{"version":1,"destinations":["nohost"],"since_unix_ms":1}"#,
+                "HOST:PORT",
+            ),
+            (
+                r#"{"version":1,"destinations":["h:99999"],"since_unix_ms":1}"#,
+                "HOST:PORT",
+            ),
+            (
+                r#"{"version":2,"destinations":["h:1"],"since_unix_ms":1}"#,
+                "version 2",
+            ),
+            (
+                r#"{"version":1,"destinations":["h:1"],"since_unix_ms":-5}"#,
+                "not a drain record",
+            ),
+            (
+                r#"{"version":1,"destinations":["h:1"],"since_unix_ms":1,"x":0}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = DrainRecord::parse(value).unwrap_err().to_string();
+            assert!(e.contains(says), "{value}: {e}");
+        }
+        assert!(DrainRecord::new(vec![":7790".into()], 1).is_err());
+        assert!(DrainRecord::new(vec![format!("{}:1", "h".repeat(300))], 1).is_err());
+    }
+
+    fn mover() -> Arc<Mover> {
+        Arc::new(
+            Mover::new(
+                MigrationConfig::default(),
+                1e6,
+                Arc::new(crate::Metrics::new()),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn event(vm: &str, kind: EventKind) -> Event {
+        Event {
+            vm: vmm_hooks::VmIdentity {
+                vm_id: vm.into(),
+                image_digest: "i".into(),
+                package_digest: "p".into(),
+            },
+            seq: 0,
+            at_unix_ms: 1,
+            kind,
+        }
+    }
+
+    fn poll(vm: &str) -> Event {
+        event(
+            vm,
+            EventKind::Poll(RunStatus {
+                ram_mib: 64,
+                resident_mib: 10,
+                dirty_pages_per_s: None,
+                migratable: true,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_resumed_drain_moves_each_vm_that_reports_in_once_in_turn() {
+        let m = mover();
+        // Nothing listens on port 9 of loopback: the slot requests fail
+        // (on their own threads); what is checked is who was taken up.
+        let rec = DrainRecord::new(vec!["127.0.0.1:9".into(), "127.0.0.2:9".into()], 42).unwrap();
+        m.resume_recorded(&rec.to_json());
+        assert!(m.draining());
+        let d = m.drain_status().unwrap();
+        assert_eq!(d.destinations, rec.destinations);
+        assert_eq!(d.since_unix_ms, Some(42));
+        assert!(d.resumed && d.recorded && d.unreadable.is_none());
+        for vm in ["a", "b"] {
+            assert_eq!(m.observe(&poll(vm), true, HookReply::Ack), HookReply::Ack);
+        }
+        let moves = m.moves();
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        assert_eq!(moves[0].destination, "127.0.0.1:9");
+        assert_eq!(moves[1].destination, "127.0.0.2:9");
+        assert!(moves.iter().all(|r| r.reason == "drain"));
+        // Reporting again does not start another move (a second one
+        // would go to the next destination in turn).
+        for _ in 0..3 {
+            m.observe(&poll("a"), true, HookReply::Ack);
+        }
+        let again = m.moves();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].destination, "127.0.0.1:9");
+        assert_eq!(again[0].started_unix_ms, moves[0].started_unix_ms);
+        // A VMM without the feature: listed, not moved.
+        m.observe(&poll("old"), false, HookReply::Ack);
+        let old = m.moves().into_iter().find(|r| r.vm == "old").unwrap();
+        assert_eq!(old.state, MoveState::Unsupported);
+        m.undrain();
+        assert!(!m.draining() && m.drain_status().is_none());
+        // After the drain, a new VM reporting in stays.
+        m.observe(&poll("c"), true, HookReply::Ack);
+        assert!(m.moves().iter().all(|r| r.vm != "c"));
+    }
+
+    #[test]
+    fn an_unreadable_recorded_drain_cordons_the_host_and_moves_nothing() {
+        for value in [
+            "{garbage",
+            r#"{"version":1,"destinations":[],"since_unix_ms":1}"#,
+        ] {
+            let m = mover();
+            m.resume_recorded(value);
+            assert!(m.draining(), "{value}");
+            let d = m.drain_status().unwrap();
+            assert!(d.destinations.is_empty() && d.since_unix_ms.is_none());
+            assert!(d.unreadable.is_some(), "{value}");
+            m.observe(&poll("a"), true, HookReply::Ack);
+            assert!(m.moves().is_empty(), "{value}");
+            // A new drain replaces the cordon, and begins now.
+            let rec = DrainRecord::new(vec!["127.0.0.1:9".into()], 7).unwrap();
+            m.drain(&rec, true, &[]);
+            let d = m.drain_status().unwrap();
+            assert!(d.unreadable.is_none() && !d.resumed);
+            assert_eq!(d.destinations, rec.destinations);
+            assert_eq!(m.moves()[0].vm, "a");
+        }
+    }
+
+    #[test]
+    fn utc_text_is_rfc3339() {
+        assert_eq!(crate::status::utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            crate::status::utc_text(951_782_400_000),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            crate::status::utc_text(1_795_383_605_999),
+            "2026-11-22T21:40:05Z"
+        );
     }
 
     #[test]

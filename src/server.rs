@@ -234,6 +234,9 @@ impl HooksServer {
                 &config.metrics,
             )?;
         }
+        if let Some(s) = &store {
+            resume_drain(s, config.migration.as_deref())?;
+        }
         config.metrics.set_pool(&pool);
         if let Some(m) = &config.migration {
             // The overload check compares forecasts with what VMs may use.
@@ -474,12 +477,7 @@ async fn handle_connection(
                 let name = msg.type_name();
                 let answer = match msg {
                     Message::DrainRequest { to } => drain(state, config, &to),
-                    Message::UndrainRequest => {
-                        if let Some(m) = config.migration.as_ref() {
-                            m.undrain();
-                        }
-                        status_message(state, config)
-                    }
+                    Message::UndrainRequest => undrain(state, config),
                     _ => status_message(state, config),
                 };
                 if let Err(e) = send(&mut stream, &answer).await {
@@ -586,19 +584,96 @@ fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message 
             message: "this companion does not move VMs (no migration support configured)".into(),
         };
     };
-    if to.is_empty() || to.iter().any(|d| !d.contains(':') || d.len() > 256) {
-        return Message::Error {
-            message: "drain needs one or more destinations, each HOST:PORT of a companion's [migration] listen".into(),
-        };
-    }
-    let known: Vec<String> = {
+    // A drain asked again (new destinations) keeps the time it began.
+    let since = mover
+        .drain_status()
+        .and_then(|d| d.since_unix_ms)
+        .unwrap_or_else(unix_ms);
+    let record = match crate::migration::DrainRecord::new(to.to_vec(), since) {
+        Ok(r) => r,
+        Err(e) => {
+            return Message::Error {
+                message: e.to_string(),
+            };
+        }
+    };
+    {
+        // The store write and the drain's start under one lock (the hook
+        // path takes it, then the mover's, too), so that an undrain cannot
+        // fall between them.
         let st = state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.vms.keys().cloned().collect()
-    };
-    mover.drain(to, &known);
+        // Recorded before it begins, so that a daemon restarted from now
+        // on (the OS update restarts it) resumes it. A drain is rare: one
+        // direct write, as for reservations.
+        let recorded = match st.store.as_ref() {
+            None => {
+                tracing::warn!(
+                    "no profile store: this drain is held in memory only; a restarted daemon will not be draining"
+                );
+                false
+            }
+            Some(s) => match s.set_state(crate::migration::DRAIN_STATE_KEY, &record.to_json()) {
+                Ok(()) => true,
+                Err(e) => {
+                    config.metrics.store_errors.inc();
+                    tracing::error!(
+                        "cannot record the drain in the store ({}); it goes on, but a restarted daemon will not be draining",
+                        error_chain(&e)
+                    );
+                    false
+                }
+            },
+        };
+        let known: Vec<String> = st.vms.keys().cloned().collect();
+        mover.drain(&record, recorded, &known);
+    }
     status_message(state, config)
+}
+
+/// Ends a drain (`prescient host undrain`): its record leaves the store
+/// first; when that fails the host stays cordoned (a restart would
+/// resume the drain) and the operator is told.
+fn undrain(state: &Mutex<State>, config: &ServerConfig) -> Message {
+    {
+        let st = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = st.store.as_ref()
+            && let Err(e) = s.clear_state(crate::migration::DRAIN_STATE_KEY)
+        {
+            config.metrics.store_errors.inc();
+            let message = format!(
+                "cannot remove the recorded drain from the store ({}); the host stays cordoned",
+                error_chain(&e)
+            );
+            tracing::error!("undrain: {message}");
+            return Message::Error { message };
+        }
+        if let Some(m) = config.migration.as_ref() {
+            m.undrain();
+        }
+    }
+    status_message(state, config)
+}
+
+/// At start: a drain recorded in the store is put back in force (see
+/// [`crate::migration::Mover::resume_recorded`]).
+fn resume_drain(
+    store: &ProfileStore,
+    mover: Option<&crate::migration::Mover>,
+) -> Result<(), StoreError> {
+    let Some(value) = store.state(crate::migration::DRAIN_STATE_KEY)? else {
+        return Ok(());
+    };
+    match mover {
+        Some(m) => m.resume_recorded(&value),
+        None => tracing::warn!(
+            "a drain is recorded in the store, but this companion has no migration support: it takes VMs as usual"
+        ),
+    }
+    Ok(())
 }
 
 /// The daemon's status as a message (or an error saying why not).
@@ -1162,6 +1237,7 @@ fn status_of(st: &State, config: &ServerConfig) -> DaemonStatus {
             .map(|m| m.moves())
             .unwrap_or_default(),
         draining: config.migration.as_ref().is_some_and(|m| m.draining()),
+        drain: config.migration.as_ref().and_then(|m| m.drain_status()),
     }
 }
 

@@ -103,6 +103,60 @@ pub struct DaemonStatus {
     /// A drain holds new VMs off this host (`prescient host undrain` ends it).
     #[serde(default)]
     pub draining: bool,
+    /// The drain in force: destinations, since when, whether it was
+    /// resumed after a restart and is recorded in the store (absent when
+    /// not draining, and from older companions).
+    #[serde(default)]
+    pub drain: Option<crate::migration::DrainStatus>,
+}
+
+/// `unix_ms` as UTC, `2026-11-22T21:40:05Z`.
+pub(crate) fn utc_text(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The drain line of the status table (empty when not draining).
+fn drain_text(s: &DaemonStatus) -> String {
+    match &s.drain {
+        Some(d) if d.unreadable.is_some() => format!(
+            "DRAINING: cordoned because the drain recorded in the store is unreadable ({}); no new VMs, no VM moves; prescient host undrain ends it\n",
+            d.unreadable.as_deref().unwrap_or_default()
+        ),
+        Some(d) => format!(
+            "DRAINING since {} to {}{}{}; no new VMs; prescient host undrain ends it\n",
+            d.since_unix_ms.map_or_else(|| "?".into(), utc_text),
+            d.destinations.join(", "),
+            if d.resumed {
+                " (resumed after a restart)"
+            } else {
+                ""
+            },
+            if d.recorded {
+                ""
+            } else {
+                " (NOT recorded in the store: a restarted daemon forgets it)"
+            }
+        ),
+        None if s.draining => "DRAINING; no new VMs; prescient host undrain ends it\n".into(),
+        None => String::new(),
+    }
 }
 
 /// Asks the daemon at `socket` for its status.
@@ -210,18 +264,14 @@ pub fn table(s: &DaemonStatus) -> String {
         rows.push(row);
     }
     let mut out = format!(
-        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}{}\n\n",
+        "prescient {} on {} (store: {}); over-commit cpu {}x, memory {}x; VMs holding a reservation: {}\n{}\n",
         s.version,
         s.socket,
         s.store.as_deref().unwrap_or("none"),
         p.overcommit.cpu,
         p.overcommit.memory,
         p.reservations,
-        if s.draining {
-            "; DRAINING (no new VMs; prescient host undrain ends it)"
-        } else {
-            ""
-        }
+        drain_text(s)
     );
     out.push_str(&render(&rows, |c| c == 0));
     out.push('\n');

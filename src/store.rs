@@ -744,6 +744,13 @@ impl ProfileStore {
         Ok(())
     }
 
+    /// Removes a value of the daemon's own state (nothing when absent).
+    pub fn clear_state(&self, key: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM daemon_state WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
     /// A value of the daemon's own state.
     pub fn state(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self

@@ -8,143 +8,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::migration::{
+    HookVmm, destination, drain, labvm_bin, source_labvm, source_labvm_with, text, undrain,
+    wait_events,
+};
 use common::{Server, free_port};
-use labvm::testing::{kvm_or_skip, required};
-use vmm_hooks::{Event, EventKind, HookReply, LifecycleHook, RunStatus, VmIdentity, VmSpec};
-
-/// The labvm binary beside this test's prescient (built by `cargo test
-/// --workspace`); `None` (with a SKIP line) when it was not built.
-#[allow(clippy::print_stdout)]
-fn labvm_bin(test: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_BIN_EXE_prescient")).with_file_name("labvm");
-    if p.exists() {
-        // `cargo test -p prescient` does not rebuild it: a binary older
-        // than this test's flags is a setup error, said plainly.
-        let help = Command::new(&p).arg("--help").output().unwrap();
-        assert!(
-            text(&help.stdout).contains("--migrate-transport"),
-            "{test}: {} is older than this test (run cargo build -p labvm, or cargo test --workspace)",
-            p.display()
-        );
-        return Some(p);
-    }
-    assert!(
-        !required("kvm"),
-        "{test}: {} is missing (build it with cargo build -p labvm, or run cargo test --workspace)",
-        p.display()
-    );
-    println!(
-        "SKIP {test}: {} not built (cargo build -p labvm)",
-        p.display()
-    );
-    None
-}
-
-/// A destination companion: `[migration] listen` on a free loopback port,
-/// starting `labvm` (which runs `run_for` seconds once received).
-fn destination(labvm: &Path, run_for: &str) -> (Server, String, tempfile::TempDir) {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("dest.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[migration]\nlisten = \"127.0.0.1:{port}\"\nlabvm = \"{}\"\nlabvm_args = [\"--run-for\", \"{run_for}\", \"--poll-ms\", \"200\"]\n",
-            labvm.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start_args(false, &["--config", cfg.to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{port}");
-    let t = Instant::now();
-    while TcpStream::connect(&addr).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "slot listener never came up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (server, addr, dir)
-}
-
-/// A dirtying lab guest reporting to `server` as `vm_id`, polling every
-/// 200 ms and measuring its dirty rate every 0.5 s.
-fn source_labvm(labvm: &Path, server: &Server, vm_id: &str, run_for: &str) -> Child {
-    source_labvm_with(labvm, server, vm_id, run_for, &[])
-}
-
-/// [`source_labvm`] with extra labvm arguments.
-fn source_labvm_with(
-    labvm: &Path,
-    server: &Server,
-    vm_id: &str,
-    run_for: &str,
-    extra: &[&str],
-) -> Child {
-    Command::new(labvm)
-        .args(extra)
-        .args([
-            "--mem",
-            "128",
-            "--workload",
-            "dirty:2000:16",
-            "--vm-id",
-            vm_id,
-        ])
-        .args([
-            "--poll-ms",
-            "200",
-            "--dirty-sample-s",
-            "0.5",
-            "--run-for",
-            run_for,
-        ])
-        .arg("--hooks-socket")
-        .arg(&server.socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits until `server` has logged `n` events of `kind` for `vm`.
-fn wait_events(server: &Server, vm: &str, kind: &str, n: usize) -> Vec<Event> {
-    let t = Instant::now();
-    loop {
-        let evs: Vec<Event> = server
-            .events()
-            .into_iter()
-            .map(|r| r.event)
-            .filter(|e| e.vm.vm_id == vm && e.kind.name() == kind)
-            .collect();
-        if evs.len() >= n {
-            return evs;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{vm}: {} {kind} events of {n} after 60 s",
-            evs.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn drain(server: &Server, to: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["host", "drain", "--timeout-s", "120", "--socket"])
-        .arg(&server.socket)
-        .args(["--to", to])
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use labvm::testing::kvm_or_skip;
+use vmm_hooks::{EventKind, HookReply, RunStatus};
 
 #[test]
 fn hw_kvm_drain_moves_a_running_guest_to_the_other_companion() {
@@ -190,7 +63,7 @@ fn hw_kvm_drain_moves_a_running_guest_to_the_other_companion() {
         "dirty rates {rates:?} for a guest dirtying 2000 pages/s"
     );
 
-    let out = drain(&src, &dest_addr);
+    let out = drain(&src, &[&dest_addr]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "drain failed: {stdout}\n{stderr}");
     assert!(stderr.contains("1 of 1 moved"), "{stderr}");
@@ -259,7 +132,7 @@ fn hw_kvm_drain_to_an_unreachable_companion_leaves_the_vm_running_here() {
     wait_events(&src, "stay-1", "poll", 1);
     // Nothing listens on this port.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let out = drain(&src, &nowhere);
+    let out = drain(&src, &[&nowhere]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("stay-1: failed"), "{stderr}");
@@ -287,57 +160,28 @@ fn hw_kvm_drain_to_an_unreachable_companion_leaves_the_vm_running_here() {
 #[test]
 fn a_vmm_without_the_migrate_feature_is_never_ordered_to_migrate() {
     let src = Server::start_with(false);
-    let mut hc = vmm_hooks::SocketHookConfig::new(&src.socket, "old-vmm 1.0");
-    hc.timeout = Duration::from_secs(5);
-    let mut hook = vmm_hooks::SocketHook::new(hc);
-    let vm = VmIdentity {
-        vm_id: "old-1".into(),
-        image_digest: "i".into(),
-        package_digest: "p".into(),
-    };
-    let mut seq = 0;
-    let mut send = |kind: EventKind| {
-        let e = Event {
-            vm: vm.clone(),
-            seq,
-            at_unix_ms: 1,
-            kind,
-        };
-        seq += 1;
-        hook.on_event(&e)
-    };
-    send(EventKind::Created {
-        spec: VmSpec {
-            vcpus: 1,
-            memory_mib: 128,
-            vmm: "old-vmm 1.0".into(),
-            priority: 0,
-            interruptible: false,
-        },
-    });
-    let poll = RunStatus {
-        ram_mib: 128,
-        resident_mib: 20,
-        dirty_pages_per_s: Some(10.0),
-        migratable: true,
-    };
-    assert_eq!(send(EventKind::Poll(poll.clone())), HookReply::Ack);
-    let out = drain(&src, "127.0.0.1:9");
+    let mut vmm = HookVmm::new(&src, &[]);
+    vmm.created("old-1", 128);
+    assert_eq!(vmm.poll("old-1", 128), HookReply::Ack);
+    let out = drain(&src, &["127.0.0.1:9"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("old-1: unsupported"), "{stderr}");
     for _ in 0..5 {
-        assert_eq!(send(EventKind::Poll(poll.clone())), HookReply::Ack);
+        assert_eq!(vmm.poll("old-1", 128), HookReply::Ack);
     }
 }
 
 #[test]
 fn drain_without_vms_or_with_a_bad_destination_says_so() {
     let src = Server::start_with(false);
-    let out = drain(&src, "127.0.0.1:9");
+    let out = drain(&src, &["127.0.0.1:9"]);
     assert!(out.status.success());
-    assert!(text(&out.stderr).contains("no VMs on this host"));
-    let out = drain(&src, "no-port-here");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no VMs on this host"), "{stderr}");
+    // Without a store the drain cannot outlive the daemon, and says so.
+    assert!(stderr.contains("NOT recorded"), "{stderr}");
+    let out = drain(&src, &["no-port-here"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("HOST:PORT"),
@@ -475,64 +319,26 @@ fn the_slot_listener_bounds_the_labvms_it_starts() {
 #[test]
 fn a_drained_host_defers_new_boots_until_undrain() {
     let src = Server::start_with(false);
-    let mut hc = vmm_hooks::SocketHookConfig::new(&src.socket, "labvm-like 1.0");
-    hc.timeout = Duration::from_secs(5);
-    hc.features = vec![vmm_hooks::proto::FEATURE_INTERRUPT.into()];
-    let mut hook = vmm_hooks::SocketHook::new(hc);
-    let vm = |id: &str| VmIdentity {
-        vm_id: id.into(),
-        image_digest: "i".into(),
-        package_digest: "p".into(),
-    };
-    let created = EventKind::Created {
-        spec: VmSpec {
-            vcpus: 1,
-            memory_mib: 64,
-            vmm: "labvm-like 1.0".into(),
-            priority: 0,
-            interruptible: false,
-        },
-    };
-    let before_boot = EventKind::BeforeBoot {
-        vcpu_tids: vec![1],
-        ram: vmm_hooks::GuestRange {
-            start: 0,
-            len: 64 << 20,
-        },
-        admission: vmm_hooks::Admission::default(),
-    };
-    let ev = |id: &str, seq: u64, kind: EventKind| Event {
-        vm: vm(id),
-        seq,
-        at_unix_ms: 1,
-        kind,
-    };
+    let mut vmm = HookVmm::new(&src, &[vmm_hooks::proto::FEATURE_INTERRUPT]);
     // One VM runs (its VMM cannot migrate): the drain leaves it, but begins.
-    hook.on_event(&ev("old", 0, created.clone()));
-    let out = drain(&src, "127.0.0.1:9");
+    vmm.created("old", 64);
+    let out = drain(&src, &["127.0.0.1:9"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let status = prescient::query_status(&src.socket, Duration::from_secs(5)).unwrap();
     assert!(status.draining);
-    hook.on_event(&ev("new", 0, created));
-    match hook.on_event(&ev("new", 1, before_boot.clone())) {
+    vmm.created("new", 64);
+    match vmm.before_boot("new", 64) {
         HookReply::Defer { reason, .. } => assert!(reason.contains("draining"), "{reason}"),
         other => panic!("a boot on a draining host got {other:?}"),
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_prescient"))
-        .args(["host", "undrain", "--socket"])
-        .arg(&src.socket)
-        .output()
-        .unwrap();
+    let out = undrain(&src);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         !prescient::query_status(&src.socket, Duration::from_secs(5))
             .unwrap()
             .draining
     );
-    assert!(matches!(
-        hook.on_event(&ev("new", 2, before_boot)),
-        HookReply::Plan(_)
-    ));
+    assert!(matches!(vmm.before_boot("new", 64), HookReply::Plan(_)));
 }
 
 /// A guest with a balloon reports its run status inside its balloon
@@ -569,7 +375,7 @@ fn hw_kvm_drain_moves_a_ballooned_guest() {
             .all(|r| !matches!(r.event.kind, EventKind::Poll(_))),
         "a ballooned guest sent poll events"
     );
-    let out = drain(&src, &dest_addr);
+    let out = drain(&src, &[&dest_addr]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let done = guest.wait_with_output().unwrap();
     assert!(done.status.success(), "{}", text(&done.stderr));

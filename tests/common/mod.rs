@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use prescient::EventRecord;
 
+pub mod migration;
+
 /// A `prescient serve` child process in its own temporary directory, with
 /// an event log and, unless asked otherwise, a profile store. Killed on drop.
 pub struct Server {
@@ -100,12 +102,18 @@ impl Server {
 
     /// SIGKILL (no shutdown path runs), then a new server on the same
     /// directory; returns it.
-    pub fn crash_and_restart(mut self) -> Server {
-        self.kill();
+    pub fn crash_and_restart(self) -> Server {
+        self.crash_and_restart_logged().0
+    }
+
+    /// [`crash_and_restart`](Self::crash_and_restart), also returning
+    /// what the killed server logged.
+    pub fn crash_and_restart_logged(mut self) -> (Server, String) {
+        let log = self.kill();
         let (store, extra) = (self.with_store, self.extra.clone());
         let dir = self.take_dir();
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        Server::start_in(dir, store, &extra)
+        (Server::start_in(dir, store, &extra), log)
     }
 
     fn take_dir(mut self) -> tempfile::TempDir {
