@@ -205,6 +205,11 @@ pub struct MigrationReport {
     /// How long each pre-copy round took to send and be acknowledged, ms
     /// (source only; stop-and-copy is in [`phases`](Self::phases)).
     pub round_ms: Vec<f64>,
+    /// Reading the dirty log after each pre-copy round, ms in all (source).
+    pub dirty_log_reads_ms: f64,
+    /// After the switch-over: closing the channel's connections and
+    /// threads, ms (source).
+    pub teardown_ms: f64,
     /// Source: when the vCPUs were asked to pause, in µs since the Unix
     /// epoch (wall clock, so that two processes on one host compare).
     pub paused_unix_us: Option<u64>,
@@ -247,9 +252,12 @@ pub struct DowntimePhases {
     pub commit_ms: f64,
 }
 
-/// The steps before pre-copy's first page, in ms (source side).
+/// The steps before pre-copy's first page, in ms (source side). Connecting
+/// runs beside the other two.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SetupPhases {
+    /// All of them, start to end.
+    pub wall_ms: f64,
     /// Connecting, `Hello`, the bulk connections, and the destination
     /// building the VM until its `Accept`.
     pub connect_ms: f64,
@@ -729,30 +737,90 @@ fn migrate(
     opts: &MigrationOptions,
     report: &mut MigrationReport,
 ) -> Ended {
-    let mut t = Instant::now();
-    let mut tr = match connect(vm, opts) {
-        Ok(tr) => tr,
-        Err(e) => return Ended::Failed(e),
+    // Connecting (the destination builds the VM meanwhile) and preparing
+    // round 0 here are independent: they overlap.
+    let started = Instant::now();
+    let mut setup = SetupPhases::default();
+    let (connected, prepared) = std::thread::scope(|s| {
+        let c = std::thread::Builder::new()
+            .name("migrate-connect".into())
+            .spawn_scoped(s, || {
+                let t = Instant::now();
+                (connect(vm, opts), t.elapsed())
+            });
+        let prepared = prepare(vm, &mut setup);
+        let connected = match c {
+            Ok(handle) => handle.join().unwrap_or_else(|_| {
+                (
+                    Err(MigrateError::Protocol(
+                        "the connecting thread panicked".into(),
+                    )),
+                    Duration::ZERO,
+                )
+            }),
+            // No thread to spare: connect here, after preparing.
+            Err(_) => {
+                let t = Instant::now();
+                (connect(vm, opts), t.elapsed())
+            }
+        };
+        (connected, prepared)
+    });
+    setup.connect_ms = connected.1.as_secs_f64() * 1e3;
+    setup.wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    report.setup = setup;
+    let ended = match connected.0 {
+        Err(e) => Ended::Failed(e),
+        Ok(mut tr) => {
+            tracing::debug!("destination accepted the VM");
+            let ended = match prepared {
+                Ok(populated) => {
+                    precopy_and_switch(vm, vcpus, opts, tr.as_mut(), populated, report)
+                }
+                Err(e) => Ended::Failed(e),
+            };
+            let t = Instant::now();
+            if let Ended::Failed(e) = &ended {
+                // Tell the destination, if it still listens; the VM stays here.
+                let _ = tr.send_control(&Control::Abort {
+                    reason: vmm_hooks::error_chain(e),
+                });
+            }
+            tr.close();
+            report.teardown_ms = t.elapsed().as_secs_f64() * 1e3;
+            ended
+        }
     };
-    report.setup.connect_ms = lap(&mut t);
-    tracing::debug!("destination accepted the VM");
-    let logging = vm.set_dirty_logging(true);
-    report.setup.dirty_log_ms = lap(&mut t);
-    let ended = match logging {
-        Ok(()) => precopy_and_switch(vm, vcpus, opts, tr.as_mut(), report),
-        Err(e) => Ended::Failed(e.into()),
-    };
-    if let Err(e) = vm.set_dirty_logging(false) {
+    // A VM that moved (or is in doubt) never runs here again: only one
+    // that stays needs its writes untracked again.
+    if let Ended::Failed(_) = &ended
+        && let Err(e) = vm.set_dirty_logging(false)
+    {
         tracing::warn!("cannot stop dirty logging: {}", vmm_hooks::error_chain(&e));
     }
-    if let Ended::Failed(e) = &ended {
-        // Tell the destination, if it still listens; the VM stays here.
-        let _ = tr.send_control(&Control::Abort {
-            reason: vmm_hooks::error_chain(e),
-        });
-    }
-    tr.close();
     ended
+}
+
+/// Everything round 0 needs from this side: dirty logging on, the log
+/// cleared (round 0 sends every populated page; what the guest writes
+/// from here on is in the next round's log), and the populated pages.
+fn prepare(vm: &LabVm, setup: &mut SetupPhases) -> Result<Vec<u64>, MigrateError> {
+    let mut t = Instant::now();
+    vm.set_dirty_logging(true)?;
+    setup.dirty_log_ms = lap(&mut t);
+    vm.take_dirty_log()?;
+    // Pages never populated read as zeros: round 0 skips them without
+    // faulting them in.
+    let populated = match vm.populated_pages() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("cannot read /proc/self/pagemap ({e}); scanning every page");
+            let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
+            vec![u64::MAX; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)]
+        }
+    };
+    setup.scan_ms = lap(&mut t);
+    Ok(populated)
 }
 
 /// Opens the RDMA data path (the device, its queue pair and staging ring;
@@ -851,13 +919,14 @@ fn precopy_and_switch(
     vcpus: &VcpuControl<'_>,
     opts: &MigrationOptions,
     tr: &mut dyn Transport,
+    populated: Vec<u64>,
     report: &mut MigrationReport,
 ) -> Ended {
     // Pages whose last copy on the destination holds data (not zeros).
     let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
     let mut sent = vec![0u64; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)];
     let discards = balloon_discards(vm);
-    let pending = match precopy(vm, opts, tr, &mut sent, report) {
+    let pending = match precopy(vm, opts, tr, &populated, &mut sent, report) {
         Ok(p) => p,
         Err(e) => return Ended::Failed(e),
     };
@@ -898,23 +967,12 @@ fn precopy(
     vm: &LabVm,
     opts: &MigrationOptions,
     tr: &mut dyn Transport,
+    populated: &[u64],
     sent: &mut [u64],
     report: &mut MigrationReport,
 ) -> Result<Vec<u64>, MigrateError> {
     let mem = vm.memory();
     let ram_pages = (vm.config().ram_mib << 20) / PAGE_SIZE;
-    // Clear what was logged before this point: everything is sent in round 0.
-    let scan = Instant::now();
-    vm.take_dirty_log()?;
-    // Pages never populated read as zeros: skip them without faulting them in.
-    let populated = match vm.populated_pages() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!("cannot read /proc/self/pagemap ({e}); scanning every page");
-            vec![u64::MAX; usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0)]
-        }
-    };
-    report.setup.scan_ms = scan.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let untouched = ram_pages
         - populated
@@ -926,7 +984,7 @@ fn precopy(
     let (frames, bytes) = send_pages(
         tr,
         mem,
-        dirty_pages(&populated).filter(|&p| p < ram_pages),
+        dirty_pages(populated).filter(|&p| p < ram_pages),
         true,
         sent,
         report,
@@ -941,7 +999,9 @@ fn precopy(
         "pre-copy round 0 (every populated page)"
     );
     let mut n = 1u32;
+    let t = Instant::now();
     let mut pending = vm.take_dirty_log()?;
+    report.dirty_log_reads_ms += t.elapsed().as_secs_f64() * 1e3;
     let mut prev_dirty = u64::MAX;
     let mut stalls = 0u32;
     let target = opts.downtime.as_secs_f64();
@@ -976,7 +1036,9 @@ fn precopy(
         tracing::debug!(round = n, dirty, mb_s = bw / 1e6, "pre-copy round");
         n += 1;
         prev_dirty = dirty;
+        let t = Instant::now();
         pending = vm.take_dirty_log()?;
+        report.dirty_log_reads_ms += t.elapsed().as_secs_f64() * 1e3;
     }
     report.bandwidth_mb_s = bw / 1e6;
     report.rounds = n;
