@@ -61,6 +61,20 @@ pub trait PageSink: Send + Sync {
     }
 }
 
+/// One connection's share of a round, written by the thread that holds it
+/// (see [`Transport::lanes`]). Frames sent on lanes count towards the
+/// round like any other.
+pub trait Lane: Send {
+    /// Sends one page run (its data is copied).
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
+    /// Sends whole pages at `gpa` from a buffer of
+    /// [`page_buffer`](Self::page_buffer) (as [`Transport::send_data`]).
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError>;
+    /// A buffer for [`send_data`](Self::send_data); it may hold an
+    /// earlier frame's bytes (as [`Transport::page_buffer`]).
+    fn page_buffer(&mut self) -> Vec<u8>;
+}
+
 /// Why [`PageSink::receive_from`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkReadError {
@@ -109,6 +123,13 @@ pub trait Transport: Send {
     /// without such threads need not do anything.
     fn send_inline(&mut self) -> Result<(), TransportError> {
         self.flush()
+    }
+    /// Page lanes for sending from several threads at once (one per bulk
+    /// connection): each lane writes its frames on the thread that holds
+    /// it. Queued runs are flushed first. Empty where the transport has
+    /// no such connections (RDMA): send on this thread then.
+    fn lanes(&mut self) -> Result<Vec<Box<dyn Lane + '_>>, TransportError> {
+        Ok(Vec::new())
     }
     /// Receives the next control message (waits at most the transport's timeout).
     fn recv_control(&mut self) -> Result<Control, TransportError>;

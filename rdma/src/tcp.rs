@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, Control, Frame, HEADER_LEN, PageRun, ProtocolError};
-use crate::{PageSink, SinkReadError, Transport, TransportError};
+use crate::{Lane, PageSink, SinkReadError, Transport, TransportError};
 
 /// Frames queued per bulk connection before `send_run` blocks (two keep
 /// its socket busy while the next frame is gathered).
@@ -296,6 +296,42 @@ fn write_pages(mut s: &TcpStream, gpa: u64, data: &[u8]) -> std::io::Result<()> 
     first[HEADER_LEN..].copy_from_slice(&gpa);
     s.write_all(&first)?;
     s.write_all(data)
+}
+
+/// A bulk connection written by the thread holding it, its sender
+/// thread idle (see [`Transport::lanes`]).
+struct TcpLane<'a> {
+    stream: &'a TcpStream,
+    pool: &'a Pool,
+    peer: &'a str,
+}
+
+impl Lane for TcpLane<'_> {
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        (&mut &*self.stream)
+            .write_all(&proto::encode_run(run))
+            .map_err(io(self.peer, "send pages"))
+    }
+
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        let r = write_pages(self.stream, gpa, &data);
+        recycle(self.pool, data);
+        r.map_err(io(self.peer, "send pages"))
+    }
+
+    fn page_buffer(&mut self) -> Vec<u8> {
+        take_buffer(self.pool)
+    }
+}
+
+/// A buffer from the pool, or a new one.
+fn take_buffer(pool: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
+    let reused = pool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop();
+    // Its length is the last frame's: callers set the length they fill.
+    reused.unwrap_or_default()
 }
 
 /// Keeps a written page buffer for reuse.
@@ -685,13 +721,21 @@ impl Transport for TcpTransport {
     }
 
     fn page_buffer(&mut self) -> Vec<u8> {
-        let reused = self
-            .pool
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        // Its length is the last frame's: callers set the length they fill.
-        reused.unwrap_or_default()
+        take_buffer(&self.pool)
+    }
+
+    fn lanes(&mut self) -> Result<Vec<Box<dyn Lane + '_>>, TransportError> {
+        if self.senders.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each connection's sender thread has written everything it was
+        // given and waits: the lane is the connection's only writer.
+        self.flush()?;
+        let (bulk, pool, peer) = (&self.bulk, &self.pool, self.peer.as_str());
+        Ok(bulk
+            .iter()
+            .map(|stream| Box::new(TcpLane { stream, pool, peer }) as Box<dyn Lane + '_>)
+            .collect())
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {

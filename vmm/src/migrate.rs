@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use balloon::BalloonState;
 use rdma::{
-    Control, PageRun, PageSink, PendingIncoming, SinkReadError, TcpTransport, Transport,
+    Control, Lane, PageRun, PageSink, PendingIncoming, SinkReadError, TcpTransport, Transport,
     TransportError, VmDescriptor, proto,
 };
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,9 @@ pub enum MigrateError {
     /// This labvm cannot move memory that way.
     #[error("unsupported here: {0}")]
     Unsupported(String),
+    /// A thread of this migration died (a bug); the VM stays here.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// How page data moves (control messages always go over TCP).
@@ -572,6 +575,164 @@ fn is_zero(b: &[u8]) -> bool {
         .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
 }
 
+/// Where [`send_pages`] puts page runs: the transport, or one of its lanes.
+trait RunOut {
+    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
+    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError>;
+    fn buffer(&mut self) -> Vec<u8>;
+}
+
+impl RunOut for dyn Transport + '_ {
+    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        self.send_run(run)
+    }
+    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.send_data(gpa, data)
+    }
+    fn buffer(&mut self) -> Vec<u8> {
+        self.page_buffer()
+    }
+}
+
+impl RunOut for dyn Lane + '_ {
+    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        self.send_run(run)
+    }
+    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.send_data(gpa, data)
+    }
+    fn buffer(&mut self) -> Vec<u8> {
+        self.page_buffer()
+    }
+}
+
+/// Pages whose last copy on the destination holds data: `words` covers
+/// the pages from `first` (a multiple of 64) on.
+struct SentMap<'a> {
+    words: &'a mut [u64],
+    first: u64,
+}
+
+impl SentMap<'_> {
+    fn mark(&mut self, p: u64, data: bool) {
+        let w = p
+            .checked_sub(self.first)
+            .and_then(|q| usize::try_from(q / 64).ok())
+            .and_then(|i| self.words.get_mut(i));
+        if let Some(w) = w {
+            if data {
+                *w |= 1 << (p % 64);
+            } else {
+                *w &= !(1 << (p % 64));
+            }
+        }
+    }
+}
+
+/// Round 0: every populated page (`populated`, one bit a page), zero pages
+/// left out. Where the transport has lanes, each sends its share (about
+/// equal, in address order) on a thread of its own, reading guest memory
+/// there too, so the copy, the checksum and the socket's copy of the
+/// round spread over the host's cores.
+fn send_populated(
+    tr: &mut dyn Transport,
+    mem: &GuestMemoryMmap,
+    populated: &[u64],
+    ram_pages: u64,
+    sent: &mut [u64],
+    report: &mut MigrationReport,
+) -> Result<(u64, u64), MigrateError> {
+    let words = populated.len().min(sent.len());
+    let (populated, sent) = (&populated[..words], &mut sent[..words]);
+    let mut lanes = tr.lanes()?;
+    if lanes.len() < 2 {
+        drop(lanes);
+        let pages = dirty_pages(populated).filter(|&p| p < ram_pages);
+        let mut map = SentMap {
+            words: sent,
+            first: 0,
+        };
+        return send_pages(tr, mem, pages, true, &mut map, report);
+    }
+    let n = lanes.len();
+    let bounds = shares(populated, n);
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = sent;
+    for k in 0..n {
+        let (part, tail) = rest.split_at_mut(bounds[k + 1] - bounds[k]);
+        parts.push(part);
+        rest = tail;
+    }
+    /// Frames and bytes one lane sent, and its counts.
+    type LaneOutcome = Result<((u64, u64), MigrationReport), MigrateError>;
+    let results: Vec<LaneOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = lanes
+            .iter_mut()
+            .zip(parts)
+            .zip(bounds.windows(2))
+            .map(|((lane, part), b)| {
+                let (lo, hi) = (b[0], b[1]);
+                std::thread::Builder::new()
+                    .name("migrate-lane".into())
+                    .spawn_scoped(s, move || {
+                        let first = lo as u64 * 64;
+                        let pages = dirty_pages(&populated[lo..hi])
+                            .map(move |p| p + first)
+                            .filter(|&p| p < ram_pages);
+                        let mut map = SentMap { words: part, first };
+                        let mut r = MigrationReport::default();
+                        let out = send_pages(lane.as_mut(), mem, pages, true, &mut map, &mut r);
+                        out.map(|x| (x, r))
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(MigrateError::Internal("a sending thread panicked".into()))
+                }),
+                Err(e) => Err(MigrateError::Internal(format!(
+                    "cannot start a sending thread: {e}"
+                ))),
+            })
+            .collect()
+    });
+    let (mut frames, mut bytes, mut pages) = (0, 0, 0);
+    for r in results {
+        let ((f, b), lane) = r?;
+        frames += f;
+        bytes += b;
+        pages += lane.pages;
+        report.zero_pages += lane.zero_pages;
+    }
+    report.pages += pages;
+    report.round_pages.push(pages);
+    report.bytes += bytes;
+    Ok((frames, bytes))
+}
+
+/// `n + 1` word indices into `bitmap` that cut it into `n` shares of about
+/// equal set bits, in order (the first is 0, the last the length).
+fn shares(bitmap: &[u64], n: usize) -> Vec<usize> {
+    let total: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+    let mut bounds = vec![0usize];
+    let mut acc = 0u64;
+    for (i, w) in bitmap.iter().enumerate() {
+        acc += u64::from(w.count_ones());
+        if bounds.len() < n && acc * n as u64 >= total * bounds.len() as u64 {
+            bounds.push(i + 1);
+        }
+    }
+    while bounds.len() <= n {
+        bounds.push(bitmap.len());
+    }
+    if let Some(last) = bounds.last_mut() {
+        *last = bitmap.len();
+    }
+    bounds
+}
+
 /// Sends the pages `pages` yields (ascending page numbers) as runs; with
 /// `skip_zero`, zero pages are left out (the destination's fresh memory
 /// holds zeros already), else sent as zero runs. Returns frames and bytes
@@ -581,23 +742,14 @@ fn is_zero(b: &[u8]) -> bool {
 /// buffer, and checked for zeros there: the copy is what the transport
 /// checksums and sends, so a guest write racing the send cannot tear it
 /// (the write is in the next round's dirty log).
-fn send_pages(
-    tr: &mut dyn Transport,
+fn send_pages<O: RunOut + ?Sized>(
+    tr: &mut O,
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
     skip_zero: bool,
-    sent: &mut [u64],
+    sent: &mut SentMap<'_>,
     report: &mut MigrationReport,
 ) -> Result<(u64, u64), MigrateError> {
-    let mut mark = |p: u64, data: bool| {
-        if let Some(w) = sent.get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX)) {
-            if data {
-                *w |= 1 << (p % 64);
-            } else {
-                *w &= !(1 << (p % 64));
-            }
-        }
-    };
     let max = SEND_RUN_PAGES;
     let page = PAGE_BYTES;
     let mut frames = 0u64;
@@ -619,7 +771,7 @@ fn send_pages(
         if buf.len() < max * page {
             // A recycled buffer keeps its length: resizing zero-fills only
             // what it lacks, once.
-            buf = tr.page_buffer();
+            buf = tr.buffer();
             buf.resize(max * page, 0);
         }
         if used == 0 {
@@ -631,7 +783,7 @@ fn send_pages(
                 VmmError::GuestMemory(format!("reading guest memory at {:#x}: {e}", p * PAGE_SIZE))
             })?;
         let zero = is_zero(slot);
-        mark(p, !zero);
+        sent.mark(p, !zero);
         if zero {
             report.zero_pages += 1;
             if used > 0 {
@@ -644,7 +796,7 @@ fn send_pages(
                 zeros += 1;
             } else {
                 if zeros > 0 {
-                    tr.send_run(PageRun::Zero {
+                    tr.run(PageRun::Zero {
                         gpa: zero_start * PAGE_SIZE,
                         pages: zeros,
                     })?;
@@ -656,7 +808,7 @@ fn send_pages(
             continue;
         }
         if zeros > 0 {
-            tr.send_run(PageRun::Zero {
+            tr.run(PageRun::Zero {
                 gpa: zero_start * PAGE_SIZE,
                 pages: zeros,
             })?;
@@ -668,7 +820,7 @@ fn send_pages(
     }
     flush_data(tr, run_start, &mut buf, &mut used, &mut frames, &mut bytes)?;
     if zeros > 0 {
-        tr.send_run(PageRun::Zero {
+        tr.run(PageRun::Zero {
             gpa: zero_start * PAGE_SIZE,
             pages: zeros,
         })?;
@@ -684,8 +836,8 @@ fn send_pages(
 
 /// Sends the first `used` bytes of `buf` as one data run (the buffer goes
 /// to the transport as it is; the next run takes a recycled one).
-fn flush_data(
-    tr: &mut dyn Transport,
+fn flush_data<O: RunOut + ?Sized>(
+    tr: &mut O,
     start: u64,
     buf: &mut Vec<u8>,
     used: &mut usize,
@@ -698,7 +850,7 @@ fn flush_data(
         let mut data = std::mem::take(buf);
         data.truncate(*used);
         *used = 0;
-        tr.send_data(start * PAGE_SIZE, data)?;
+        tr.data(start * PAGE_SIZE, data)?;
     }
     Ok(())
 }
@@ -981,14 +1133,7 @@ fn precopy(
             .sum::<u64>()
             .min(ram_pages);
     report.zero_pages += untouched;
-    let (frames, bytes) = send_pages(
-        tr,
-        mem,
-        dirty_pages(populated).filter(|&p| p < ram_pages),
-        true,
-        sent,
-        report,
-    )?;
+    let (frames, bytes) = send_populated(tr, mem, populated, ram_pages, sent, report)?;
     round(tr, 0, frames, false)?;
     report.round_ms.push(t.elapsed().as_secs_f64() * 1e3);
     let mut bw = bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -1027,7 +1172,11 @@ fn precopy(
             break;
         }
         let t = Instant::now();
-        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), false, sent, report)?;
+        let mut map = SentMap {
+            words: &mut *sent,
+            first: 0,
+        };
+        let (frames, bytes) = send_pages(tr, mem, dirty_pages(&pending), false, &mut map, report)?;
         round(tr, n, frames, false)?;
         report.round_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if bytes > 1 << 20 {
@@ -1151,12 +1300,16 @@ fn stop_and_copy(
     device_written_pages(vm, balloon.as_ref(), &mut copy)?;
     report.phases.dirty_log_ms = lap(&mut t);
     let before = report.pages;
+    let mut map = SentMap {
+        words: &mut copy.sent,
+        first: 0,
+    };
     let (frames, _) = send_pages(
         tr,
         vm.memory(),
         dirty_pages(&copy.pending),
         false,
-        &mut copy.sent,
+        &mut map,
         report,
     )?;
     report.phases.pages = report.pages - before;
@@ -1660,6 +1813,37 @@ mod tests {
         let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (r, _) = l.accept().unwrap();
         (w, r)
+    }
+
+    #[test]
+    fn shares_cut_a_bitmap_into_ordered_shares_of_about_equal_pages() {
+        let count = |b: &[u64]| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        let cases: Vec<Vec<u64>> = vec![
+            vec![],
+            vec![0; 10],
+            vec![u64::MAX; 1000],
+            vec![1],
+            // Dense at both ends, empty in the middle.
+            [vec![u64::MAX; 100], vec![0; 5000], vec![0xF0F0; 300]].concat(),
+            (0..4096u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .collect(),
+        ];
+        for bitmap in &cases {
+            let total = count(bitmap);
+            for n in 1..=6 {
+                let b = shares(bitmap, n);
+                assert_eq!(b.len(), n + 1);
+                assert_eq!(b[0], 0);
+                assert_eq!(b[n], bitmap.len());
+                assert!(b.windows(2).all(|w| w[0] <= w[1]), "{b:?}");
+                // Each share is within one word of an equal share.
+                let fair = total.div_ceil(n as u64);
+                for w in b.windows(2) {
+                    assert!(count(&bitmap[w[0]..w[1]]) <= fair + 64, "{b:?}");
+                }
+            }
+        }
     }
 
     #[test]

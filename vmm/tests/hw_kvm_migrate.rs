@@ -49,6 +49,20 @@ fn hw_kvm_migrate_dirty_guest_keeps_counting_and_every_page_matches() {
     if !kvm_or_skip("hw_kvm_migrate_dirty_guest_keeps_counting_and_every_page_matches") {
         return;
     }
+    // Three connections: round 0 goes out on three lanes at once.
+    dirty_guest_migrates_whole(3);
+}
+
+#[test]
+fn hw_kvm_migrate_over_one_connection_every_page_matches() {
+    if !kvm_or_skip("hw_kvm_migrate_over_one_connection_every_page_matches") {
+        return;
+    }
+    // One connection: every round is sent from the migration thread.
+    dirty_guest_migrates_whole(1);
+}
+
+fn dirty_guest_migrates_whole(streams: u32) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || {
@@ -60,7 +74,9 @@ fn hw_kvm_migrate_dirty_guest_keeps_counting_and_every_page_matches() {
     });
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
     let mut nothing = Nothing;
-    let mut obs = RunOnAfter::new(MigrationSource::new(options(to), &mut nothing), 1_000_000);
+    let mut opts = options(to);
+    opts.streams = streams;
+    let mut obs = RunOnAfter::new(MigrationSource::new(opts, &mut nothing), 1_000_000);
     let src_report = vm.run(&mut obs).unwrap();
     let mig = obs.mig.report.clone().unwrap();
     assert_eq!(mig.error, None);
