@@ -61,20 +61,6 @@ pub trait PageSink: Send + Sync {
     }
 }
 
-/// One connection's share of a round, written by the thread that holds it
-/// (see [`Transport::lanes`]). Frames sent on lanes count towards the
-/// round like any other.
-pub trait Lane: Send {
-    /// Sends one page run (its data is copied).
-    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
-    /// Sends whole pages at `gpa` from a buffer of
-    /// [`page_buffer`](Self::page_buffer) (as [`Transport::send_data`]).
-    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError>;
-    /// A buffer for [`send_data`](Self::send_data); it may hold an
-    /// earlier frame's bytes (as [`Transport::page_buffer`]).
-    fn page_buffer(&mut self) -> Vec<u8>;
-}
-
 /// Why [`PageSink::receive_from`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkReadError {
@@ -92,17 +78,12 @@ pub enum SinkReadError {
     Sink(String),
 }
 
-/// One migration channel: control messages and bulk page runs.
-///
-/// The source calls `send_*`, `flush` and `recv_control`; the destination
-/// calls `recv_control`, `wait_pages` and `send_control`. Page runs go
-/// straight into the destination's [`PageSink`].
-pub trait Transport: Send {
-    /// Sends one control message on the control channel.
-    fn send_control(&mut self, msg: &Control) -> Result<(), TransportError>;
-    /// Queues one page run on the bulk channel(s); the run's data is copied.
+/// Where page runs go: a [`Transport`] (queued on its bulk channels), or
+/// one of its [`lanes`](Transport::lanes) (written on the calling thread).
+pub trait PageOut: Send {
+    /// Sends one page run; the run's data is copied.
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
-    /// Queues whole pages at `gpa` (a non-zero multiple of 4 KiB, at most
+    /// Sends whole pages at `gpa` (a non-zero multiple of 4 KiB, at most
     /// [`proto::MAX_RUN_PAGES`] pages), taking the buffer instead of
     /// copying it. Get buffers from [`page_buffer`](Self::page_buffer).
     fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
@@ -115,6 +96,16 @@ pub trait Transport: Send {
     fn page_buffer(&mut self) -> Vec<u8> {
         Vec::new()
     }
+}
+
+/// One migration channel: control messages and bulk page runs.
+///
+/// The source calls `send_*`, `flush` and `recv_control`; the destination
+/// calls `recv_control`, `wait_pages` and `send_control`. Page runs go
+/// straight into the destination's [`PageSink`].
+pub trait Transport: PageOut {
+    /// Sends one control message on the control channel.
+    fn send_control(&mut self, msg: &Control) -> Result<(), TransportError>;
     /// Returns when every queued run has been handed to the network.
     fn flush(&mut self) -> Result<(), TransportError>;
     /// Stop-and-copy: flushes, then sends later runs on the calling thread
@@ -124,11 +115,12 @@ pub trait Transport: Send {
     fn send_inline(&mut self) -> Result<(), TransportError> {
         self.flush()
     }
-    /// Page lanes for sending from several threads at once (one per bulk
-    /// connection): each lane writes its frames on the thread that holds
-    /// it. Queued runs are flushed first. Empty where the transport has
-    /// no such connections (RDMA): send on this thread then.
-    fn lanes(&mut self) -> Result<Vec<Box<dyn Lane + '_>>, TransportError> {
+    /// Lanes for sending page runs from several threads at once (one per
+    /// bulk connection): each writes its frames on the thread that holds
+    /// it, and they count towards the round like any other. Queued runs
+    /// are flushed first. Empty where the transport has no such
+    /// connections (RDMA): send on this thread then.
+    fn lanes(&mut self) -> Result<Vec<Box<dyn PageOut + '_>>, TransportError> {
         Ok(Vec::new())
     }
     /// Receives the next control message (waits at most the transport's timeout).

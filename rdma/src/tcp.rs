@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, Control, Frame, HEADER_LEN, PageRun, ProtocolError};
-use crate::{Lane, PageSink, SinkReadError, Transport, TransportError};
+use crate::{PageOut, PageSink, SinkReadError, Transport, TransportError};
 
 /// Frames queued per bulk connection before `send_run` blocks (two keep
 /// its socket busy while the next frame is gathered).
@@ -306,7 +306,7 @@ struct TcpLane<'a> {
     peer: &'a str,
 }
 
-impl Lane for TcpLane<'_> {
+impl PageOut for TcpLane<'_> {
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
         (&mut &*self.stream)
             .write_all(&proto::encode_run(run))
@@ -697,34 +697,13 @@ impl Transport for TcpTransport {
             .map_err(io(&self.peer, "write"))
     }
 
-    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        let job = match run {
-            PageRun::Data { gpa, data } => {
-                let mut buf = self.page_buffer();
-                buf.clear();
-                buf.extend_from_slice(data);
-                Job::Pages(gpa, buf)
-            }
-            PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
-        };
-        self.queue(job)
-    }
-
-    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
-        self.queue(Job::Pages(gpa, data))
-    }
-
     fn send_inline(&mut self) -> Result<(), TransportError> {
         self.flush()?;
         self.inline = true;
         Ok(())
     }
 
-    fn page_buffer(&mut self) -> Vec<u8> {
-        take_buffer(&self.pool)
-    }
-
-    fn lanes(&mut self) -> Result<Vec<Box<dyn Lane + '_>>, TransportError> {
+    fn lanes(&mut self) -> Result<Vec<Box<dyn PageOut + '_>>, TransportError> {
         if self.senders.is_empty() {
             return Ok(Vec::new());
         }
@@ -734,7 +713,7 @@ impl Transport for TcpTransport {
         let (bulk, pool, peer) = (&self.bulk, &self.pool, self.peer.as_str());
         Ok(bulk
             .iter()
-            .map(|stream| Box::new(TcpLane { stream, pool, peer }) as Box<dyn Lane + '_>)
+            .map(|stream| Box::new(TcpLane { stream, pool, peer }) as Box<dyn PageOut + '_>)
             .collect())
     }
 
@@ -836,6 +815,29 @@ impl Transport for TcpTransport {
                 tracing::error!("a migration transport thread panicked");
             }
         }
+    }
+}
+
+impl PageOut for TcpTransport {
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        let job = match run {
+            PageRun::Data { gpa, data } => {
+                let mut buf = self.page_buffer();
+                buf.clear();
+                buf.extend_from_slice(data);
+                Job::Pages(gpa, buf)
+            }
+            PageRun::Zero { .. } => Job::Frame(proto::encode_run(run)),
+        };
+        self.queue(job)
+    }
+
+    fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
+        self.queue(Job::Pages(gpa, data))
+    }
+
+    fn page_buffer(&mut self) -> Vec<u8> {
+        take_buffer(&self.pool)
     }
 }
 

@@ -38,7 +38,7 @@ use sys::{DeviceList, DmaBuf, Verbs, status_str, wc_imm, zeroed_wcs};
 use crate::proto::{self, Control, Frame, PAGE_SIZE, PageRun};
 use crate::rdma_wire::{self, RemoteRegion};
 use crate::tcp::{connect_control, frame_name, io, read_frame, session_id};
-use crate::{PendingIncoming, Transport, TransportError};
+use crate::{PageOut, PendingIncoming, Transport, TransportError};
 
 /// Names of the RDMA devices on this host (e.g. `mlx5_0`, `rxe0`).
 pub fn list_devices() -> Result<Vec<String>, TransportError> {
@@ -843,76 +843,6 @@ impl Transport for RdmaTransport {
             .map_err(io(&self.peer, "write"))
     }
 
-    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        self.failed()?;
-        let Some(region) = self.region else {
-            return Err(self.unexpected("page run before open_data_path"));
-        };
-        let run_err = |source| TransportError::Run {
-            peer: self.peer.clone(),
-            source,
-        };
-        match run {
-            PageRun::Data { gpa, data } => {
-                rdma_wire::check_data_run(gpa, data.len() as u64, region.len).map_err(run_err)?;
-                let slot = self.ring.as_ref().map_or(0, |r| r.slot_bytes);
-                let seq = self.ring.as_ref().map_or(0, |r| r.seq);
-                let pieces: Vec<_> = rdma_wire::chunks(data.len(), slot).collect();
-                let last = pieces.len().saturating_sub(1);
-                for (i, (off, len)) in pieces.into_iter().enumerate() {
-                    // In range: gpa + data.len() <= region.len (checked), and
-                    // region.addr + region.len does not overflow (checked at open).
-                    let remote = region.addr + gpa + off as u64;
-                    let piece = &data[off..off + len];
-                    let r = if i == last {
-                        self.post(
-                            "RDMA write with immediate",
-                            ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
-                            piece,
-                            Some((remote, region.rkey)),
-                            Some(rdma_wire::imm_for(seq)),
-                        )
-                    } else {
-                        self.post(
-                            "RDMA write",
-                            ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-                            piece,
-                            Some((remote, region.rkey)),
-                            None,
-                        )
-                    };
-                    if let Err(e) = r {
-                        if i > 0 && self.failure.is_none() {
-                            // Part of the run is out without its frame
-                            // number: nothing later may follow it.
-                            self.failure = Some(Failure {
-                                op: "RDMA write",
-                                status: format!("run at {gpa:#x} only partly sent: {e}"),
-                                vendor_err: 0,
-                            });
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            PageRun::Zero { gpa, pages } => {
-                rdma_wire::check_zero_run(gpa, pages, region.len).map_err(run_err)?;
-                let seq = self.ring.as_ref().map_or(0, |r| r.seq);
-                self.post(
-                    "send (zero run)",
-                    ib::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
-                    &rdma_wire::encode_zero(gpa, pages),
-                    None,
-                    Some(rdma_wire::imm_for(seq)),
-                )?;
-            }
-        }
-        if let Some(r) = self.ring.as_mut() {
-            r.seq = r.seq.wrapping_add(1);
-        }
-        Ok(())
-    }
-
     fn flush(&mut self) -> Result<(), TransportError> {
         self.reap(0)
     }
@@ -1011,6 +941,78 @@ impl Transport for RdmaTransport {
         self.seal();
         let _ = self.control.shutdown(std::net::Shutdown::Both);
         self.closed = true;
+    }
+}
+
+impl PageOut for RdmaTransport {
+    fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
+        self.failed()?;
+        let Some(region) = self.region else {
+            return Err(self.unexpected("page run before open_data_path"));
+        };
+        let run_err = |source| TransportError::Run {
+            peer: self.peer.clone(),
+            source,
+        };
+        match run {
+            PageRun::Data { gpa, data } => {
+                rdma_wire::check_data_run(gpa, data.len() as u64, region.len).map_err(run_err)?;
+                let slot = self.ring.as_ref().map_or(0, |r| r.slot_bytes);
+                let seq = self.ring.as_ref().map_or(0, |r| r.seq);
+                let pieces: Vec<_> = rdma_wire::chunks(data.len(), slot).collect();
+                let last = pieces.len().saturating_sub(1);
+                for (i, (off, len)) in pieces.into_iter().enumerate() {
+                    // In range: gpa + data.len() <= region.len (checked), and
+                    // region.addr + region.len does not overflow (checked at open).
+                    let remote = region.addr + gpa + off as u64;
+                    let piece = &data[off..off + len];
+                    let r = if i == last {
+                        self.post(
+                            "RDMA write with immediate",
+                            ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+                            piece,
+                            Some((remote, region.rkey)),
+                            Some(rdma_wire::imm_for(seq)),
+                        )
+                    } else {
+                        self.post(
+                            "RDMA write",
+                            ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                            piece,
+                            Some((remote, region.rkey)),
+                            None,
+                        )
+                    };
+                    if let Err(e) = r {
+                        if i > 0 && self.failure.is_none() {
+                            // Part of the run is out without its frame
+                            // number: nothing later may follow it.
+                            self.failure = Some(Failure {
+                                op: "RDMA write",
+                                status: format!("run at {gpa:#x} only partly sent: {e}"),
+                                vendor_err: 0,
+                            });
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            PageRun::Zero { gpa, pages } => {
+                rdma_wire::check_zero_run(gpa, pages, region.len).map_err(run_err)?;
+                let seq = self.ring.as_ref().map_or(0, |r| r.seq);
+                self.post(
+                    "send (zero run)",
+                    ib::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+                    &rdma_wire::encode_zero(gpa, pages),
+                    None,
+                    Some(rdma_wire::imm_for(seq)),
+                )?;
+            }
+        }
+        if let Some(r) = self.ring.as_mut() {
+            r.seq = r.seq.wrapping_add(1);
+        }
+        Ok(())
     }
 }
 

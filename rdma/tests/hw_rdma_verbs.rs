@@ -17,7 +17,8 @@ use rdma::rdma_wire::RunError;
 use rdma::testing::rdma_device_or_skip;
 use rdma::verbs::{GuestRam, RdmaOptions, RdmaTransport, list_devices};
 use rdma::{
-    Control, PageRun, PendingIncoming, TcpTransport, Transport, TransportError, VmDescriptor,
+    Control, PageOut, PageRun, PendingIncoming, TcpTransport, Transport, TransportError,
+    VmDescriptor,
 };
 
 const PAGE: usize = 4096;

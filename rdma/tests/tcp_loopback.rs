@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdma::{
-    Control, PageRun, PageSink, PendingIncoming, TcpTransport, Transport, TransportError,
+    Control, PageOut, PageRun, PageSink, PendingIncoming, TcpTransport, Transport, TransportError,
     VmDescriptor,
 };
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use balloon::BalloonState;
 use rdma::{
-    Control, Lane, PageRun, PageSink, PendingIncoming, SinkReadError, TcpTransport, Transport,
+    Control, PageOut, PageRun, PageSink, PendingIncoming, SinkReadError, TcpTransport, Transport,
     TransportError, VmDescriptor, proto,
 };
 use serde::{Deserialize, Serialize};
@@ -575,37 +575,6 @@ fn is_zero(b: &[u8]) -> bool {
         .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
 }
 
-/// Where [`send_pages`] puts page runs: the transport, or one of its lanes.
-trait RunOut {
-    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError>;
-    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError>;
-    fn buffer(&mut self) -> Vec<u8>;
-}
-
-impl RunOut for dyn Transport + '_ {
-    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        self.send_run(run)
-    }
-    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
-        self.send_data(gpa, data)
-    }
-    fn buffer(&mut self) -> Vec<u8> {
-        self.page_buffer()
-    }
-}
-
-impl RunOut for dyn Lane + '_ {
-    fn run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        self.send_run(run)
-    }
-    fn data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
-        self.send_data(gpa, data)
-    }
-    fn buffer(&mut self) -> Vec<u8> {
-        self.page_buffer()
-    }
-}
-
 /// Pages whose last copy on the destination holds data: `words` covers
 /// the pages from `first` (a multiple of 64) on.
 struct SentMap<'a> {
@@ -742,7 +711,7 @@ fn shares(bitmap: &[u64], n: usize) -> Vec<usize> {
 /// buffer, and checked for zeros there: the copy is what the transport
 /// checksums and sends, so a guest write racing the send cannot tear it
 /// (the write is in the next round's dirty log).
-fn send_pages<O: RunOut + ?Sized>(
+fn send_pages<O: PageOut + ?Sized>(
     tr: &mut O,
     mem: &GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
@@ -771,7 +740,7 @@ fn send_pages<O: RunOut + ?Sized>(
         if buf.len() < max * page {
             // A recycled buffer keeps its length: resizing zero-fills only
             // what it lacks, once.
-            buf = tr.buffer();
+            buf = tr.page_buffer();
             buf.resize(max * page, 0);
         }
         if used == 0 {
@@ -796,7 +765,7 @@ fn send_pages<O: RunOut + ?Sized>(
                 zeros += 1;
             } else {
                 if zeros > 0 {
-                    tr.run(PageRun::Zero {
+                    tr.send_run(PageRun::Zero {
                         gpa: zero_start * PAGE_SIZE,
                         pages: zeros,
                     })?;
@@ -808,7 +777,7 @@ fn send_pages<O: RunOut + ?Sized>(
             continue;
         }
         if zeros > 0 {
-            tr.run(PageRun::Zero {
+            tr.send_run(PageRun::Zero {
                 gpa: zero_start * PAGE_SIZE,
                 pages: zeros,
             })?;
@@ -820,7 +789,7 @@ fn send_pages<O: RunOut + ?Sized>(
     }
     flush_data(tr, run_start, &mut buf, &mut used, &mut frames, &mut bytes)?;
     if zeros > 0 {
-        tr.run(PageRun::Zero {
+        tr.send_run(PageRun::Zero {
             gpa: zero_start * PAGE_SIZE,
             pages: zeros,
         })?;
@@ -836,7 +805,7 @@ fn send_pages<O: RunOut + ?Sized>(
 
 /// Sends the first `used` bytes of `buf` as one data run (the buffer goes
 /// to the transport as it is; the next run takes a recycled one).
-fn flush_data<O: RunOut + ?Sized>(
+fn flush_data<O: PageOut + ?Sized>(
     tr: &mut O,
     start: u64,
     buf: &mut Vec<u8>,
@@ -850,7 +819,7 @@ fn flush_data<O: RunOut + ?Sized>(
         let mut data = std::mem::take(buf);
         data.truncate(*used);
         *used = 0;
-        tr.data(start * PAGE_SIZE, data)?;
+        tr.send_data(start * PAGE_SIZE, data)?;
     }
     Ok(())
 }
