@@ -74,6 +74,9 @@
 //! cpus = "2-7"                 # optional: CPUs for vCPU threads (default: the daemon's own)
 //! sample_interval_ms = 10000
 //! record = "/var/log/prescient/libvirt.jsonl"   # optional
+//! migrate_uri = "qemu+tcp://{host}/system"   # optional: a drain live-migrates domains
+//! migrate_timeout_s = 600      # pre-copy longer than this pauses the guest to finish
+//! migrate_parallel = 1         # virsh migrate runs at once (1 or 2)
 //!
 //! [interrupt]
 //! capacity_mib = 16384        # optional: turns the interruption coordinator on
@@ -400,6 +403,18 @@ pub struct LibvirtConfig {
     pub sample_interval_ms: u64,
     /// Append what the daemon does to domains here (JSON lines), if set.
     pub record: Option<PathBuf>,
+    /// The destination libvirt's URI for `prescient host drain`, with
+    /// `{host}` standing for the host part of the drain's destination
+    /// (`HOST:PORT` of a companion), e.g. `qemu+tcp://{host}/system`;
+    /// unset: a drain does not move libvirt domains.
+    pub migrate_uri: Option<String>,
+    /// A domain's pre-copy running longer than this, s, pauses the guest
+    /// so that the migration finishes (`virsh migrate --timeout`); the
+    /// companion gives virsh twice this plus a minute before it aborts
+    /// the job (10 to 86400).
+    pub migrate_timeout_s: u64,
+    /// `virsh migrate` runs at once during a drain (1 or 2).
+    pub migrate_parallel: usize,
 }
 
 impl Default for LibvirtConfig {
@@ -413,6 +428,9 @@ impl Default for LibvirtConfig {
             cpus: None,
             sample_interval_ms: u64::try_from(a.sample_interval.as_millis()).unwrap_or(10_000),
             record: None,
+            migrate_uri: None,
+            migrate_timeout_s: 600,
+            migrate_parallel: 1,
         }
     }
 }
@@ -584,6 +602,25 @@ impl Config {
         }
         if l.uri.is_empty() {
             return Err(bad("libvirt.uri", String::new(), "must name a libvirt URI"));
+        }
+        if let Some(u) = &l.migrate_uri
+            && let Err(why) = crate::migration::check_migrate_uri(u)
+        {
+            return Err(bad("libvirt.migrate_uri", u.clone(), why));
+        }
+        if !(10..=86_400).contains(&l.migrate_timeout_s) {
+            return Err(bad(
+                "libvirt.migrate_timeout_s",
+                l.migrate_timeout_s.to_string(),
+                "must be 10 to 86400",
+            ));
+        }
+        if !(1..=2).contains(&l.migrate_parallel) {
+            return Err(bad(
+                "libvirt.migrate_parallel",
+                l.migrate_parallel.to_string(),
+                "must be 1 or 2",
+            ));
         }
         let pool = &self.pool;
         if !(pool.reserved_cpus.is_finite() && (0.0..=1e6).contains(&pool.reserved_cpus)) {
@@ -830,6 +867,24 @@ impl Config {
         a.sample_interval = std::time::Duration::from_millis(l.sample_interval_ms);
         a.record_file = l.record.clone();
         Some(a)
+    }
+
+    /// How a drain moves libvirt domains (`virsh` and the local URI as for
+    /// the agent, whether or not it acts).
+    pub fn libvirt_move(&self) -> crate::migration::LibvirtMove {
+        let l = &self.libvirt;
+        crate::migration::LibvirtMove {
+            virsh: crate::libvirt::Virsh {
+                program: l.virsh.clone(),
+                uri: l.uri.clone(),
+                timeout: std::time::Duration::from_secs(
+                    l.migrate_timeout_s.saturating_mul(2).saturating_add(60),
+                ),
+            },
+            migrate_uri: l.migrate_uri.clone(),
+            timeout_s: l.migrate_timeout_s,
+            parallel: l.migrate_parallel,
+        }
     }
 
     /// The store policy this configuration asks for.
@@ -1115,6 +1170,17 @@ mod tests {
                 .is_none()
         );
         assert!(Config::default().libvirt_agent().is_some());
+        let m = parse("[libvirt]\nvirsh = \"/v\"\nmigrate_uri = \"qemu+tcp://{host}:16510/system\"\nmigrate_timeout_s = 30\nmigrate_parallel = 2\n")
+            .unwrap()
+            .libvirt_move();
+        assert_eq!(
+            m.migrate_uri.as_deref(),
+            Some("qemu+tcp://{host}:16510/system")
+        );
+        assert_eq!((m.timeout_s, m.parallel), (30, 2));
+        assert_eq!(m.virsh.program, Path::new("/v"));
+        assert_eq!(m.virsh.timeout.as_secs(), 120);
+        assert_eq!(Config::default().libvirt_move().migrate_uri, None);
     }
 
     #[test]
@@ -1149,6 +1215,22 @@ mod tests {
                 "libvirt.sample_interval_ms",
             ),
             ("[libvirt]\nuri = \"\"\n", "libvirt.uri"),
+            (
+                "[libvirt]\nmigrate_uri = \"qemu+tcp://fixed/system\"\n",
+                "libvirt.migrate_uri",
+            ),
+            (
+                "[libvirt]\nmigrate_uri = \"qemu+tcp://{host} /system\"\n",
+                "libvirt.migrate_uri",
+            ),
+            (
+                "[libvirt]\nmigrate_timeout_s = 1\n",
+                "libvirt.migrate_timeout_s",
+            ),
+            (
+                "[libvirt]\nmigrate_parallel = 3\n",
+                "libvirt.migrate_parallel",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

@@ -764,6 +764,11 @@ struct ServeArgs {
     /// The virsh program [default: virsh].
     #[arg(long)]
     virsh: Option<PathBuf>,
+    /// The destination libvirt's URI for `prescient host drain`, `{host}`
+    /// standing for the destination's host (`[libvirt] migrate_uri`, e.g.
+    /// qemu+tcp://{host}/system); unset: a drain leaves libvirt domains.
+    #[arg(long)]
+    libvirt_migrate_uri: Option<String>,
     /// Memory this host may hand out to VMs, MiB: turns on the interruption
     /// coordinator (admission against this capacity, balloon shrinks,
     /// interruption of lower-priority interruptible VMs, deferral); also
@@ -901,6 +906,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config, prescient::ConfigError> 
     if let Some(v) = &args.virsh {
         l.virsh = v.clone();
     }
+    if args.libvirt_migrate_uri.is_some() {
+        l.migrate_uri = args.libvirt_migrate_uri.clone();
+    }
     if let Some(n) = args.shape_interval_s {
         c.shaping.interval_s = n;
     }
@@ -997,7 +1005,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         0.0,
         std::sync::Arc::clone(&config.metrics),
     ) {
-        Ok(m) => config.migration = Some(std::sync::Arc::new(m)),
+        Ok(m) => config.migration = Some(std::sync::Arc::new(m.with_libvirt(c.libvirt_move()))),
         Err(e) => {
             eprintln!("prescient: {}", error_chain(&e));
             return ExitCode::from(2);

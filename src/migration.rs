@@ -36,6 +36,18 @@
 //! `[min_downtime_ms, max_downtime_ms]` ([`downtime_budget`]). A VM that
 //! dirties faster than 80 % of B does not converge and gets the maximum.
 //!
+//! libvirt domains move too, when `[libvirt] migrate_uri` is set: a drain
+//! takes up each running domain the companion knows (from the hook's
+//! calls, or the store's records after a restart) and runs `virsh -c
+//! LOCAL migrate --live --p2p --persistent --undefinesource
+//! --abort-on-error --timeout T --domain NAME --desturi URI` on a thread
+//! of its own, at most `migrate_parallel` at once, where URI is
+//! `migrate_uri` with `{host}` replaced by the host part of the drain's
+//! destination ([`LibvirtMove`]). virsh's exit decides the record: moved,
+//! or failed with virsh's error (libvirt keeps a domain whose migration
+//! failed running on the source). Without `migrate_uri`, domains are
+//! listed as unsupported, naming the key.
+//!
 //! A drain is durable: the daemon records it ([`DrainRecord`], JSON in the
 //! store's `daemon_state` under [`DRAIN_STATE_KEY`]) before it begins and
 //! removes it on `undrain`, so that a daemon restarted mid-drain (the
@@ -418,7 +430,7 @@ pub enum MoveState {
     /// destination before restoring that copy.
     InDoubt,
     /// The VM cannot migrate (its VMM did not announce the feature, or it
-    /// is a libvirt domain).
+    /// is a libvirt domain and `[libvirt] migrate_uri` is not set).
     Unsupported,
 }
 
@@ -566,6 +578,129 @@ pub struct DrainStatus {
     pub unreadable: Option<String>,
 }
 
+/// How a drain moves libvirt domains (`[libvirt]` `virsh`, `uri`,
+/// `migrate_uri`, `migrate_timeout_s`, `migrate_parallel`).
+#[derive(Clone, Debug)]
+pub struct LibvirtMove {
+    /// `virsh` with the local libvirt's URI; its timeout is the hard bound
+    /// of one `virsh migrate` (then the job is aborted and virsh killed).
+    pub virsh: crate::libvirt::Virsh,
+    /// The destination libvirt's URI, `{host}` standing for the host part
+    /// of the drain's destination; `None`: domains are not moved.
+    pub migrate_uri: Option<String>,
+    /// `virsh migrate --timeout`: pre-copy longer than this, s, pauses the
+    /// guest so that the migration finishes.
+    pub timeout_s: u64,
+    /// `virsh migrate` runs at once.
+    pub parallel: usize,
+}
+
+/// Checks a `[libvirt] migrate_uri` template (pure).
+pub fn check_migrate_uri(uri: &str) -> Result<(), &'static str> {
+    if !uri.contains("{host}") {
+        return Err(
+            "must contain {host}, the host part of the drain's destination, e.g. qemu+tcp://{host}/system",
+        );
+    }
+    if uri.len() > 512 || uri.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must be one word of at most 512 characters");
+    }
+    if !uri.contains("://") {
+        return Err("must be a libvirt URI, e.g. qemu+tcp://{host}/system");
+    }
+    Ok(())
+}
+
+/// The destination libvirt's URI for a drain to `destination`
+/// (`HOST:PORT` of a companion, checked): `template` with `{host}`
+/// replaced by HOST (an IPv6 host keeps its brackets).
+pub fn destination_libvirt_uri(template: &str, destination: &str) -> Option<String> {
+    let (host, _) = destination.rsplit_once(':')?;
+    (!host.is_empty()).then(|| template.replace("{host}", host))
+}
+
+/// Checks a libvirt domain name before it goes to `virsh` as an argument
+/// (never through a shell): not empty, at most 1024 bytes, no control
+/// characters.
+pub fn check_domain_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 1024 {
+        return Err("the domain name is empty or longer than 1024 bytes".into());
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "the domain name {name:?} contains control characters; it is not passed to virsh"
+        ));
+    }
+    Ok(())
+}
+
+/// `virsh migrate`'s arguments (after `-c LOCAL`) for `domain` to
+/// `dest_uri` (pure). The domain and URI are given as option values, so
+/// that a name beginning with `-` stays a name.
+pub fn virsh_migrate_args(domain: &str, dest_uri: &str, timeout_s: u64) -> Vec<String> {
+    [
+        "migrate",
+        "--live",
+        "--p2p",
+        "--persistent",
+        "--undefinesource",
+        "--abort-on-error",
+        "--timeout",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .chain([
+        timeout_s.to_string(),
+        "--domain".into(),
+        domain.to_string(),
+        "--desturi".into(),
+        dest_uri.to_string(),
+    ])
+    .collect()
+}
+
+/// Longest virsh error kept in a move record, characters.
+const MAX_VIRSH_ERROR: usize = 600;
+
+/// Live-migrates `domain` with virsh (blocks: run off the hook path);
+/// `Err`: virsh's error, trimmed. Past the hard bound the job is aborted
+/// (`virsh domjobabort`) and virsh killed.
+fn migrate_domain(lm: &LibvirtMove, domain: &str, dest_uri: &str) -> Result<(), String> {
+    check_domain_name(domain)?;
+    let args = virsh_migrate_args(domain, dest_uri, lm.timeout_s);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match lm.virsh.run(&refs) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let mut why = e.to_string();
+            if why.contains("no answer within") {
+                let mut abort = lm.virsh.clone();
+                abort.timeout = Duration::from_secs(30);
+                let aborted = abort.run(&["domjobabort", "--domain", domain]);
+                why = format!(
+                    "{why}; the migration job was aborted ({})",
+                    aborted.map_or_else(|e| e.to_string(), |_| "ok".into())
+                );
+            }
+            let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+            Err(if why.chars().count() > MAX_VIRSH_ERROR {
+                why.chars().take(MAX_VIRSH_ERROR).collect::<String>() + "…"
+            } else {
+                why
+            })
+        }
+    }
+}
+
+/// What a drain started for one VM.
+#[derive(Debug)]
+enum Started {
+    /// A labvm VM: ask this destination companion for a slot.
+    Slot(String, SlotRequest),
+    /// A libvirt domain: queued for `virsh migrate`.
+    Libvirt,
+}
+
 /// What the companion knows of a running VM for moving it.
 #[derive(Debug, Default)]
 struct Track {
@@ -589,6 +724,13 @@ struct MoverState {
     /// VMs the drain in force has taken up (each gets one move per
     /// drain); emptied when a drain begins or ends.
     drained: std::collections::HashSet<String>,
+    /// Running libvirt domains (from the hook's calls, and the store's
+    /// records at start).
+    libvirt: std::collections::HashSet<String>,
+    /// libvirt domains waiting for `virsh migrate`: name and destination URI.
+    libvirt_queue: VecDeque<(String, String)>,
+    /// `virsh migrate` threads running.
+    libvirt_running: usize,
 }
 
 /// Least time between two overload checks.
@@ -605,11 +747,19 @@ impl MoverState {
     /// Records `vm`'s move off this host for the drain in force (to the
     /// next of `destinations`, or unsupported when its VMM cannot migrate
     /// it); returns where to ask for a slot, and the request, when it can
-    /// move.
+    /// move, or that a libvirt domain was queued for `virsh migrate`.
     /// A VM that has not reported its run status yet is listed as
     /// unsupported but not taken up: it moves if it reports in while the
     /// drain holds.
-    fn drain_move(&mut self, vm: &str, destinations: &[String]) -> Option<(String, SlotRequest)> {
+    fn drain_move(
+        &mut self,
+        vm: &str,
+        destinations: &[String],
+        lm: Option<&LibvirtMove>,
+    ) -> Option<Started> {
+        if self.libvirt.contains(vm) {
+            return self.drain_domain(vm, destinations, lm);
+        }
         let track = self.tracks.get(vm);
         let reported = track.is_some_and(|t| !t.resident.is_empty());
         let req = track.filter(|t| t.movable).map(|t| t.slot_request(vm));
@@ -618,9 +768,9 @@ impl MoverState {
         }
         let Some(req) = req else {
             let why = if reported {
-                "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion)"
+                "its VMM does not offer live migration (labvm announces migrate-1)"
             } else {
-                "its VMM does not offer live migration (labvm announces migrate-1; libvirt domains are not moved by the companion), or it has not reported its run status yet (it moves if it does while the drain holds)"
+                "its VMM does not offer live migration (labvm announces migrate-1), or it has not reported its run status yet (it moves if it does while the drain holds)"
             };
             self.moves.insert(
                 vm.to_string(),
@@ -641,7 +791,54 @@ impl MoverState {
                 MoveState::Requesting,
             ),
         );
-        Some((destination, req))
+        Some(Started::Slot(destination, req))
+    }
+
+    /// [`drain_move`](Self::drain_move) for a libvirt domain: queued for
+    /// `virsh migrate` to the next destination's libvirt (state
+    /// `ordered`, `addr` the destination URI), or unsupported without
+    /// `[libvirt] migrate_uri` or with a name virsh must not be given.
+    fn drain_domain(
+        &mut self,
+        vm: &str,
+        destinations: &[String],
+        lm: Option<&LibvirtMove>,
+    ) -> Option<Started> {
+        self.drained.insert(vm.to_string());
+        let unsupported = |why: String| MoveRecord {
+            error: Some(why),
+            ..MoveRecord::begin(vm, "drain".into(), String::new(), MoveState::Unsupported)
+        };
+        let Some(template) = lm.and_then(|l| l.migrate_uri.as_deref()) else {
+            self.moves.insert(
+                vm.to_string(),
+                unsupported(
+                    "a libvirt domain: set [libvirt] migrate_uri (e.g. \"qemu+tcp://{host}/system\") for a drain to live-migrate it".into(),
+                ),
+            );
+            return None;
+        };
+        if let Err(why) = check_domain_name(vm) {
+            self.moves.insert(vm.to_string(), unsupported(why));
+            return None;
+        }
+        let destination = self.next_destination(destinations);
+        let Some(uri) = destination_libvirt_uri(template, &destination) else {
+            self.moves.insert(
+                vm.to_string(),
+                unsupported(format!("no host in the destination {destination:?}")),
+            );
+            return None;
+        };
+        self.moves.insert(
+            vm.to_string(),
+            MoveRecord {
+                addr: Some(uri.clone()),
+                ..MoveRecord::begin(vm, "drain".into(), destination, MoveState::Ordered)
+            },
+        );
+        self.libvirt_queue.push_back((vm.to_string(), uri));
+        Some(Started::Libvirt)
     }
 }
 
@@ -688,6 +885,8 @@ pub struct Mover {
     draining: std::sync::atomic::AtomicBool,
     /// The drain in force.
     drain: Mutex<Option<DrainStatus>>,
+    /// How libvirt domains move (`None`: they are not moved).
+    libvirt: Option<LibvirtMove>,
 }
 
 /// Asks the companion at `addr` for a slot for `req`; returns the address
@@ -758,7 +957,131 @@ impl Mover {
             metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
             drain: Mutex::new(None),
+            libvirt: None,
         })
+    }
+
+    /// The mover, moving libvirt domains as `lm` says on a drain.
+    #[must_use]
+    pub fn with_libvirt(mut self, lm: LibvirtMove) -> Self {
+        self.libvirt = Some(lm);
+        self
+    }
+
+    /// Notes running libvirt domains that the hook did not announce to
+    /// this daemon (the store's records at start; the pool's records
+    /// before a drain). `take_up`: while a drain holds, each moves as a
+    /// domain reporting in does.
+    pub fn know_libvirt(self: &Arc<Self>, names: &[String], take_up: bool) {
+        {
+            let mut st = self.lock();
+            st.libvirt.extend(names.iter().cloned());
+        }
+        if take_up {
+            for n in names {
+                self.drain_arrival(n);
+            }
+        }
+    }
+
+    /// Follows a libvirt hook call: the domain runs (`started`,
+    /// `reconnect`, `attach`: while a drain holds it moves), or is gone.
+    fn libvirt_call(self: &Arc<Self>, vm: &str, op: vmm_hooks::LibvirtOperation) {
+        use vmm_hooks::LibvirtOperation as Op;
+        match op {
+            Op::Start | Op::Started | Op::Reconnect | Op::Attach => {
+                self.lock().libvirt.insert(vm.to_string());
+                if op != Op::Start {
+                    self.drain_arrival(vm);
+                }
+            }
+            op if op.vm_gone() => {
+                let mut st = self.lock();
+                st.libvirt.remove(vm);
+                // Queued and not begun: it will not move. (Once virsh
+                // runs, its exit decides: the source domain stops when
+                // the migration completes.)
+                st.libvirt_queue.retain(|(n, _)| n != vm);
+                if let Some(m) = st.moves.get_mut(vm)
+                    && m.state == MoveState::Ordered
+                    && m.addr.as_deref().is_some_and(|a| a.contains("://"))
+                {
+                    m.state = MoveState::Failed;
+                    m.error = Some("the domain stopped before it moved".into());
+                    crate::Metrics::inc(&self.metrics.migrations, "failed");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts `virsh migrate` threads for queued domains, up to
+    /// `migrate_parallel` at once.
+    fn pump_libvirt(self: &Arc<Self>) {
+        let Some(lm) = self.libvirt.clone() else {
+            return;
+        };
+        loop {
+            {
+                let mut st = self.lock();
+                if st.libvirt_running >= lm.parallel.max(1) || st.libvirt_queue.is_empty() {
+                    return;
+                }
+                st.libvirt_running += 1;
+            }
+            let me = Arc::clone(self);
+            let lm = lm.clone();
+            let spawned = std::thread::Builder::new()
+                .name("prescient-virsh-migrate".into())
+                .spawn(move || me.libvirt_worker(&lm));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a virsh migrate thread: {e}");
+                self.lock().libvirt_running -= 1;
+                return;
+            }
+        }
+    }
+
+    /// One `virsh migrate` thread: migrates queued domains one at a time
+    /// until the queue is empty.
+    fn libvirt_worker(&self, lm: &LibvirtMove) {
+        loop {
+            let (vm, uri) = {
+                let mut st = self.lock();
+                let Some((vm, uri)) = st.libvirt_queue.pop_front() else {
+                    st.libvirt_running -= 1;
+                    return;
+                };
+                match st.moves.get_mut(&vm) {
+                    Some(m) if m.state == MoveState::Ordered => m.state = MoveState::Migrating,
+                    _ => continue,
+                }
+                (vm, uri)
+            };
+            tracing::info!(
+                vm,
+                to = uri,
+                "live-migrating a libvirt domain (virsh migrate)"
+            );
+            let r = migrate_domain(lm, &vm, &uri);
+            let mut st = self.lock();
+            let Some(m) = st.moves.get_mut(&vm) else {
+                continue;
+            };
+            match r {
+                Ok(()) => {
+                    m.state = MoveState::Moved;
+                    crate::Metrics::inc(&self.metrics.migrations, "moved");
+                    tracing::info!(vm, to = uri, "libvirt domain moved");
+                }
+                Err(why) => {
+                    tracing::warn!(vm, to = uri, "libvirt domain did not move: {why}");
+                    m.state = MoveState::Failed;
+                    m.error = Some(why);
+                    crate::Metrics::inc(&self.metrics.migrations, "failed");
+                }
+            }
+        }
     }
 
     /// Its configuration.
@@ -881,6 +1204,10 @@ impl Mover {
             EventKind::Balloon(b) => b.run.as_ref(),
             EventKind::Migrate { phase, outcome, .. } => {
                 self.migrate_event(vm, *phase, outcome.clone());
+                return reply;
+            }
+            EventKind::Libvirt(call) => {
+                self.libvirt_call(vm, call.operation);
                 return reply;
             }
             EventKind::Stopped { .. } => {
@@ -1034,7 +1361,7 @@ impl Mover {
                     st.drained.insert(vm);
                     continue;
                 }
-                started.extend(st.drain_move(&vm, destinations));
+                started.extend(st.drain_move(&vm, destinations, self.libvirt.as_ref()));
             }
             prune(&mut st.moves);
         }
@@ -1044,8 +1371,8 @@ impl Mover {
             recorded,
             "draining this host"
         );
-        for (destination, req) in started {
-            self.request(destination, req);
+        for s in started {
+            self.start(s);
         }
         self.moves()
     }
@@ -1076,23 +1403,31 @@ impl Mover {
                 st.drained.insert(vm.to_string());
                 return;
             }
-            let started = st.drain_move(vm, &destinations);
+            let started = st.drain_move(vm, &destinations, self.libvirt.as_ref());
             prune(&mut st.moves);
             started
         };
         match started {
-            Some((destination, req)) => {
-                tracing::info!(
-                    vm,
-                    destination,
-                    "draining: a VM reported in; moving it off this host"
-                );
-                self.request(destination, req);
+            Some(s) => {
+                tracing::info!(vm, "draining: a VM reported in; moving it off this host");
+                self.start(s);
             }
             None => tracing::info!(
                 vm,
                 "draining: a VM reported in whose VMM cannot migrate it; it stays"
             ),
+        }
+    }
+
+    /// Follows up what a drain started: a slot request, or `virsh
+    /// migrate` threads.
+    fn start(self: &Arc<Self>, s: Started) {
+        match s {
+            Started::Slot(destination, req) => self.request(destination, req),
+            Started::Libvirt => {
+                crate::Metrics::inc(&self.metrics.migrations, "ordered");
+                self.pump_libvirt();
+            }
         }
     }
 
@@ -1733,6 +2068,173 @@ mod tests {
                 migratable: true,
             }),
         )
+    }
+
+    #[test]
+    fn libvirt_migrate_uris_names_and_arguments() {
+        assert!(check_migrate_uri("qemu+tcp://{host}/system").is_ok());
+        assert!(check_migrate_uri("qemu+ssh://root@{host}:2222/system").is_ok());
+        for bad in [
+            "qemu+tcp://h/system",
+            "qemu+tcp://{host}/sys tem",
+            "qemu+tcp://{host}/system\n",
+            "{host}",
+        ] {
+            assert!(check_migrate_uri(bad).is_err(), "{bad}");
+        }
+        let t = "qemu+tcp://{host}:16510/system";
+        assert_eq!(
+            destination_libvirt_uri(t, "10.0.0.7:7790").as_deref(),
+            Some("qemu+tcp://10.0.0.7:16510/system")
+        );
+        assert_eq!(
+            destination_libvirt_uri("qemu+tcp://{host}/system", "[fd00::7]:7790").as_deref(),
+            Some("qemu+tcp://[fd00::7]/system")
+        );
+        assert_eq!(destination_libvirt_uri(t, ":7790"), None);
+        assert!(check_domain_name("web-1").is_ok());
+        assert!(check_domain_name("-looks-like-an-option").is_ok());
+        assert!(check_domain_name("").is_err());
+        assert!(check_domain_name("a\nb").unwrap_err().contains("control"));
+        assert!(check_domain_name("a\u{7f}b").is_err());
+        // The name and URI are option values: a leading `-` stays a name.
+        assert_eq!(
+            virsh_migrate_args("-x", "qemu+tcp://h/system", 30),
+            [
+                "migrate",
+                "--live",
+                "--p2p",
+                "--persistent",
+                "--undefinesource",
+                "--abort-on-error",
+                "--timeout",
+                "30",
+                "--domain",
+                "-x",
+                "--desturi",
+                "qemu+tcp://h/system"
+            ]
+        );
+    }
+
+    fn libvirt_call(vm: &str, op: &str) -> Event {
+        event(
+            vm,
+            EventKind::Libvirt(Box::new(vmm_hooks::LibvirtHookCall::new(
+                op,
+                "begin",
+                "-",
+                String::new(),
+            ))),
+        )
+    }
+
+    fn lv_move(virsh: &std::path::Path, uri: Option<&str>) -> LibvirtMove {
+        LibvirtMove {
+            virsh: crate::libvirt::Virsh {
+                program: virsh.to_path_buf(),
+                uri: "qemu:///system".into(),
+                timeout: Duration::from_secs(30),
+            },
+            migrate_uri: uri.map(Into::into),
+            timeout_s: 30,
+            parallel: 1,
+        }
+    }
+
+    fn wait_final(m: &Mover, vm: &str) -> MoveRecord {
+        let t = Instant::now();
+        loop {
+            if let Some(r) = m
+                .moves()
+                .into_iter()
+                .find(|r| r.vm == vm && r.state.is_final())
+            {
+                return r;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{:?}", m.moves());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_drain_without_migrate_uri_lists_libvirt_domains_as_unsupported_naming_the_key() {
+        let m = Arc::new(
+            Mover::new(
+                MigrationConfig::default(),
+                1e6,
+                Arc::new(crate::Metrics::new()),
+            )
+            .unwrap()
+            .with_libvirt(lv_move(std::path::Path::new("virsh"), None)),
+        );
+        let _ = m.observe(&libvirt_call("dom", "started"), false, HookReply::Ack);
+        let rec = DrainRecord::new(vec!["127.0.0.1:9".into()], 1).unwrap();
+        let moves = m.drain(&rec, false, &["dom".into()]);
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].state, MoveState::Unsupported);
+        assert!(
+            moves[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("[libvirt] migrate_uri"),
+            "{moves:?}"
+        );
+    }
+
+    #[test]
+    fn a_libvirt_move_whose_virsh_fails_is_failed_with_virshs_reason() {
+        // A real program that fails as virsh does (non-zero, message on
+        // stderr): the record carries the message, trimmed.
+        let dir = tempfile::tempdir().unwrap();
+        let virsh = dir.path().join("virsh");
+        std::fs::write(
+            &virsh,
+            "#!/bin/sh\necho \"$@\" > \"$0.args\"\necho 'error: failed to connect to the hypervisor' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let metrics = Arc::new(crate::Metrics::new());
+        let m = Arc::new(
+            Mover::new(MigrationConfig::default(), 1e6, Arc::clone(&metrics))
+                .unwrap()
+                .with_libvirt(lv_move(&virsh, Some("qemu+tcp://{host}:16510/system"))),
+        );
+        // Known from the store at start; a drain that holds takes it up.
+        let rec = DrainRecord::new(vec!["127.0.0.3:7790".into()], 1).unwrap();
+        m.resume_recorded(&rec.to_json());
+        m.know_libvirt(&["dom".into()], true);
+        let r = wait_final(&m, "dom");
+        assert_eq!(r.state, MoveState::Failed, "{r:?}");
+        assert_eq!(r.addr.as_deref(), Some("qemu+tcp://127.0.0.3:16510/system"));
+        assert!(
+            r.error
+                .as_deref()
+                .unwrap()
+                .contains("failed to connect to the hypervisor"),
+            "{r:?}"
+        );
+        let args = std::fs::read_to_string(dir.path().join("virsh.args")).unwrap();
+        assert!(
+            args.contains("--domain dom --desturi qemu+tcp://127.0.0.3:16510/system"),
+            "{args}"
+        );
+        // Once per drain: reporting in again does not start it over.
+        let _ = m.observe(&libvirt_call("dom", "reconnect"), false, HookReply::Ack);
+        assert_eq!(m.moves().len(), 1);
+        assert_eq!(m.moves()[0].state, MoveState::Failed);
+        // A domain that starts on the draining host is moved too; one
+        // that stops while queued or before: nothing to move.
+        let _ = m.observe(&libvirt_call("late", "started"), false, HookReply::Ack);
+        let r = wait_final(&m, "late");
+        assert_eq!(r.state, MoveState::Failed, "{r:?}");
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"prescient_migrations_total{kind="failed"} 2"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -237,6 +237,12 @@ impl HooksServer {
         if let Some(s) = &store {
             resume_drain(s, config.migration.as_deref())?;
         }
+        if let Some(m) = &config.migration {
+            // libvirt domains restored from the store: the hook does not
+            // announce them again; a resumed drain moves them.
+            let domains = libvirt_domains(&vms);
+            m.know_libvirt(&domains, m.draining());
+        }
         config.metrics.set_pool(&pool);
         if let Some(m) = &config.migration {
             // The overload check compares forecasts with what VMs may use.
@@ -627,9 +633,18 @@ fn drain(state: &Mutex<State>, config: &ServerConfig, to: &[String]) -> Message 
             },
         };
         let known: Vec<String> = st.vms.keys().cloned().collect();
+        mover.know_libvirt(&libvirt_domains(&st.vms), false);
         mover.drain(&record, recorded, &known);
     }
     status_message(state, config)
+}
+
+/// The libvirt domains among the pool's records.
+fn libvirt_domains(vms: &HashMap<String, VmRecord>) -> Vec<String> {
+    vms.values()
+        .filter(|r| r.source == VmSource::Libvirt)
+        .map(|r| r.vm_id.clone())
+        .collect()
 }
 
 /// Ends a drain (`prescient host undrain`): its record leaves the store
