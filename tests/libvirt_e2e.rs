@@ -17,389 +17,21 @@
 mod common;
 
 use std::io::Read;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::libvirt::{
+    Libvirtd, LibvirtdOptions, console_says_ready, domain_xml, guest_memtotals, records,
+    tools_or_skip, unpin, vcpu_affinity, vcpu_tids, wait_for,
+};
+use common::{Server, scrape};
 use prescient::libvirt::AgentRecord;
 use vmm_hooks::{EventKind, LibvirtOperation};
 
 /// Bounds that only catch a hang; nothing is asserted about speed.
 const BOOT_HANG: Duration = Duration::from_secs(180);
 const ACT_HANG: Duration = Duration::from_secs(120);
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-struct Tools {
-    libvirtd: PathBuf,
-    virtlogd: PathBuf,
-    virsh: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
-fn tools_or_skip(test: &str) -> Option<Tools> {
-    let image = std::env::var_os("PRESCIENT_GUEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image"));
-    let found = (|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("needs root (libvirtd, mount namespaces)".to_string());
-        }
-        let prog = |n: &str| {
-            find_program(n).ok_or_else(|| format!("{n} not installed (run scripts/setup-libvirt)"))
-        };
-        for p in ["qemu-system-x86_64", "unshare", "mount"] {
-            prog(p)?;
-        }
-        let kernel = image.join("vmlinuz");
-        let initrd = image.join("initrd.cpio.gz");
-        if !kernel.is_file() || !initrd.is_file() {
-            return Err(format!(
-                "no guest image in {} (run scripts/guest-image)",
-                image.display()
-            ));
-        }
-        Ok(Tools {
-            libvirtd: prog("libvirtd")?,
-            virtlogd: prog("virtlogd")?,
-            virsh: prog("virsh")?,
-            kernel,
-            initrd,
-        })
-    })();
-    match found {
-        Ok(t) => Some(t),
-        Err(why) if labvm::testing::required("libvirt") => {
-            panic!("{test}: {why}, and PRESCIENT_REQUIRE asks for libvirt")
-        }
-        Err(why) => {
-            println!("SKIP {test}: {why}");
-            None
-        }
-    }
-}
-
-/// libvirtd and virtlogd in a private mount namespace over the test's
-/// directories. Stopped (domains destroyed first) on drop.
-struct Libvirtd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    virsh: PathBuf,
-}
-
-impl Libvirtd {
-    /// Lays out the directories and configuration; starts nothing.
-    fn prepare(virsh: &Path) -> Libvirtd {
-        let dir = tempfile::Builder::new()
-            .prefix("prescient-libvirt-")
-            .tempdir()
-            .unwrap();
-        for d in ["etc/hooks", "run", "lib", "log", "cache"] {
-            std::fs::create_dir_all(dir.path().join(d)).unwrap();
-        }
-        let etc = dir.path().join("etc");
-        std::fs::write(
-            etc.join("libvirtd.conf"),
-            "unix_sock_rw_perms = \"0700\"\nauth_unix_rw = \"none\"\n",
-        )
-        .unwrap();
-        // As PLATFORM.md says: QEMU as root, no security driver; no cgroups,
-        // so the test touches no cgroup of the machine.
-        std::fs::write(
-            etc.join("qemu.conf"),
-            "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\ncgroup_controllers = [ ]\n",
-        )
-        .unwrap();
-        std::fs::write(etc.join("virtlogd.conf"), "").unwrap();
-        Libvirtd {
-            dir,
-            child: None,
-            virsh: virsh.to_path_buf(),
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "qemu:///system?socket={}",
-            self.path("run/libvirt-sock").display()
-        )
-    }
-
-    fn start(&mut self, tools: &Tools) {
-        let d = self.dir.path().display().to_string();
-        let script = format!(
-            "set -e
-             for m in /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do mkdir -p $m; done
-             mount --bind '{d}/etc' /etc/libvirt
-             mount --bind '{d}/run' /run/libvirt
-             mount --bind '{d}/lib' /var/lib/libvirt
-             mount --bind '{d}/log' /var/log/libvirt
-             mount --bind '{d}/cache' /var/cache/libvirt
-             # Already running after a libvirtd restart: keep that one.
-             '{virtlogd}' -d -p '{d}/virtlogd.pid' || true
-             exec '{libvirtd}' -p '{d}/libvirtd.pid'",
-            virtlogd = tools.virtlogd.display(),
-            libvirtd = tools.libvirtd.display(),
-        );
-        let log = std::fs::File::create(self.path("libvirtd.log")).unwrap();
-        let child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let t = Instant::now();
-        loop {
-            if UnixStream::connect(self.path("run/libvirt-sock")).is_ok()
-                && self.virsh(&["list", "--all"]).status.success()
-            {
-                break;
-            }
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("libvirtd exited with {s}: {}", self.log());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "libvirtd did not answer: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Stops libvirtd (its domains keep running) and starts it again; it
-    /// reconnects to them and runs the `reconnect` hook for each.
-    fn restart(&mut self, tools: &Tools) {
-        let mut c = self.child.take().unwrap();
-        let pid = i32::try_from(c.id()).unwrap();
-        // SAFETY: kill with the pid of our own child (libvirtd).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = wait_for(Duration::from_secs(60), "libvirtd to stop", || {
-            c.try_wait().unwrap()
-        });
-        eprintln!("libvirtd stopped ({status}); starting it again");
-        self.start(tools);
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("libvirtd.log")).unwrap_or_default()
-    }
-
-    fn virsh(&self, args: &[&str]) -> Output {
-        Command::new(&self.virsh)
-            .args(["-q", "-c", &self.uri()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn virsh_ok(&self, args: &[&str]) -> String {
-        let o = self.virsh(args);
-        assert!(
-            o.status.success(),
-            "virsh {args:?}: {}\nlibvirtd log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn qemu_pid(&self, name: &str) -> i32 {
-        std::fs::read_to_string(self.path(&format!("run/qemu/{name}.pid")))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Libvirtd {
-    fn drop(&mut self) {
-        if self.child.is_none() {
-            return;
-        }
-        let names = self.virsh(&["list", "--name"]);
-        for n in String::from_utf8_lossy(&names.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-        {
-            let _ = self.virsh(&["destroy", n]);
-        }
-        if let Some(mut c) = self.child.take() {
-            let pid = i32::try_from(c.id()).unwrap();
-            // SAFETY: kill with the pid of our own child (libvirtd, exec'd by sh).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let t = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(pid) = std::fs::read_to_string(self.path("virtlogd.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .filter(|&p| p > 1)
-        {
-            // SAFETY: kill with the pid virtlogd wrote for itself in our directory.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-}
-
-fn domain_xml(name: &str, tools: &Tools, console: &Path, pin_cpu: usize) -> String {
-    format!(
-        "<domain type='qemu'>
-  <name>{name}</name>
-  <metadata>
-    <prescient:vm xmlns:prescient='urn:prescient:libvirt:1'>
-      <prescient:balloon-target-mib>256</prescient:balloon-target-mib>
-      <prescient:cpus>{pin_cpu}</prescient:cpus>
-    </prescient:vm>
-  </metadata>
-  <memory unit='MiB'>512</memory>
-  <currentMemory unit='MiB'>512</currentMemory>
-  <vcpu>2</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <memballoon model='virtio'/>
-  </devices>
-</domain>
-",
-        kernel = tools.kernel.display(),
-        initrd = tools.initrd.display(),
-        console = console.display(),
-    )
-}
-
-/// Waits until `f` returns something, or fails with `what` after `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The guest's MemTotal lines (KiB) on its serial console, in order.
-fn guest_memtotals(console: &Path) -> Vec<u64> {
-    let bytes = std::fs::read(console).unwrap_or_default();
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("MemTotal:"))
-        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .collect()
-}
-
-fn console_says_ready(console: &Path) -> bool {
-    String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default())
-        .contains("prescient-guest: ready")
-}
-
-fn records(path: &Path) -> Vec<AgentRecord> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// vCPU threads of a QEMU process from /proc, with their allowed CPUs as
-/// the kernel lists them.
-fn vcpu_affinity(pid: i32) -> Vec<(String, String)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let p = e.unwrap().path();
-        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-        if !comm.starts_with("CPU ") {
-            continue;
-        }
-        let status = std::fs::read_to_string(p.join("status")).unwrap();
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        v.push((comm.trim().to_string(), allowed));
-    }
-    v.sort();
-    v
-}
-
-/// The daemon's /metrics text.
-fn scrape(port: u16) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-/// vCPU thread ids of a QEMU process (by name, from /proc).
-fn vcpu_tids(pid: i32) -> Vec<(String, i32)> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path();
-            let comm = std::fs::read_to_string(p.join("comm")).ok()?;
-            let tid = p.file_name()?.to_str()?.parse().ok()?;
-            comm.starts_with("CPU ")
-                .then(|| (comm.trim().to_string(), tid))
-        })
-        .collect()
-}
-
-/// Lets a thread run on every CPU in `cpus` again.
-fn unpin(tid: i32, cpus: &[usize]) {
-    // SAFETY: all zeros is the empty cpu_set_t.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        // SAFETY: c is a CPU this process may use, below 1024: inside the set.
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    // SAFETY: set is initialised and its size is passed; the kernel only reads it.
-    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-}
 
 #[test]
 fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
@@ -790,4 +422,293 @@ impl Drop for SilentDaemon {
             let _ = t.join();
         }
     }
+}
+
+/// Bound on one live migration of the 512 MiB TCG guest over loopback;
+/// only catches a hang.
+const MIGRATE_HANG: Duration = Duration::from_secs(300);
+
+/// The move of `vm` in `server`'s status, once it is over.
+fn final_move(server: &Server, vm: &str) -> prescient::migration::MoveRecord {
+    wait_for(MIGRATE_HANG, "the libvirt domain's move to end", || {
+        common::migration::status(server)
+            .migrations
+            .into_iter()
+            .find(|m| m.vm == vm && m.state.is_final())
+    })
+}
+
+/// Runs `server`'s installed hook by hand as libvirt does for an incoming
+/// migration (`DOMAIN migrate begin -`, the XML on stdin); returns its
+/// exit status, stdout and stderr.
+fn run_migrate_hook(
+    hook: &Path,
+    name: &str,
+    xml: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(hook)
+        .args([name, "migrate", "begin", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = wait_for(ACT_HANG, "the migrate hook to return", || {
+        child.try_wait().unwrap()
+    });
+    let mut o = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut o).unwrap();
+    let mut e = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+    (out, o, e)
+}
+
+#[test]
+fn hw_libvirt_drain_live_migrates_a_domain_to_the_destination_libvirtd() {
+    let test = "hw_libvirt_drain_live_migrates_a_domain_to_the_destination_libvirtd";
+    let Some(tools) = tools_or_skip(test) else {
+        return;
+    };
+    // Two libvirtds on this machine, told apart by their host UUIDs; the
+    // destination listens on TCP for the source's peer-to-peer migration.
+    let mut src = Libvirtd::prepare_with(
+        &tools.virsh,
+        &LibvirtdOptions {
+            host_uuid: Some("5a1e0000-0000-4000-8000-00000000a001".into()),
+            tcp_port: None,
+        },
+    );
+    let dst_libvirt_port = common::free_port();
+    let mut dst = Libvirtd::prepare_with(
+        &tools.virsh,
+        &LibvirtdOptions {
+            host_uuid: Some("5a1e0000-0000-4000-8000-00000000b002".into()),
+            tcp_port: Some(dst_libvirt_port),
+        },
+    );
+    let dst_uri = dst.tcp_uri().unwrap();
+
+    // The destination companion, whose migration listener a drain names.
+    let dst_companion = format!("127.0.0.1:{}", common::free_port());
+    let dst_cfg = dst.path("prescient.toml");
+    std::fs::write(
+        &dst_cfg,
+        format!("[migration]\nlisten = \"{dst_companion}\"\n"),
+    )
+    .unwrap();
+    let virsh = tools.virsh.to_str().unwrap();
+    let (dst_libvirt_uri, dst_run) = (dst.uri(), dst.path("run"));
+    let dst_server = Server::start_args(
+        true,
+        &[
+            "--config",
+            dst_cfg.to_str().unwrap(),
+            "--libvirt-uri",
+            &dst_libvirt_uri,
+            "--libvirt-run-dir",
+            dst_run.to_str().unwrap(),
+            "--virsh",
+            virsh,
+        ],
+    );
+    // The source companion moves domains to `{host}` of the drain's
+    // destination, on the destination libvirtd's port.
+    let metrics_port = common::free_port();
+    let (src_libvirt_uri, src_run) = (src.uri(), src.path("run"));
+    let template = format!("qemu+tcp://{{host}}:{dst_libvirt_port}/system");
+    let src_server = Server::start_args(
+        true,
+        &[
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--libvirt-uri",
+            &src_libvirt_uri,
+            "--libvirt-run-dir",
+            src_run.to_str().unwrap(),
+            "--virsh",
+            virsh,
+            "--libvirt-migrate-uri",
+            &template,
+        ],
+    );
+    for (l, server) in [(&src, &src_server), (&dst, &dst_server)] {
+        let o = Command::new(env!("CARGO_BIN_EXE_prescient"))
+            .args(["install-libvirt-hook", "--hooks-dir"])
+            .arg(l.path("etc/hooks"))
+            .arg("--socket")
+            .arg(&server.socket)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    src.start(&tools);
+
+    // One persistent domain on the source, booted.
+    let own = prescient::libvirt::thread_cpus(std::process::id().try_into().unwrap()).unwrap();
+    let name = format!("prescient-move-{}", std::process::id());
+    let console = src.path("console.log");
+    let xml = domain_xml(&name, &tools, &console, *own.last().unwrap());
+    let xml_path = src.path("domain.xml");
+    std::fs::write(&xml_path, &xml).unwrap();
+    src.virsh_ok(&["define", xml_path.to_str().unwrap()]);
+    src.virsh_ok(&["start", &name]);
+    wait_for(BOOT_HANG, "the guest to boot", || {
+        console_says_ready(&console).then_some(())
+    });
+    let src_pid = src.qemu_pid(&name);
+
+    // 1. The destination libvirtd is not running: virsh migrate fails, the
+    // record says why (virsh's error), and the domain runs on here.
+    let to = [dst_companion.as_str()];
+    let out = common::migration::drain(&src_server, &to);
+    eprintln!(
+        "drain with the destination libvirtd down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = final_move(&src_server, &name);
+    assert_eq!(
+        failed.state,
+        prescient::migration::MoveState::Failed,
+        "{failed:?}"
+    );
+    assert_eq!(failed.addr.as_deref(), Some(dst_uri.as_str()));
+    let why = failed.error.clone().unwrap();
+    assert!(
+        why.contains("virsh migrate") && why.contains(&dst_libvirt_port.to_string()),
+        "{why}"
+    );
+    assert_eq!(src.virsh_ok(&["domstate", &name]).trim(), "running");
+    assert_eq!(src.qemu_pid(&name), src_pid);
+    assert!(Path::new(&format!("/proc/{src_pid}")).exists());
+
+    // 2. The destination libvirtd runs: the drain asked again moves the
+    // domain there, live.
+    dst.start(&tools);
+    let out = common::migration::drain(&src_server, &to);
+    eprintln!(
+        "drain with the destination up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = final_move(&src_server, &name);
+    assert_eq!(
+        moved.state,
+        prescient::migration::MoveState::Moved,
+        "{moved:?}\nsource libvirtd:\n{}\ndestination libvirtd:\n{}",
+        src.log(),
+        dst.log()
+    );
+    assert_eq!(moved.destination, dst_companion);
+    assert_eq!(moved.addr.as_deref(), Some(dst_uri.as_str()));
+    assert_eq!(moved.reason, "drain");
+
+    // Gone from the source (its QEMU exited, its definition undefined) ...
+    wait_for(ACT_HANG, "the source QEMU to exit", || {
+        (!Path::new(&format!("/proc/{src_pid}")).exists()).then_some(())
+    });
+    let left = src.virsh_ok(&["list", "--all", "--name"]);
+    assert!(!left.lines().any(|l| l.trim() == name), "{left}");
+    // ... running on the destination, persistent there, its guest alive:
+    // the destination's QEMU is the only one left to write the console.
+    assert_eq!(dst.virsh_ok(&["domstate", &name]).trim(), "running");
+    let info = dst.virsh_ok(&["dominfo", &name]);
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Persistent:") && l.trim_end().ends_with("yes")),
+        "{info}"
+    );
+    let dst_pid = dst.qemu_pid(&name);
+    assert_ne!(dst_pid, src_pid);
+    let cmdline = std::fs::read(format!("/proc/{dst_pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&format!("guest={name}")),
+        "destination QEMU {dst_pid}"
+    );
+    let lines_then = guest_memtotals(&console).len();
+    let size_then = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    wait_for(ACT_HANG, "the migrated guest to print again", || {
+        let size = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+        (size > size_then && !guest_memtotals(&console).is_empty()).then_some(())
+    });
+    eprintln!(
+        "guest on the destination (QEMU {dst_pid}) prints on: {lines_then} MemTotal lines, then more"
+    );
+
+    // The destination's hook saw libvirt's `migrate begin` first (with the
+    // domain XML) and let the migration through; then the incoming
+    // domain's prepare, start and started.
+    let ops: Vec<String> = dst_server
+        .events()
+        .iter()
+        .filter(|r| r.event.vm.vm_id == name)
+        .map(|r| r.event.kind.name().to_string())
+        .collect();
+    assert_eq!(
+        ops.get(..4),
+        Some(
+            &[
+                "libvirt-migrate",
+                "libvirt-prepare",
+                "libvirt-start",
+                "libvirt-started"
+            ]
+            .map(String::from)[..]
+        ),
+        "{ops:?}"
+    );
+    let migrate_call = dst_server
+        .events()
+        .into_iter()
+        .find_map(|r| match r.event.kind {
+            EventKind::Libvirt(c)
+                if r.event.vm.vm_id == name && c.operation == LibvirtOperation::Migrate =>
+            {
+                Some(c)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(migrate_call.sub_operation, "begin");
+    assert_eq!(migrate_call.xml_error, None);
+    assert!(
+        migrate_call
+            .domain_xml
+            .contains(&format!("<name>{name}</name>"))
+    );
+    // The same call by hand: exit 0 and nothing on stdout (libvirt would
+    // take anything printed there as a replacement domain XML).
+    let (status, stdout, stderr) =
+        run_migrate_hook(&dst.path("etc/hooks/qemu"), &name, &migrate_call.domain_xml);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+
+    // The source heard its domain stop; the moves are counted.
+    wait_for(ACT_HANG, "the source's stopped and release hooks", || {
+        let ops: Vec<String> = src_server
+            .events()
+            .iter()
+            .filter(|r| r.event.vm.vm_id == name)
+            .map(|r| r.event.kind.name().to_string())
+            .collect();
+        ops.iter().any(|o| o == "libvirt-release").then_some(())
+    });
+    let text = scrape(metrics_port);
+    for want in [
+        r#"prescient_migrations_total{kind="ordered"} 2"#,
+        r#"prescient_migrations_total{kind="failed"} 1"#,
+        r#"prescient_migrations_total{kind="moved"} 1"#,
+    ] {
+        assert!(text.contains(want), "{want} not in:\n{text}");
+    }
+    let log = src_server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(dst_server);
+    drop(dst);
+    drop(src);
 }

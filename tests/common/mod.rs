@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use prescient::EventRecord;
 
+pub mod libvirt;
 pub mod migration;
 
 /// A `prescient serve` child process in its own temporary directory, with
