@@ -417,7 +417,8 @@ pub enum MoveState {
     Requesting,
     /// A destination labvm waits; the order goes with the VM's next status.
     Ready,
-    /// The VM was told to migrate.
+    /// The VM was told to migrate (a libvirt domain: queued for `virsh
+    /// migrate`).
     Ordered,
     /// Pre-copy runs.
     Migrating,
@@ -1001,10 +1002,11 @@ impl Mover {
                 // Queued and not begun: it will not move. (Once virsh
                 // runs, its exit decides: the source domain stops when
                 // the migration completes.)
+                let queued = st.libvirt_queue.iter().any(|(n, _)| n == vm);
                 st.libvirt_queue.retain(|(n, _)| n != vm);
                 if let Some(m) = st.moves.get_mut(vm)
+                    && queued
                     && m.state == MoveState::Ordered
-                    && m.addr.as_deref().is_some_and(|a| a.contains("://"))
                 {
                     m.state = MoveState::Failed;
                     m.error = Some("the domain stopped before it moved".into());
@@ -1354,6 +1356,7 @@ impl Mover {
             st.drained.clear();
             let mut ids: Vec<String> = known.to_vec();
             ids.extend(st.tracks.keys().cloned());
+            ids.extend(st.libvirt.iter().cloned());
             ids.sort();
             ids.dedup();
             for vm in ids {
@@ -2235,6 +2238,58 @@ mod tests {
             text.contains(r#"prescient_migrations_total{kind="failed"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn libvirt_moves_run_one_at_a_time_and_a_domain_that_stops_while_queued_does_not_move() {
+        // A virsh that waits for the test's word (bounded), records which
+        // domain it was given, and fails.
+        let dir = tempfile::tempdir().unwrap();
+        let virsh = dir.path().join("virsh");
+        std::fs::write(
+            &virsh,
+            "#!/bin/sh\nd=$(dirname \"$0\")\nfor a in \"$@\"; do echo \"$a\"; done >> \"$d/calls\"\ni=0\nwhile [ ! -e \"$d/go\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\necho 'error: stopped by the test' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let m = Arc::new(
+            Mover::new(
+                MigrationConfig::default(),
+                1e6,
+                Arc::new(crate::Metrics::new()),
+            )
+            .unwrap()
+            .with_libvirt(lv_move(&virsh, Some("qemu+tcp://{host}/system"))),
+        );
+        m.know_libvirt(&["a".into(), "b".into()], false);
+        let rec = DrainRecord::new(vec!["h:1".into()], 1).unwrap();
+        m.drain(&rec, false, &[]);
+        let state = |vm: &str| m.moves().into_iter().find(|r| r.vm == vm).unwrap().state;
+        let t = Instant::now();
+        while state("a") != MoveState::Migrating {
+            assert!(t.elapsed() < Duration::from_secs(30), "{:?}", m.moves());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // One at a time: b waits while a's virsh runs; then b stops.
+        assert_eq!(state("b"), MoveState::Ordered);
+        let _ = m.observe(&libvirt_call("b", "release"), false, HookReply::Ack);
+        let b = wait_final(&m, "b");
+        assert_eq!(b.state, MoveState::Failed);
+        assert_eq!(
+            b.error.as_deref(),
+            Some("the domain stopped before it moved")
+        );
+        std::fs::write(dir.path().join("go"), "").unwrap();
+        let a = wait_final(&m, "a");
+        assert!(
+            a.error.as_deref().unwrap().contains("stopped by the test"),
+            "{a:?}"
+        );
+        // virsh was never run for b.
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(calls.lines().any(|l| l == "a"), "{calls}");
+        assert!(!calls.lines().any(|l| l == "b"), "{calls}");
     }
 
     #[test]

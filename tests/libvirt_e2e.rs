@@ -704,7 +704,10 @@ fn hw_libvirt_drain_live_migrates_a_domain_to_the_destination_libvirtd() {
     ] {
         assert!(text.contains(want), "{want} not in:\n{text}");
     }
-    assert!(!text.contains(r#"prescient_migrations_total{kind="failed"}"#), "{text}");
+    assert!(
+        !text.contains(r#"prescient_migrations_total{kind="failed"}"#),
+        "{text}"
+    );
     let log = src_server.stop();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("resuming drain"), "{log}");
