@@ -151,6 +151,47 @@ fn libvirt_hook_events_arrive_in_order_with_xml_and_bad_xml_changes_nothing() {
 }
 
 #[test]
+fn libvirt_hook_lets_an_incoming_migration_through_unchanged() {
+    // On a migration's destination libvirt calls `migrate begin -` with
+    // the incoming XML and takes anything on stdout as a replacement XML;
+    // a non-zero exit fails the migration. Then the domain's prepare,
+    // start and started follow as for any start.
+    let server = Server::start_with(false);
+    for (op, sub) in [
+        ("migrate", "begin"),
+        ("prepare", "begin"),
+        ("start", "begin"),
+        ("started", "begin"),
+    ] {
+        let r = run_hook(&server.socket, &["dom-1", op, sub, "-"], XML);
+        assert_eq!(r.code, 0, "{op}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{op} wrote to stdout: {}", r.stdout);
+    }
+    let events = server.events();
+    let EventKind::Libvirt(m) = &events[0].event.kind else {
+        panic!("not a libvirt event: {:?}", events[0]);
+    };
+    assert_eq!(m.operation, LibvirtOperation::Migrate);
+    assert_eq!(
+        (m.sub_operation.as_str(), m.domain_xml.as_str()),
+        ("begin", XML)
+    );
+    assert_eq!(m.xml_error, None);
+    let names: Vec<&str> = events.iter().map(|r| r.event.kind.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "libvirt-migrate",
+            "libvirt-prepare",
+            "libvirt-start",
+            "libvirt-started"
+        ]
+    );
+    let log = server.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
 fn libvirt_hook_returns_zero_when_daemon_is_down_silent_or_garbage() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["dom-1", "start", "begin", "-"];
