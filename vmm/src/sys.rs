@@ -146,11 +146,7 @@ pub(crate) unsafe fn discard(host: *mut u8, len: usize) -> std::io::Result<()> {
     // anonymous mapping whose contents may be dropped; MADV_DONTNEED then
     // only replaces them with zero-fill-on-demand pages.
     let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_DONTNEED) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    os_result(r)
 }
 
 /// Backs the not-yet-present pages of `[host, host + len)` with zeroed
@@ -166,6 +162,11 @@ pub(crate) unsafe fn populate_write(host: *mut u8, len: usize) -> std::io::Resul
     // anonymous mapping; MADV_POPULATE_WRITE only faults its missing pages
     // in as a write would, without changing any byte.
     let r = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_POPULATE_WRITE) };
+    os_result(r)
+}
+
+/// A libc call's 0-or-error return as a `Result` (errno on failure).
+fn os_result(r: libc::c_int) -> std::io::Result<()> {
     if r == 0 {
         Ok(())
     } else {
