@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::libvirt::{
-    Libvirtd, LibvirtdOptions, console_says_ready, domain_xml, guest_memtotals, records,
-    tools_or_skip, unpin, vcpu_affinity, vcpu_tids, wait_for,
+    Libvirtd, LibvirtdOptions, console_says_ready, domain_xml, guest_memtotals, one_at_a_time,
+    records, tools_or_skip, unpin, vcpu_affinity, vcpu_tids, wait_for,
 };
 use common::{Server, scrape};
 use prescient::libvirt::AgentRecord;
@@ -39,6 +39,7 @@ fn hw_libvirt_hook_events_pin_vcpus_and_move_the_balloon() {
     let Some(tools) = tools_or_skip(test) else {
         return;
     };
+    let _serial = one_at_a_time();
     let mut libvirtd = Libvirtd::prepare(&tools.virsh);
     let record = libvirtd.path("prescient-libvirt.jsonl");
     let run_dir = libvirtd.path("run");
@@ -476,6 +477,7 @@ fn hw_libvirt_drain_live_migrates_a_domain_to_the_destination_libvirtd() {
     let Some(tools) = tools_or_skip(test) else {
         return;
     };
+    let _serial = one_at_a_time();
     // Two libvirtds on this machine, told apart by their host UUIDs; the
     // destination listens on TCP for the source's peer-to-peer migration.
     let mut src = Libvirtd::prepare_with(

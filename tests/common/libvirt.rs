@@ -72,6 +72,15 @@ pub fn tools_or_skip(test: &str) -> Option<Tools> {
     }
 }
 
+/// Held by each libvirt test while it runs: one TCG guest at a time on
+/// the test machine's few CPUs (two at once slow each other past their
+/// hang bounds).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// libvirtd and virtlogd in a private mount namespace over the test's
 /// directories. Stopped (domains destroyed first) on drop.
 pub struct Libvirtd {
