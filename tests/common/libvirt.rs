@@ -169,6 +169,10 @@ impl Libvirtd {
              mount --bind '{d}/lib' /var/lib/libvirt
              mount --bind '{d}/log' /var/log/libvirt
              mount --bind '{d}/cache' /var/cache/libvirt
+             # libvirt sends migration data to the destination host's name:
+             # make this host's name resolve here, whatever /etc/hosts says.
+             {{ echo '127.0.0.1 localhost'; echo 127.0.0.1 $(hostname); }} > '{d}/hosts'
+             mount --bind '{d}/hosts' /etc/hosts
              # Already running after a libvirtd restart: keep that one.
              '{virtlogd}' -d -p '{d}/virtlogd.pid' || true
              exec '{libvirtd}' {listen} -p '{d}/libvirtd.pid'",
