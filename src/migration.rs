@@ -2186,19 +2186,24 @@ mod tests {
         );
     }
 
+    /// A real program standing in for virsh: `/bin/sh` running `body`.
+    fn fake_virsh(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+        let virsh = dir.join("virsh");
+        std::fs::write(&virsh, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        virsh
+    }
+
     #[test]
     fn a_libvirt_move_whose_virsh_fails_is_failed_with_virshs_reason() {
         // A real program that fails as virsh does (non-zero, message on
         // stderr): the record carries the message, trimmed.
         let dir = tempfile::tempdir().unwrap();
-        let virsh = dir.path().join("virsh");
-        std::fs::write(
-            &virsh,
-            "#!/bin/sh\necho \"$@\" > \"$0.args\"\necho 'error: failed to connect to the hypervisor' >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let virsh = fake_virsh(
+            dir.path(),
+            "echo \"$@\" > \"$0.args\"\necho 'error: failed to connect to the hypervisor' >&2\nexit 1\n",
+        );
         let metrics = Arc::new(crate::Metrics::new());
         let m = Arc::new(
             Mover::new(MigrationConfig::default(), 1e6, Arc::clone(&metrics))
@@ -2245,14 +2250,10 @@ mod tests {
         // A virsh that waits for the test's word (bounded), records which
         // domain it was given, and fails.
         let dir = tempfile::tempdir().unwrap();
-        let virsh = dir.path().join("virsh");
-        std::fs::write(
-            &virsh,
-            "#!/bin/sh\nd=$(dirname \"$0\")\nfor a in \"$@\"; do echo \"$a\"; done >> \"$d/calls\"\ni=0\nwhile [ ! -e \"$d/go\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\necho 'error: stopped by the test' >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let virsh = fake_virsh(
+            dir.path(),
+            "d=$(dirname \"$0\")\nfor a in \"$@\"; do echo \"$a\"; done >> \"$d/calls\"\ni=0\nwhile [ ! -e \"$d/go\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\necho 'error: stopped by the test' >&2\nexit 1\n",
+        );
         let m = Arc::new(
             Mover::new(
                 MigrationConfig::default(),
