@@ -12,11 +12,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::migration::{
-    HookVmm, destination_on, drain, labvm_bin, source_labvm, status, status_cli, text, undrain,
+    HookVmm, destination_on, drain, labvm_on_kvm, source_labvm, status, status_cli, text, undrain,
     wait_events, wait_moves_final,
 };
 use common::{Server, free_port};
-use labvm::testing::kvm_or_skip;
 use prescient::migration::{DRAIN_STATE_KEY, DrainRecord, MoveState};
 use prescient::{ProfileStore, StorePolicy};
 use vmm_hooks::HookReply;
@@ -262,10 +261,7 @@ fn an_unreadable_recorded_drain_keeps_the_host_cordoned_until_undrain() {
 #[test]
 fn hw_kvm_a_drain_resumed_after_a_crash_moves_the_running_guest() {
     const TEST: &str = "hw_kvm_a_drain_resumed_after_a_crash_moves_the_running_guest";
-    if !kvm_or_skip(TEST) {
-        return;
-    }
-    let Some(labvm) = labvm_bin(TEST) else {
+    let Some(labvm) = labvm_on_kvm(TEST) else {
         return;
     };
     let src = Server::start();

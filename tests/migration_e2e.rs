@@ -12,20 +12,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::migration::{
-    HookVmm, destination, drain, labvm_bin, source_labvm, source_labvm_with, text, undrain,
-    wait_events,
+    HookVmm, destination, drain, labvm_bin, labvm_on_kvm, source_labvm, source_labvm_with, text,
+    undrain, wait_events,
 };
 use common::{Server, free_port};
-use labvm::testing::kvm_or_skip;
 use vmm_hooks::{EventKind, HookReply, RunStatus};
 
 #[test]
 fn hw_kvm_drain_moves_a_running_guest_to_the_other_companion() {
     const TEST: &str = "hw_kvm_drain_moves_a_running_guest_to_the_other_companion";
-    if !kvm_or_skip(TEST) {
-        return;
-    }
-    let Some(labvm) = labvm_bin(TEST) else {
+    let Some(labvm) = labvm_on_kvm(TEST) else {
         return;
     };
     let (dest, dest_addr, _cfg) = destination(&labvm, "3");
@@ -121,10 +117,7 @@ fn hw_kvm_drain_moves_a_running_guest_to_the_other_companion() {
 #[test]
 fn hw_kvm_drain_to_an_unreachable_companion_leaves_the_vm_running_here() {
     const TEST: &str = "hw_kvm_drain_to_an_unreachable_companion_leaves_the_vm_running_here";
-    if !kvm_or_skip(TEST) {
-        return;
-    }
-    let Some(labvm) = labvm_bin(TEST) else {
+    let Some(labvm) = labvm_on_kvm(TEST) else {
         return;
     };
     let src = Server::start_with(false);
@@ -249,10 +242,7 @@ fn the_slot_listener_refuses_bad_requests_and_keeps_serving() {
 #[test]
 fn hw_kvm_a_predicted_overload_moves_a_vm_without_an_operator() {
     const TEST: &str = "hw_kvm_a_predicted_overload_moves_a_vm_without_an_operator";
-    if !kvm_or_skip(TEST) {
-        return;
-    }
-    let Some(labvm) = labvm_bin(TEST) else {
+    let Some(labvm) = labvm_on_kvm(TEST) else {
         return;
     };
     let (dest, dest_addr, _d) = destination(&labvm, "2");
@@ -346,10 +336,7 @@ fn a_drained_host_defers_new_boots_until_undrain() {
 #[test]
 fn hw_kvm_drain_moves_a_ballooned_guest() {
     const TEST: &str = "hw_kvm_drain_moves_a_ballooned_guest";
-    if !kvm_or_skip(TEST) {
-        return;
-    }
-    let Some(labvm) = labvm_bin(TEST) else {
+    let Some(labvm) = labvm_on_kvm(TEST) else {
         return;
     };
     let (dest, dest_addr, _cfg) = destination(&labvm, "3");

@@ -46,6 +46,15 @@ pub fn labvm_bin(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// For tests that run a guest: `/dev/kvm` (see `kvm_or_skip`) and the
+/// labvm binary ([`labvm_bin`]); `None` (with a SKIP line) without either.
+pub fn labvm_on_kvm(test: &str) -> Option<PathBuf> {
+    if !labvm::testing::kvm_or_skip(test) {
+        return None;
+    }
+    labvm_bin(test)
+}
+
 /// A destination companion: `[migration] listen` on a free loopback port,
 /// starting `labvm` (which runs `run_for` seconds once received).
 pub fn destination(labvm: &Path, run_for: &str) -> (Server, String, tempfile::TempDir) {

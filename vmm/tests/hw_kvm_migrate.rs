@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use labvm::testing::{Heartbeats, Nothing, RunOnAfter, kvm_or_skip};
 use labvm::{
-    LabVm, LabVmConfig, MigrateError, MigrationOptions, MigrationSource, RunObserver, StopReason,
-    VcpuControl, Workload, receive,
+    LabVm, LabVmConfig, MigrationOptions, MigrationSource, RunObserver, StopReason, VcpuControl,
+    Workload, receive,
 };
 use rdma::{Control, PageSink, PendingIncoming, Transport};
 use vm_memory::{Bytes, GuestAddress};
@@ -212,7 +212,7 @@ fn hw_kvm_migrate_corrupted_bulk_byte_aborts_both_sides_and_source_runs_on() {
         let r = receive(listener, Duration::from_secs(20));
         *d.lock().unwrap() = match r {
             Ok(_) => None,
-            Err(e) => Some(vmm_hooks_chain(&e)),
+            Err(e) => Some(vmm_hooks::error_chain(&e)),
         };
     });
     let to = corrupting_proxy(real, 300_000);
@@ -230,36 +230,19 @@ fn hw_kvm_migrate_corrupted_bulk_byte_aborts_both_sides_and_source_runs_on() {
     assert!(report.heartbeats >= mig.heartbeats_at_end + 10);
 }
 
-fn vmm_hooks_chain(e: &MigrateError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-#[test]
-fn hw_kvm_migrate_two_labvm_processes_over_loopback() {
+/// Starts `cmd` (a `labvm --incoming 127.0.0.1:0 …`) with its stdout piped
+/// and reads the address it listens on from its first line. The reader
+/// comes back too: keep it while the child runs, which prints more.
+fn spawn_incoming(
+    cmd: &mut std::process::Command,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    if !kvm_or_skip("hw_kvm_migrate_two_labvm_processes_over_loopback") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_labvm");
-    let mut dest = Command::new(bin)
-        .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
-        .arg("--report-json")
-        .arg(dir.path().join("dest.json"))
-        .arg("--migration-report")
-        .arg(dir.path().join("dest-mig.json"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     let addr = line
@@ -267,6 +250,25 @@ fn hw_kvm_migrate_two_labvm_processes_over_loopback() {
         .strip_prefix("incoming: listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
+    (child, out, addr)
+}
+
+#[test]
+fn hw_kvm_migrate_two_labvm_processes_over_loopback() {
+    use std::process::Command;
+    if !kvm_or_skip("hw_kvm_migrate_two_labvm_processes_over_loopback") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_labvm");
+    let (mut dest, _out, addr) = spawn_incoming(
+        Command::new(bin)
+            .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
+            .arg("--report-json")
+            .arg(dir.path().join("dest.json"))
+            .arg("--migration-report")
+            .arg(dir.path().join("dest-mig.json")),
+    );
     let src = Command::new(bin)
         .args(["--mem", "64", "--workload", "dirty:5000:16"])
         .args(["--migrate-to", &addr, "--migrate-after", "0.3"])
@@ -426,7 +428,7 @@ fn migrate_through(
     let real = listener.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || match receive(listener, dest_timeout) {
         Ok(mut inc) => Ok(inc.run(&mut Heartbeats::new(10)).unwrap()),
-        Err(e) => Err(vmm_hooks_chain(&e)),
+        Err(e) => Err(vmm_hooks::error_chain(&e)),
     });
     let to = control_proxy(real, kind, fault);
     let mut vm = LabVm::create(dirty_config(), Instant::now()).unwrap();
@@ -538,7 +540,7 @@ fn migrate_version_1_peer_is_refused_naming_both_versions() {
     frame.extend_from_slice(&rdma::proto::crc32(body).to_le_bytes());
     frame.extend_from_slice(body);
     c.write_all(&frame).unwrap();
-    let err = vmm_hooks_chain(&dest.join().unwrap().unwrap_err());
+    let err = vmm_hooks::error_chain(&dest.join().unwrap().unwrap_err());
     assert!(err.contains("version 1"), "{err}");
     assert!(err.contains("speaks 2"), "{err}");
     // The answer is an Abort naming both versions (in a version 2 frame,
@@ -560,29 +562,19 @@ fn migrate_version_1_peer_is_refused_naming_both_versions() {
 
 #[test]
 fn hw_kvm_migrate_processes_running_lost_source_exits_in_doubt_with_saved_state() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     if !kvm_or_skip("hw_kvm_migrate_processes_running_lost_source_exits_in_doubt_with_saved_state")
     {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_labvm");
-    let mut dest = Command::new(bin)
-        .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
-        .arg("--report-json")
-        .arg(dir.path().join("dest.json"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("incoming: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let (mut dest, _out, addr) = spawn_incoming(
+        Command::new(bin)
+            .args(["--incoming", "127.0.0.1:0", "--run-for", "0.5"])
+            .arg("--report-json")
+            .arg(dir.path().join("dest.json")),
+    );
     let proxy = control_proxy(addr, "running", Fault::Cut);
     let saved = dir.path().join("doubt.state");
     let src = Command::new(bin)
@@ -757,28 +749,18 @@ fn hw_kvm_migrate_ballooned_guest_keeps_its_balloon_and_driver_on_the_destinatio
 
 #[test]
 fn hw_kvm_migrate_processes_go_swallowed_destination_exits_1_and_source_runs_on() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     if !kvm_or_skip("hw_kvm_migrate_processes_go_swallowed_destination_exits_1_and_source_runs_on")
     {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_labvm");
-    let mut dest = Command::new(bin)
-        .args(["--incoming", "127.0.0.1:0", "--migrate-timeout", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("incoming: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let (dest, _out, addr) = spawn_incoming(
+        Command::new(bin)
+            .args(["--incoming", "127.0.0.1:0", "--migrate-timeout", "2"])
+            .stderr(std::process::Stdio::piped()),
+    );
     let proxy = control_proxy(addr, "go", Fault::Swallow);
     let saved = dir.path().join("doubt.state");
     let src = Command::new(bin)
