@@ -355,12 +355,12 @@ impl ProfileStore {
         }
         let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version == 1 {
-            migrate_v1_to_v2(&conn)?;
+            migrate_adding(&conn, POOL_TABLES, 2)?;
             tracing::info!(store = %path.display(), "store migrated from schema version 1 to 2 (resource pool tables added)");
             version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         }
         if version == 2 {
-            migrate_v2_to_v3(&conn)?;
+            migrate_adding(&conn, ONLINE_TABLES, 3)?;
             tracing::info!(store = %path.display(), "store migrated from schema version 2 to 3 (sample and served-forecast tables added)");
             version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         }
@@ -979,25 +979,15 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Version 1 to 2: the pool tables, in one transaction (a crash leaves a
-/// version 1 file that migrates on the next open).
-fn migrate_v1_to_v2(conn: &Connection) -> Result<(), StoreError> {
+/// One schema step: creates `tables` and sets the version to `version`, in
+/// one transaction (a crash leaves the previous version, which migrates
+/// on the next open). 1 to 2 adds the pool tables, 2 to 3 the sample and
+/// served-forecast tables.
+fn migrate_adding(conn: &Connection, tables: &str, version: u32) -> Result<(), StoreError> {
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;
-         {POOL_TABLES}
-         PRAGMA user_version = 2;
-         COMMIT;"
-    ))?;
-    Ok(())
-}
-
-/// Version 2 to 3: the sample and served-forecast tables, in one
-/// transaction.
-fn migrate_v2_to_v3(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE;
-         {ONLINE_TABLES}
-         PRAGMA user_version = 3;
+         {tables}
+         PRAGMA user_version = {version};
          COMMIT;"
     ))?;
     Ok(())

@@ -346,18 +346,7 @@ fn a_corrupted_or_foreign_version_model_is_rejected_and_the_daemon_serves_baseli
         (&corrupted, "corrupted", "checksum"),
         (&foreign, "other-version", "format version 7"),
     ] {
-        let port = free_port();
-        let server = Server::start_args(
-            true,
-            &[
-                "--shape-interval-s",
-                "1",
-                "--metrics-listen",
-                &format!("127.0.0.1:{port}"),
-                "--model",
-                path.to_str().unwrap(),
-            ],
-        );
+        let (server, port) = serve_with_model(path);
         let s = drive_until_served(&server);
         let m = s.model.clone().unwrap();
         assert_eq!(m.loaded, None);
@@ -404,12 +393,9 @@ fn a_corrupted_or_foreign_version_model_is_rejected_and_the_daemon_serves_baseli
     }
 }
 
-#[test]
-fn a_good_model_is_loaded_and_each_served_forecast_names_its_forecaster() {
-    let files = tempfile::tempdir().unwrap();
-    let path = files.path().join("good.model");
-    save_untrained(&path);
-    let id = models::LearnedForecaster::load(&path).unwrap().id();
+/// A daemon serving the model at `path`, shaping every second, with its
+/// metrics on the returned port.
+fn serve_with_model(path: &std::path::Path) -> (Server, u16) {
     let port = free_port();
     let server = Server::start_args(
         true,
@@ -422,6 +408,16 @@ fn a_good_model_is_loaded_and_each_served_forecast_names_its_forecaster() {
             path.to_str().unwrap(),
         ],
     );
+    (server, port)
+}
+
+#[test]
+fn a_good_model_is_loaded_and_each_served_forecast_names_its_forecaster() {
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("good.model");
+    save_untrained(&path);
+    let id = models::LearnedForecaster::load(&path).unwrap().id();
+    let (server, port) = serve_with_model(&path);
     let s = drive_until_served(&server);
     let m = s.model.clone().unwrap();
     assert_eq!(m.loaded.as_deref(), Some(id.as_str()));
