@@ -265,17 +265,7 @@ impl TcpTransport {
         if self.inline {
             // The sender threads are idle (flushed) and get no more work,
             // so this thread is the connection's only writer.
-            let s = &self.bulk[i];
-            let r = match job {
-                Job::Pages(gpa, data) => {
-                    let r = write_pages(s, gpa, &data);
-                    recycle(&self.pool, data);
-                    r
-                }
-                Job::Frame(f) => (&mut &*s).write_all(&f),
-                Job::Flush(_) => Ok(()),
-            };
-            return r.map_err(io(&self.peer, "send pages"));
+            return write_job(&self.bulk[i], &self.pool, job).map_err(io(&self.peer, "send pages"));
         }
         if let Some(b) = self.busy.get_mut(i) {
             *b = true;
@@ -298,6 +288,20 @@ fn write_pages(mut s: &TcpStream, gpa: u64, data: &[u8]) -> std::io::Result<()> 
     s.write_all(data)
 }
 
+/// Writes a queued job's frame on `s`; a page buffer then goes back to
+/// the pool. (`Flush` is the sender thread's to answer: nothing to write.)
+fn write_job(s: &TcpStream, pool: &Mutex<Vec<Vec<u8>>>, job: Job) -> std::io::Result<()> {
+    match job {
+        Job::Pages(gpa, data) => {
+            let r = write_pages(s, gpa, &data);
+            recycle(pool, data);
+            r
+        }
+        Job::Frame(f) => (&mut &*s).write_all(&f),
+        Job::Flush(_) => Ok(()),
+    }
+}
+
 /// A bulk connection written by the thread holding it, its sender
 /// thread idle (see [`Transport::lanes`]).
 struct TcpLane<'a> {
@@ -308,15 +312,13 @@ struct TcpLane<'a> {
 
 impl PageOut for TcpLane<'_> {
     fn send_run(&mut self, run: PageRun<'_>) -> Result<(), TransportError> {
-        (&mut &*self.stream)
-            .write_all(&proto::encode_run(run))
+        write_job(self.stream, self.pool, Job::Frame(proto::encode_run(run)))
             .map_err(io(self.peer, "send pages"))
     }
 
     fn send_data(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), TransportError> {
-        let r = write_pages(self.stream, gpa, &data);
-        recycle(self.pool, data);
-        r.map_err(io(self.peer, "send pages"))
+        write_job(self.stream, self.pool, Job::Pages(gpa, data))
+            .map_err(io(self.peer, "send pages"))
     }
 
     fn page_buffer(&mut self) -> Vec<u8> {
@@ -348,21 +350,6 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>, pool: &Mutex<Vec<Vec<u8>>>)
     let mut failed: Option<String> = None;
     while let Ok(job) = rx.recv() {
         match job {
-            Job::Frame(f) => {
-                if failed.is_none()
-                    && let Err(e) = s.write_all(&f)
-                {
-                    failed = Some(e.to_string());
-                }
-            }
-            Job::Pages(gpa, data) => {
-                if failed.is_none()
-                    && let Err(e) = write_pages(&s, gpa, &data)
-                {
-                    failed = Some(e.to_string());
-                }
-                recycle(pool, data);
-            }
             Job::Flush(ack) => {
                 let r = match &failed {
                     Some(e) => Err(e.clone()),
@@ -370,6 +357,14 @@ fn bulk_sender(mut s: TcpStream, rx: &Receiver<Job>, pool: &Mutex<Vec<Vec<u8>>>)
                 };
                 // The flusher may have given up; nothing to tell then.
                 let _ = ack.send(r);
+            }
+            // After a failure later frames are dropped: the flush reports it.
+            job => {
+                if failed.is_none()
+                    && let Err(e) = write_job(&s, pool, job)
+                {
+                    failed = Some(e.to_string());
+                }
             }
         }
     }

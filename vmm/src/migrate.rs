@@ -693,11 +693,9 @@ fn shares(bitmap: &[u64], n: usize) -> Vec<usize> {
             bounds.push(i + 1);
         }
     }
+    // The loop cuts at most n - 1 times: the rest ends at the last word.
     while bounds.len() <= n {
         bounds.push(bitmap.len());
-    }
-    if let Some(last) = bounds.last_mut() {
-        *last = bitmap.len();
     }
     bounds
 }
@@ -873,7 +871,7 @@ fn migrate(
         let connected = match c {
             Ok(handle) => handle.join().unwrap_or_else(|_| {
                 (
-                    Err(MigrateError::Protocol(
+                    Err(MigrateError::Internal(
                         "the connecting thread panicked".into(),
                     )),
                     Duration::ZERO,
