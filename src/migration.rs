@@ -280,7 +280,7 @@ impl MigrationConfig {
             ));
         }
         for d in &self.destinations {
-            if !d.contains(':') {
+            if !is_destination(d) {
                 return Err(bad("destinations", d.clone(), "each must be HOST:PORT"));
             }
         }
@@ -500,15 +500,20 @@ pub fn check_destinations(destinations: &[String]) -> Result<(), MigrationError>
     if destinations.is_empty() || destinations.len() > MAX_DESTINATIONS {
         return Err(bad());
     }
-    for d in destinations {
-        let port_ok = d
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok || d.len() > MAX_DESTINATION_LEN || d.chars().any(char::is_control) {
-            return Err(bad());
-        }
+    if !destinations.iter().all(|d| is_destination(d)) {
+        return Err(bad());
     }
     Ok(())
+}
+
+/// Whether `d` is a destination companion's address: `HOST:PORT`, a
+/// non-empty host and a port number, at most [`MAX_DESTINATION_LEN`]
+/// bytes, no control characters.
+fn is_destination(d: &str) -> bool {
+    let port_ok = d
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    port_ok && d.len() <= MAX_DESTINATION_LEN && !d.chars().any(char::is_control)
 }
 
 /// A drain as the store records it (JSON in `daemon_state` under
@@ -2382,11 +2387,19 @@ mod tests {
         assert!(c.validate().is_ok());
         c.min_downtime_ms = 600;
         assert!(c.validate().is_err());
+        // The same rule as a drain's destinations.
+        for bad in ["nohost", "host:port", ":7790", "host:70000"] {
+            let c = MigrationConfig {
+                destinations: vec![bad.into()],
+                ..MigrationConfig::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
         let c = MigrationConfig {
-            destinations: vec!["nohost".into()],
+            destinations: vec!["10.0.0.2:7790".into(), "[::1]:7790".into()],
             ..MigrationConfig::default()
         };
-        assert!(c.validate().is_err());
+        assert!(c.validate().is_ok());
         let c = MigrationConfig {
             overload_share: 1.5,
             ..MigrationConfig::default()
