@@ -679,7 +679,7 @@ fn migrate_domain(lm: &LibvirtMove, domain: &str, dest_uri: &str) -> Result<(), 
         Ok(_) => Ok(()),
         Err(e) => {
             let mut why = e.to_string();
-            if why.contains("no answer within") {
+            if matches!(e, crate::libvirt::LibvirtError::VirshTimeout { .. }) {
                 let mut abort = lm.virsh.clone();
                 abort.timeout = Duration::from_secs(30);
                 let aborted = abort.run(&["domjobabort", "--domain", domain]);
@@ -2198,6 +2198,31 @@ mod tests {
         std::fs::set_permissions(&virsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         virsh
+    }
+
+    #[test]
+    fn a_virsh_migrate_past_its_bound_is_killed_and_its_job_aborted() {
+        // A virsh whose migrate never answers (within the test's bound)
+        // and whose domjobabort succeeds; every call is recorded.
+        let dir = tempfile::tempdir().unwrap();
+        let virsh = fake_virsh(
+            dir.path(),
+            "echo \"$@\" >> \"$0.calls\"\ncase \"$*\" in *migrate*) sleep 30;; esac\nexit 0\n",
+        );
+        let mut lm = lv_move(&virsh, Some("qemu+tcp://{host}/system"));
+        lm.virsh.timeout = Duration::from_secs(1);
+        let why = migrate_domain(&lm, "dom", "qemu+tcp://10.0.0.2/system").unwrap_err();
+        assert!(why.contains("no answer within 1 s; killed"), "{why}");
+        assert!(why.contains("the migration job was aborted (ok)"), "{why}");
+        let calls = std::fs::read_to_string(dir.path().join("virsh.calls")).unwrap();
+        assert!(
+            calls
+                .lines()
+                .last()
+                .unwrap()
+                .contains("domjobabort --domain dom"),
+            "{calls}"
+        );
     }
 
     #[test]

@@ -72,6 +72,14 @@ pub enum LibvirtError {
         /// Why.
         why: String,
     },
+    /// A `virsh` call did not finish in its time and was killed.
+    #[error("virsh {command}: no answer within {secs} s; killed")]
+    VirshTimeout {
+        /// The virsh command.
+        command: String,
+        /// Its time, s.
+        secs: u64,
+    },
     /// A QMP answer was not understood.
     #[error("{0}")]
     Qmp(String),

@@ -283,10 +283,10 @@ impl Virsh {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(fail(format!(
-                        "no answer within {} s; killed",
-                        self.timeout.as_secs()
-                    )));
+                    return Err(LibvirtError::VirshTimeout {
+                        command: what,
+                        secs: self.timeout.as_secs(),
+                    });
                 }
                 Err(e) => return Err(fail(e.to_string())),
             }
